@@ -1,0 +1,105 @@
+"""One harness for every benchmark: timing (warm-up, median of many), environment and git SHA,
+results as JSON lines, and a plot helper.
+
+Usage:
+    from benchmarks.harness import time_ms, record, write_results
+    t = time_ms(lambda: fn(x), warmup=3, iters=20)        # median milliseconds
+    rows.append(record("s2o", length=8192, ms=t, rel_l2=err, density=d))
+    write_results("benchmarks/results/s2o_speed.jsonl", rows)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def env_info() -> dict:
+    info = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_sha": git_sha(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import triton  # noqa: PLC0415 (optional)
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["gpu"] = None
+    return info
+
+
+def time_ms(fn: Callable[[], object], *, warmup: int = 3, iters: int = 20) -> float:
+    """Median wall time of ``fn`` in milliseconds; CUDA work is timed with events."""
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def record(name: str, **fields) -> dict:
+    return {"bench": name, **fields}
+
+
+def write_results(path: str | os.PathLike, rows: list[dict], *, env: dict | None = None) -> Path:
+    """Write rows as JSON lines; the first line is the environment (``{"env": {...}}``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        f.write(json.dumps({"env": env or env_info()}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def read_results(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return lines[0]["env"], lines[1:]
+
+
+def markdown_table(rows: list[dict], columns: list[str], *, floatfmt: str = ".4g") -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return "" if v is None else str(v)
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
