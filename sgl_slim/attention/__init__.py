@@ -1,0 +1,129 @@
+"""Sparse prefill attention (S2O).  Plain torch + Triton; never imports sglang.
+
+Public API:
+    s2o_attention(q, k, v, *, tau, block_size=64, segment_size=512, sm_scale=None, return_stats=False)
+    s2o_attention_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size=64,
+                        segment_size=512, sm_scale=None, return_lse=False, return_stats=False)
+
+CUDA tensors run the Triton kernel (imported lazily: ``import sgl_slim.attention`` needs no Triton);
+anything else runs the fp32 reference (``s2o_ref``) with exactly the same semantics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .s2o_ref import dense_attention_ref, rank_keys, s2o_attention_ref
+
+__all__ = ["s2o_attention", "s2o_attention_paged", "s2o_attention_ref", "dense_attention_ref", "rank_keys"]
+
+Q_TILE = 128  # query rows per early-stop decision (the kernel's BLOCK_M)
+
+
+def _q_tile(segment_size: int) -> int:
+    return Q_TILE if segment_size % Q_TILE == 0 else segment_size
+
+
+def _validate(q, k_pool, v_pool, tau, block_size, segment_size):
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0 (0 = dense), got {tau}")
+    if block_size not in (16, 32, 64, 128):
+        raise ValueError(f"block_size must be one of 16, 32, 64, 128, got {block_size}")
+    if segment_size < block_size or segment_size % block_size:
+        raise ValueError(f"segment_size must be a positive multiple of block_size ({block_size}), "
+                         f"got {segment_size}")
+    if q.dim() != 3 or k_pool.dim() != 3 or v_pool.shape != k_pool.shape:
+        raise ValueError(f"expected q [T, Hq, D] and k/v [N, Hkv, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k_pool.shape)}, {tuple(v_pool.shape)}")
+    if q.shape[1] % k_pool.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k_pool.shape[1]})")
+    if q.shape[2] != k_pool.shape[2]:
+        raise ValueError(f"head dims differ: q {q.shape[2]}, k {k_pool.shape[2]}")
+
+
+def _density(counts_computed: torch.Tensor, counts_causal: torch.Tensor) -> float:
+    c = int(counts_causal.sum())
+    return float(counts_computed.sum()) / c if c else 1.0
+
+
+def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *,
+                        qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                        tau: float, block_size: int = 64, segment_size: int = 512,
+                        sm_scale: float | None = None, return_lse: bool = False, return_stats: bool = False):
+    """S2O prefill for a batch of sequences whose K/V live in a token-slot pool (page size 1).
+
+    q:          [Tq, Hq, D]   queries of all sequences, packed (sequence b owns rows
+                              qo_indptr[b]:qo_indptr[b+1]); these are the LAST q_len positions of b.
+    k_pool,
+    v_pool:     [num_slots, Hkv, D]  K/V of every token (including the new ones).
+    qo_indptr:  [B+1] int     query row offsets.
+    kv_indptr:  [B+1] int     offsets into kv_indices.
+    kv_indices: [total_kv] int token slots of sequence b in position order
+                              (kv_len_b = kv_indptr[b+1] - kv_indptr[b], prefix_b = kv_len_b - q_len_b).
+    tau:        early-stop threshold (0 = dense).
+
+    Returns out [Tq, Hq, D] (q's dtype); plus lse [Tq, Hq] fp32 (natural log) if return_lse; plus
+    stats dict if return_stats: density (float), density_per_seq [B], density_per_head [Hq].
+    CUDA -> Triton kernel; otherwise the fp32 reference (exact semantics, slow).
+    """
+    _validate(q, k_pool, v_pool, tau, block_size, segment_size)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    if q.is_cuda:
+        from . import s2o_triton  # noqa: PLC0415 (lazy: Triton only where a GPU runs it)
+        out, lse, computed, causal = s2o_triton.s2o_paged(
+            q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
+            block_size=block_size, segment_size=segment_size, q_tile=_q_tile(segment_size), sm_scale=scale,
+            return_lse=return_lse)
+    else:
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        qo, kvp = qo_indptr.tolist(), kv_indptr.tolist()
+        computed = torch.zeros(len(qo) - 1, q.shape[1], dtype=torch.int64)
+        causal = torch.zeros_like(computed)
+        for b in range(len(qo) - 1):
+            if qo[b + 1] == qo[b]:
+                continue
+            slots = kv_indices[kvp[b]:kvp[b + 1]].long()
+            o, l_, cnt = s2o_attention_ref(q[qo[b]:qo[b + 1]], k_pool[slots], v_pool[slots], tau=tau,
+                                           block_size=block_size, segment_size=segment_size,
+                                           q_tile=_q_tile(segment_size), sm_scale=scale)
+            out[qo[b]:qo[b + 1]] = o.to(q.dtype)
+            lse[qo[b]:qo[b + 1]] = l_
+            computed[b], causal[b] = cnt["computed"].cpu(), cnt["causal"].cpu()
+    result = (out,)
+    if return_lse:
+        result += (lse,)
+    if return_stats:
+        computed, causal = computed.double(), causal.double()
+        result += ({
+            "density": _density(computed, causal),
+            "density_per_seq": (computed.sum(1) / causal.sum(1).clamp(min=1)).tolist(),
+            "density_per_head": (computed.sum(0) / causal.sum(0).clamp(min=1)).tolist(),
+        },)
+    return result[0] if len(result) == 1 else result
+
+
+def s2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: float, block_size: int = 64,
+                  segment_size: int = 512, sm_scale: float | None = None, return_stats: bool = False):
+    """S2O causal attention of ONE sequence.  q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D].
+
+    With return_stats, also a dict: density (computed score blocks / causal score blocks),
+    density_per_head [Hq].  CUDA -> Triton kernel, otherwise the fp32 reference.
+    """
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"s2o_attention takes one causal sequence: q has {q.shape[0]} rows, k {k.shape[0]}; "
+                         f"use s2o_attention_paged for queries after a cached prefix")
+    T = q.shape[0]
+    dev = q.device
+    indptr = torch.tensor([0, T], dtype=torch.int32, device=dev)
+    res = s2o_attention_paged(q, k, v, qo_indptr=indptr, kv_indptr=indptr,
+                              kv_indices=torch.arange(T, dtype=torch.int32, device=dev), tau=tau,
+                              block_size=block_size, segment_size=segment_size, sm_scale=sm_scale,
+                              return_stats=return_stats)
+    if not return_stats:
+        return res
+    out, stats = res
+    stats.pop("density_per_seq")
+    return out, stats

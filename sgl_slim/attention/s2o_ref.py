@@ -1,0 +1,210 @@
+"""S2O sparse prefill attention: readable fp32 reference (one causal sequence, GQA, cached prefix).
+
+S2O ("Early Stopping for Sparse Attention via Online Permutation", arXiv 2602.22575) as implemented here.
+Positions are absolute: the sequence has ``L`` keys, the queries are its LAST ``Tq`` positions
+(``prefix = L - Tq`` keys were cached before; chunked prefill and prefix-cache hits look like this).
+
+Segments and tiles (both aligned to absolute positions, so a chunked prefill cuts them the same way):
+  * segment  s = pos // segment_size;  seg_start = s * segment_size.  Every key before ``seg_start`` is
+    visible to every query of the segment, so those "earlier keys" may be visited in any order.
+  * query tile = pos // q_tile (q_tile divides segment_size).  The early stop is decided per
+    (query tile, query head), exactly as the Triton kernel does it.
+
+Per (query tile, head):
+  1. Intra pass: dense causal attention to keys [seg_start, last query of the tile] (initialises the
+     online softmax state m, l, acc).  These "diagonal" blocks are never skipped.
+  2. Ranked pass over the earlier keys through the index array ``rank[seg, kv_head, :]`` (virtual ->
+     physical position; never a copy of K/V).  Virtual block b = rank entries [b*B, (b+1)*B).  After
+     adding a block, the scan stops if, for EVERY query row of the tile,
+            block_mass < tau * accumulated_mass
+     where block_mass = sum_j exp(s_ij - m_new) over the block's keys and accumulated_mass = l_i before
+     the block (rescaled to m_new).  The block that triggers the stop is still included.  tau = 0 never
+     stops (strict <), so tau = 0 is dense attention up to summation order.
+
+Ranking (``rank_keys``), per (segment, KV head), at TOKEN granularity:
+  * pooled query qbar_h = mean of the segment's queries (those present in this launch) of q head h;
+  * estimate  e_j = max over the q heads h of the KV head's group of  sm_scale * qbar_h . k_j
+    (max, not mean, over the group: heads of one group attend to different things, and a key any of
+    them needs must rank high; measured in benchmarks/s2o.md, estimator ablation);
+  * quantised to 256 buckets: bucket_j = clamp(floor((max_e - e_j) / w), 0, 255), w = (max_e - mean_e)/64
+    (scale free: the top 64 buckets span max..mean, the rest three more such spans);
+  * rank = stable sort by bucket (ties keep position order).  The quantisation makes the order exactly
+    reproducible on any device (one 8-bit radix pass on the GPU) and costs nothing in quality: keys in
+    one bucket differ by < w in estimated logit.
+Keys at or after ``seg_start`` get bucket 255 and, being later in position, sort after every earlier
+key; only the first ``seg_start`` entries of a rank row are used.
+
+Density = computed score blocks / causal score blocks, counted on the (query tile x key block) grid:
+per (tile, head) the causal blocks are ``seg_start / B + ceil((last + 1 - seg_start) / B)``, the computed
+ones the same with ``seg_start / B`` replaced by the number of visited virtual blocks.
+
+Defaults (chosen by measurement, benchmarks/s2o.md): block_size 64, segment_size 512, q_tile 128.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NUM_BUCKETS = 256
+BUCKETS_PER_SPAN = 64  # buckets between the max and the mean of the estimate
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, segment_size: int,
+           q_tile: int) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"expected q [Tq, Hq, D], k and v [L, Hkv, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]}) and head "
+                         f"dims must match ({q.shape[2]} vs {k.shape[2]})")
+    if q.shape[0] > k.shape[0]:
+        raise ValueError(f"more queries ({q.shape[0]}) than keys ({k.shape[0]})")
+    if segment_size % block_size or segment_size % q_tile:
+        raise ValueError(f"segment_size ({segment_size}) must be a multiple of block_size ({block_size}) "
+                         f"and of q_tile ({q_tile})")
+
+
+def segment_range(L: int, Tq: int, segment_size: int) -> range:
+    """Segment ids that hold at least one query of the launch."""
+    prefix = L - Tq
+    return range(prefix // segment_size, (L - 1) // segment_size + 1) if Tq > 0 else range(0)
+
+
+def estimate_scores(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,
+                    group_reduce: str = "max") -> torch.Tensor:
+    """Importance estimate e[s, h_kv, j] of key j for segment s (fp32, [n_seg, Hkv, L]).
+
+    q: [Tq, Hq, D] (the last Tq positions), k: [L, Hkv, D].  Computes in q's dtype, returns fp32.
+    """
+    Tq, Hq, D = q.shape
+    L, Hkv, _ = k.shape
+    G = Hq // Hkv
+    prefix = L - Tq
+    segs = segment_range(L, Tq, segment_size)
+    qbar = []
+    for s in segs:
+        lo, hi = max(prefix, s * segment_size) - prefix, min(L, (s + 1) * segment_size) - prefix
+        qbar.append(q[lo:hi].float().mean(0))                     # [Hq, D]
+    qbar = torch.stack(qbar).to(q.dtype)                            # [n_seg, Hq, D]
+    qbar = qbar.view(len(segs), Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, len(segs) * G, D)
+    e = torch.matmul(qbar, k.permute(1, 2, 0)).float() * sm_scale  # [Hkv, n_seg*G, L]
+    e = e.view(Hkv, len(segs), G, L)
+    e = e.amax(2) if group_reduce == "max" else e.mean(2)          # [Hkv, n_seg, L]
+    return e.permute(1, 0, 2)                                       # [n_seg, Hkv, L]
+
+
+def rank_from_scores(e: torch.Tensor, seg_starts: torch.Tensor) -> torch.Tensor:
+    """Stable sort of the earlier keys by quantised estimate.  e: [n_seg, Hkv, L] fp32,
+    seg_starts: [n_seg] int64.  Returns rank [n_seg, Hkv, L] int32 (virtual -> physical position)."""
+    n_seg, Hkv, L = e.shape
+    valid = torch.arange(L, device=e.device)[None, None, :] < seg_starts[:, None, None]
+    cnt = seg_starts.clamp(min=1).to(e.dtype)[:, None]
+    e_max = e.masked_fill(~valid, -math.inf).amax(-1)               # [n_seg, Hkv]
+    e_mean = e.masked_fill(~valid, 0.0).sum(-1) / cnt
+    width = ((e_max - e_mean) / BUCKETS_PER_SPAN).clamp(min=1e-6)
+    bucket = ((e_max[..., None] - e) / width[..., None]).floor().clamp(0, NUM_BUCKETS - 1)
+    bucket = bucket.masked_fill(~valid, NUM_BUCKETS - 1).to(torch.uint8)
+    return torch.sort(bucket, dim=-1, stable=True).indices.to(torch.int32)
+
+
+def rank_keys(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,
+              group_reduce: str = "max") -> torch.Tensor:
+    """Rank index [n_seg, Hkv, L] int32 for the segments of ``segment_range`` (see module doc)."""
+    L, Tq = k.shape[0], q.shape[0]
+    segs = segment_range(L, Tq, segment_size)
+    seg_starts = torch.tensor([s * segment_size for s in segs], device=q.device, dtype=torch.int64)
+    e = estimate_scores(q, k, segment_size=segment_size, sm_scale=sm_scale, group_reduce=group_reduce)
+    return rank_from_scores(e, seg_starts)
+
+
+def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: float, block_size: int = 64,
+                      segment_size: int = 512, q_tile: int = 128, sm_scale: float | None = None,
+                      rank: torch.Tensor | None = None, rank_len: torch.Tensor | None = None):
+    """S2O attention of one causal sequence in fp32.
+
+    q: [Tq, Hq, D], the last Tq positions of k, v: [L, Hkv, D].
+    rank: optional [n_seg, Hkv, L] index array (default ``rank_keys``); rank_len: optional [n_seg, Hkv]
+    number of rank entries to visit (baselines; default seg_start, i.e. all earlier keys).
+    Returns out [Tq, Hq, D] fp32, lse [Tq, Hq] fp32 (natural log), and
+    counts: dict(computed [Hq], causal [Hq]) score blocks.
+    """
+    _check(q, k, v, block_size, segment_size, q_tile)
+    Tq, Hq, D = q.shape
+    L, Hkv, _ = k.shape
+    G = Hq // Hkv
+    prefix = L - Tq
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    if rank is None:
+        rank = rank_keys(q, k, segment_size=segment_size, sm_scale=scale)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    kh = kf.repeat_interleave(G, 1).transpose(0, 1)                 # [Hq, L, D]
+    vh = vf.repeat_interleave(G, 1).transpose(0, 1)
+    out = torch.zeros(Tq, Hq, D, dtype=torch.float32, device=q.device)
+    lse = torch.zeros(Tq, Hq, dtype=torch.float32, device=q.device)
+    computed = torch.zeros(Hq, dtype=torch.int64, device=q.device)
+    causal = torch.zeros(Hq, dtype=torch.int64, device=q.device)
+    heads = torch.arange(Hq, device=q.device)
+    for si, s in enumerate(segment_range(L, Tq, segment_size)):
+        seg_start = s * segment_size
+        n_rank = torch.full((Hkv,), seg_start, device=q.device) if rank_len is None else rank_len[si]
+        n_blocks_h = ((n_rank + block_size - 1) // block_size).repeat_interleave(G)   # [Hq]
+        lo, hi = max(prefix, seg_start), min(L, seg_start + segment_size)
+        for t0 in range(lo // q_tile * q_tile, hi, q_tile):
+            rows = torch.arange(max(t0, lo), min(t0 + q_tile, hi), device=q.device)   # abs positions
+            last = int(rows[-1])
+            qt = qf[rows - prefix].transpose(0, 1)                  # [Hq, M, D]
+            # 1. intra pass: dense causal over [seg_start, last]
+            kpos = torch.arange(seg_start, last + 1, device=q.device)
+            sc = qt @ kh[:, kpos].transpose(1, 2) * scale           # [Hq, M, N]
+            sc = sc.masked_fill(kpos[None, None, :] > rows[None, :, None], -math.inf)
+            m = sc.amax(-1)                                         # [Hq, M]
+            p = torch.exp(sc - m[..., None])
+            l = p.sum(-1)
+            acc = p @ vh[:, kpos]                                   # [Hq, M, D]
+            intra_blocks = -(-(last + 1 - seg_start) // block_size)
+            computed += intra_blocks
+            causal += intra_blocks + seg_start // block_size
+            # 2. ranked pass, one virtual block at a time, per-head early stop
+            active = n_blocks_h > 0
+            for b in range(int(n_blocks_h.max()) if Hq else 0):
+                if not bool(active.any()):
+                    break
+                idx = rank[si, :, b * block_size:(b + 1) * block_size].long()      # [Hkv, B]
+                ok = (torch.arange(b * block_size, b * block_size + idx.shape[1], device=q.device)[None]
+                      < n_rank[:, None]).repeat_interleave(G, 0)                  # [Hq, B]
+                idx = idx.repeat_interleave(G, 0)                                 # [Hq, B]
+                kb = kh[heads[:, None], idx]                                      # [Hq, B, D]
+                vb = vh[heads[:, None], idx]
+                sc = (qt @ kb.transpose(1, 2) * scale).masked_fill(~ok[:, None, :], -math.inf)
+                m_new = torch.maximum(m, sc.amax(-1))
+                alpha = torch.exp(m - m_new)
+                p = torch.exp(sc - m_new[..., None])
+                block_mass = p.sum(-1)
+                prev_mass = l * alpha
+                upd = active[:, None]
+                m = torch.where(upd, m_new, m)
+                l = torch.where(upd, prev_mass + block_mass, l)
+                acc = torch.where(upd[..., None], acc * alpha[..., None] + p @ vb, acc)
+                computed += active.long()
+                stop = (block_mass < tau * prev_mass).all(-1) | (b + 1 >= n_blocks_h)
+                active = active & ~stop
+            out[rows - prefix] = (acc / l[..., None]).transpose(0, 1)
+            lse[rows - prefix] = (m + torch.log(l)).transpose(0, 1)
+    return out, lse, {"computed": computed, "causal": causal}
+
+
+def dense_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None):
+    """Dense causal fp32 attention (queries = last Tq positions).  Returns out [Tq, Hq, D], lse [Tq, Hq]."""
+    Tq, Hq, D = q.shape
+    L, Hkv, _ = k.shape
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    kh = k.float().repeat_interleave(Hq // Hkv, 1).transpose(0, 1)
+    vh = v.float().repeat_interleave(Hq // Hkv, 1).transpose(0, 1)
+    sc = q.float().transpose(0, 1) @ kh.transpose(1, 2) * scale     # [Hq, Tq, L]
+    qpos = torch.arange(L - Tq, L, device=q.device)
+    sc = sc.masked_fill(torch.arange(L, device=q.device)[None, None, :] > qpos[None, :, None], -math.inf)
+    lse = torch.logsumexp(sc, -1)
+    out = torch.softmax(sc, -1) @ vh
+    return out.transpose(0, 1), lse.transpose(0, 1)
