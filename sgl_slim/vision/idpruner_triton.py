@@ -45,8 +45,10 @@ def _mmr_greedy_kernel(
         prev = best_idx
 
 
-def mmr_order_triton(gram: torch.Tensor, imp: torch.Tensor, keep: int, mmr_lambda: float) -> torch.Tensor:
-    """Greedy MMR pick order (int64 [keep]) from cosine Gram [N, N] fp32 and normalised importance [N] fp32."""
+def mmr_order_triton(gram: torch.Tensor, imp: torch.Tensor, keep: int, mmr_lambda: float, *,
+                     block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Greedy MMR pick order (int64 [keep]) from cosine Gram [N, N] fp32 and normalised importance [N] fp32.
+    block_n / num_warps override the launch shape (benchmark sweeps)."""
     n = imp.shape[0]
     if gram.shape != (n, n) or gram.dtype != torch.float32 or imp.dtype != torch.float32:
         raise ValueError(f"mmr_order_triton: want gram [N, N] fp32 and imp [N] fp32, got "
@@ -58,8 +60,8 @@ def mmr_order_triton(gram: torch.Tensor, imp: torch.Tensor, keep: int, mmr_lambd
     order[0] = torch.argmax(imp)                 # first pick: most important, lowest index on ties
     max_sim = torch.full((n,), float("-inf"), dtype=torch.float32, device=imp.device)
     if keep > 1:
-        block_n = min(triton.next_power_of_2(n), 4096)
-        num_warps = 16 if block_n >= 2048 else (8 if block_n >= 512 else 4)
+        block_n = block_n or min(triton.next_power_of_2(n), 4096)
+        num_warps = num_warps or (16 if block_n >= 2048 else (8 if block_n >= 512 else 4))
         lam = float(torch.tensor(mmr_lambda, dtype=torch.float32))
         one_minus_lam = float(torch.tensor(1.0 - mmr_lambda, dtype=torch.float32))
         _mmr_greedy_kernel[(1,)](gram, imp, max_sim, order, n, keep, gram.stride(0), lam, one_minus_lam,
