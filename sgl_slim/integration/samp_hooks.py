@@ -1,0 +1,201 @@
+"""Samp inside SGLang serving (Qwen2-Audio): fewer audio placeholders, exactly as many compressed embeddings.
+
+Two hooks, one per process, agreeing on one number per clip: ``SampConfig.keep_count(N)``.
+
+1. Tokenizer process, async AROUND on ``Qwen2AudioMultimodalProcessor.process_mm_data_async``: each clip's run
+   of N ``<|AUDIO|>`` placeholders shrinks to K = keep_count(N) (the tail of the run is dropped; every later
+   item's ``offsets`` shift left). Each item records its clip lengths (``audio_feature_lens``, one per clip,
+   which also fixes stock SGLang putting every clip's length on the first item only) and ``samp_keep`` (K per
+   clip), and gets a hash that mixes in the Samp settings (``set_hash``), so the embedding cache and the radix
+   cache never mix compressed and uncompressed clips, nor two settings.
+2. Scheduler process, AROUND on ``Qwen2AudioForConditionalGeneration.get_audio_feature``: a forward pre-hook on
+   the audio tower's last layer captures that layer's input while the original runs (SGLang's encoder returns
+   no attention maps); its attention statistics are recomputed from its own Q/K
+   (:func:`sgl_slim.audio.encoder_attention_stats`, no padding mask: SGLang runs the encoder without one) and
+   each clip's N projected tokens are compressed by :func:`sgl_slim.audio.samp_compress` to K rows.
+
+Positions: the K kept tokens take consecutive 1-D positions (renumbered), like any K-token span; the text after
+the clip moves N-K positions earlier than without Samp. This equals a transformers forward on the compressed
+embeddings with ordinary positions (what the end-to-end test checks). Keeping the original positions would need
+per-token offsets in extend and a per-request offset in decode (SGLANG_NOTES.md, audio paragraph).
+
+keep_ratio 1.0 is an identity (keep == N forbids merging), so both hooks then leave everything untouched.
+Items without raw features (precomputed embeddings) are passed through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import torch
+
+from sgl_slim.config import SampConfig, SlimConfig
+
+logger = logging.getLogger(__name__)
+
+_PROCESSOR = "sglang.srt.multimodal.processors.qwen_audio.Qwen2AudioMultimodalProcessor.process_mm_data_async"
+_AUDIO_FEATURE = "sglang.srt.models.qwen2_audio.Qwen2AudioForConditionalGeneration.get_audio_feature"
+
+HOOKED_SYMBOLS: list[str] = [
+    _PROCESSOR,
+    _AUDIO_FEATURE,
+    "sglang.srt.managers.schedule_batch.MultimodalDataItem.set_hash",
+    "sglang.srt.managers.schedule_batch.MultimodalProcessorOutput.build_padded_input_ids",
+    "sglang.srt.multimodal.cache.identity.resolve_multimodal_item_hash",
+    "sglang.srt.plugins.hook_registry.HookRegistry.register",
+]
+
+KEEP_KEY = "samp_keep"            # model_specific_data: K per clip (list[int]) set by the tokenizer-side hook
+_SAMP: SampConfig | None = None   # settings of this process, set once by install()
+_REGISTERED = False
+
+
+def install(cfg: SlimConfig) -> None:
+    """Register both hooks (idempotent; safe in every SGLang process)."""
+    global _SAMP, _REGISTERED
+    _SAMP = cfg.samp
+    if _REGISTERED or not cfg.samp.enabled:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(_PROCESSOR, _process_mm_data_around, HookType.AROUND)
+    HookRegistry.register(_AUDIO_FEATURE, _get_audio_feature_around, HookType.AROUND)
+    _REGISTERED = True
+
+
+def _active(samp: SampConfig | None) -> bool:
+    return samp is not None and samp.enabled and samp.keep_ratio < 1.0
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Tokenizer process
+# -------------------------------------------------------------------------------------------------------------
+
+def audio_token_lengths(feature_attention_mask: torch.Tensor) -> list[int]:
+    """Qwen2-Audio tokens per clip from its mel mask [C, T_mel] (conv stride 2, then avg-pool 2)."""
+    mel = feature_attention_mask.reshape(-1, feature_attention_mask.shape[-1]).sum(dim=-1).long()
+    frames = (mel - 1) // 2 + 1
+    return ((frames - 2) // 2 + 1).tolist()
+
+
+def settings_hash(base: int, samp: SampConfig) -> int:
+    """64-bit hash of (item hash, Samp settings): a compressed clip never shares a cache entry with another."""
+    text = f"samp-v1|{base}|{samp.keep_ratio!r}|{samp.merge_threshold!r}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big")
+
+
+def shrink_placeholders(out, samp: SampConfig):
+    """Shrink every raw audio clip's placeholder run in a MultimodalProcessorOutput to keep_count(N), in place.
+
+    Returns ``out``. Items of other modalities or with precomputed embeddings only have their offsets shifted.
+    """
+    from sglang.srt.managers.schedule_batch import MultimodalProcessorOutput
+    from sglang.srt.multimodal.cache.identity import resolve_multimodal_item_hash
+
+    if out is None or not out.mm_items or out.input_ids is None:
+        return out
+    ids = list(out.input_ids)
+    runs = []                                             # (start, end, item, run index)
+    for item in out.mm_items:
+        for r, (start, end) in enumerate(item.offsets or []):
+            runs.append((start, end, item, r))
+    runs.sort(key=lambda run: run[0])
+
+    new_offsets: dict[int, list] = {id(item): list(item.offsets or []) for item in out.mm_items}
+    new_ids: list[int] = []
+    cursor, dropped = 0, 0
+    keeps: dict[int, list[int]] = {}
+    lens: dict[int, list[int]] = {}
+    for start, end, item, r in runs:
+        n = end - start + 1
+        compress = item.is_audio() and item.feature is not None
+        k = samp.keep_count(n) if compress and n >= 1 else n
+        new_ids += ids[cursor:start + k]
+        cursor = end + 1
+        new_offsets[id(item)][r] = (start - dropped, start - dropped + k - 1)
+        dropped += n - k
+        if compress:
+            keeps.setdefault(id(item), []).append(k)
+            lens.setdefault(id(item), []).append(n)
+    new_ids += ids[cursor:]
+
+    for item in out.mm_items:
+        item.offsets = new_offsets[id(item)]
+        if id(item) not in keeps:
+            continue
+        mask = item.model_specific_data.get("feature_attention_mask")
+        if mask is not None and audio_token_lengths(mask) != lens[id(item)]:
+            raise ValueError(f"Samp: audio placeholder runs {lens[id(item)]} disagree with the clip lengths "
+                             f"{audio_token_lengths(mask)} from feature_attention_mask")
+        item.audio_feature_lens = torch.tensor(lens[id(item)], dtype=torch.long)
+        item.model_specific_data[KEEP_KEY] = keeps[id(item)]
+        base = item.hash if item.hash is not None else resolve_multimodal_item_hash(feature=item.feature)
+        item.set_hash(settings_hash(base, samp))
+    out.input_ids = new_ids
+    if out.padded_input_ids is not None:
+        out.padded_input_ids = MultimodalProcessorOutput.build_padded_input_ids(new_ids, out.mm_items)
+    return out
+
+
+async def _process_mm_data_around(original, self, *args, **kwargs):
+    out = await original(self, *args, **kwargs)
+    if not _active(_SAMP):
+        return out
+    return shrink_placeholders(out, _SAMP)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Scheduler process
+# -------------------------------------------------------------------------------------------------------------
+
+def compress_audio_feature(original, model, items, samp: SampConfig) -> torch.Tensor:
+    """Run ``original(model, items)`` (concatenated [sum N, D] tokens) and return [sum K, D] Samp tokens."""
+    from sgl_slim.audio import encoder_attention_stats, samp_compress
+
+    keeps: list[int | None] = []
+    for item in items:
+        item_keeps = item.model_specific_data.get(KEEP_KEY)
+        clips = item.feature.shape[0]
+        keeps += list(item_keeps) if item_keeps is not None else [None] * clips
+    if all(k is None for k in keeps):
+        return original(model, items)
+
+    layer = model.audio_tower.layers[-1]
+    captured: list[torch.Tensor] = []
+
+    def _capture(_module, args, kwargs):
+        captured.append(args[0] if args else kwargs["hidden_states"])
+
+    handle = layer.register_forward_pre_hook(_capture, with_kwargs=True)
+    try:
+        tokens = original(model, items)                                        # [sum N, D]
+    finally:
+        handle.remove()
+    lens = [int(n) for n in torch.cat([item.audio_feature_lens.reshape(-1) for item in items]).tolist()]
+    if len(lens) != len(keeps) or len(captured) != 1 or captured[0].shape[0] != len(lens):
+        raise RuntimeError(f"Samp: {len(lens)} clip lengths, {len(keeps)} keep counts and "
+                           f"{[tuple(c.shape) for c in captured]} captured encoder inputs do not line up")
+    if sum(lens) != tokens.shape[0]:
+        raise RuntimeError(f"Samp: encoder returned {tokens.shape[0]} tokens for clips of {lens}")
+    todo = [c for c, (n, k) in enumerate(zip(lens, keeps)) if k is not None and k != n]
+    stats = dict(zip(todo, encoder_attention_stats(layer, captured[0][todo], valid_frames=[2 * lens[c] for c in todo],
+                                                   n_tokens=[lens[c] for c in todo]))) if todo else {}
+    out = []
+    for c, (clip_tokens, n, k) in enumerate(zip(torch.split(tokens, lens), lens, keeps)):
+        if c not in stats:
+            out.append(clip_tokens)
+            continue
+        if k != samp.keep_count(n):
+            raise RuntimeError(f"Samp: tokenizer kept {k} of {n} tokens but this scheduler's settings keep "
+                               f"{samp.keep_count(n)}: all processes must share --samp-* flags")
+        kept, _groups = samp_compress(clip_tokens, stats[c], keep=k, merge_threshold=samp.merge_threshold)
+        out.append(kept)
+    return torch.cat(out, dim=0)
+
+
+def _get_audio_feature_around(original, self, items):
+    if not _active(_SAMP):
+        return original(self, items)
+    with torch.no_grad():
+        return compress_audio_feature(original, self, items, _SAMP)
