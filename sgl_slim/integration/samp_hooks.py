@@ -90,9 +90,6 @@ def shrink_placeholders(out, samp: SampConfig):
 
     Returns ``out``. Items of other modalities or with precomputed embeddings only have their offsets shifted.
     """
-    from sglang.srt.managers.schedule_batch import MultimodalProcessorOutput
-    from sglang.srt.multimodal.cache.identity import resolve_multimodal_item_hash
-
     if out is None or not out.mm_items or out.input_ids is None:
         return out
     ids = list(out.input_ids)
@@ -130,10 +127,13 @@ def shrink_placeholders(out, samp: SampConfig):
                              f"{audio_token_lengths(mask)} from feature_attention_mask")
         item.audio_feature_lens = torch.tensor(lens[id(item)], dtype=torch.long)
         item.model_specific_data[KEEP_KEY] = keeps[id(item)]
-        base = item.hash if item.hash is not None else resolve_multimodal_item_hash(feature=item.feature)
-        item.set_hash(settings_hash(base, samp))
+        if item.hash is None:
+            from sglang.srt.multimodal.cache.identity import resolve_multimodal_item_hash
+            item.hash = resolve_multimodal_item_hash(feature=item.feature)
+        item.set_hash(settings_hash(item.hash, samp))
     out.input_ids = new_ids
     if out.padded_input_ids is not None:
+        from sglang.srt.managers.schedule_batch import MultimodalProcessorOutput
         out.padded_input_ids = MultimodalProcessorOutput.build_padded_input_ids(new_ids, out.mm_items)
     return out
 
@@ -179,8 +179,11 @@ def compress_audio_feature(original, model, items, samp: SampConfig) -> torch.Te
     if sum(lens) != tokens.shape[0]:
         raise RuntimeError(f"Samp: encoder returned {tokens.shape[0]} tokens for clips of {lens}")
     todo = [c for c, (n, k) in enumerate(zip(lens, keeps)) if k is not None and k != n]
-    stats = dict(zip(todo, encoder_attention_stats(layer, captured[0][todo], valid_frames=[2 * lens[c] for c in todo],
-                                                   n_tokens=[lens[c] for c in todo]))) if todo else {}
+    stats = {}
+    if todo:   # statistics over the 2N frames that pool into each clip's N tokens
+        per_clip = encoder_attention_stats(layer, captured[0][todo], valid_frames=[2 * lens[c] for c in todo],
+                                           n_tokens=[lens[c] for c in todo])
+        stats = dict(zip(todo, per_clip))
     out = []
     for c, (clip_tokens, n, k) in enumerate(zip(torch.split(tokens, lens), lens, keeps)):
         if c not in stats:

@@ -1,0 +1,227 @@
+"""S2O Triton kernel (same semantics as ``s2o_ref``) and the GPU index building.
+
+One program = one (query head, query tile of BLOCK_M rows).  K/V are read from a token-slot pool through
+``kv_indices`` (page size 1), and in the ranked pass additionally through the rank array (virtual ->
+physical position), so neither the batch nor the permutation is ever copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .s2o_ref import estimate_scores, rank_from_scores
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attend_block(q, k_ptrs, v_ptrs, kv_ok, m_i, l_i, acc, qk_mask, qk_scale,
+                  IEEE: tl.constexpr):
+    # k: [HEAD_DIM, BLOCK_N] gathered columns, v: [BLOCK_N, HEAD_DIM] gathered rows
+    k = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
+    if IEEE:
+        qk = tl.dot(q, k, input_precision="ieee")
+    else:
+        qk = tl.dot(q, k)
+    qk = tl.where(qk_mask, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    block_mass = tl.sum(p, 1)
+    prev_mass = l_i * alpha
+    v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, prev_mass + block_mass, acc, block_mass, prev_mass
+
+
+@triton.jit
+def _s2o_fwd(Q, K, V, O, LSE, VISITED,
+             KV_IDX, QO_INDPTR, KV_INDPTR, TILE_SEQ, TILE_START, TILE_ROW, RANK, RANK_LEN,
+             qk_scale, tau,
+             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+             stride_lt, stride_lh, stride_rr, stride_rh, stride_nr,
+             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             SEGMENT: tl.constexpr, HAS_RANK_LEN: tl.constexpr, RETURN_LSE: tl.constexpr,
+             IEEE: tl.constexpr):
+    h = tl.program_id(0)              # query head (fastest: the heads of one tile share K/V in L2)
+    tile = tl.program_id(1)
+    n_heads = tl.num_programs(0)
+    hk = h // GROUP
+    b = tl.load(TILE_SEQ + tile)
+    t0 = tl.load(TILE_START + tile)   # absolute position of the tile's first row
+    row = tl.load(TILE_ROW + tile)    # (sequence, segment) row of the rank array
+    q_beg = tl.load(QO_INDPTR + b)
+    q_len = tl.load(QO_INDPTR + b + 1) - q_beg
+    kv_beg = tl.load(KV_INDPTR + b)
+    L = tl.load(KV_INDPTR + b + 1) - kv_beg
+    prefix = L - q_len
+
+    offs_m = t0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_b = tl.arange(0, BLOCK_N)
+    row_ok = (offs_m >= prefix) & (offs_m < L)
+    q_rows = q_beg + offs_m - prefix
+    # q stays in registers/SRAM for both passes
+    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    seg_start = (t0 // SEGMENT) * SEGMENT
+    last = tl.minimum(t0 + BLOCK_M, L)  # exclusive
+    # 1. intra-segment pass: dense causal over keys [seg_start, last)
+    for start_n in range(seg_start, last, BLOCK_N):
+        offs_n = start_n + offs_b
+        n_ok = offs_n < last
+        slot = tl.load(KV_IDX + kv_beg + offs_n, mask=n_ok, other=0).to(tl.int64)
+        k_ptrs = K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None]
+        v_ptrs = V + slot[:, None] * stride_vt + hk * stride_vh + offs_d[None, :]
+        mask = (offs_m[:, None] >= offs_n[None, :]) & n_ok[None, :]
+        m_i, l_i, acc, _bm, _pm = _attend_block(q, k_ptrs, v_ptrs, n_ok, m_i, l_i, acc, mask, qk_scale, IEEE)
+
+    # 2. ranked pass over the earlier keys, early stop per (tile, head)
+    if HAS_RANK_LEN:
+        n_rank = tl.load(RANK_LEN + row * stride_nr + hk)
+    else:
+        n_rank = seg_start
+    rank_ptr = RANK + row.to(tl.int64) * stride_rr + hk * stride_rh
+    i = seg_start * 0
+    n_vis = seg_start * 0
+    go = i < n_rank
+    while go:
+        offs_v = i + offs_b
+        v_ok = offs_v < n_rank
+        pos = tl.load(rank_ptr + offs_v, mask=v_ok, other=0)
+        slot = tl.load(KV_IDX + kv_beg + pos, mask=v_ok, other=0).to(tl.int64)
+        k_ptrs = K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None]
+        v_ptrs = V + slot[:, None] * stride_vt + hk * stride_vh + offs_d[None, :]
+        m_i, l_i, acc, block_mass, prev_mass = _attend_block(q, k_ptrs, v_ptrs, v_ok, m_i, l_i, acc,
+                                                             v_ok[None, :], qk_scale, IEEE)
+        n_vis += 1
+        i += BLOCK_N
+        small = (block_mass < tau * prev_mass) | (row_ok == 0)
+        go = (i < n_rank) & (tl.min(small.to(tl.int32), 0) == 0)
+
+    out = acc / l_i[:, None]
+    tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    if RETURN_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(LSE + q_rows * stride_lt + h * stride_lh, lse, mask=row_ok)
+    tl.store(VISITED + tile * n_heads + h, n_vis)
+
+
+def plan_tiles(qo_indptr: list[int], kv_indptr: list[int], *, q_tile: int, segment_size: int):
+    """Host-side metadata.  Returns (tile_seq, tile_start, tile_row) lists, heaviest tiles first, and
+    rows: list of (seq, seg_start) for the rank array (one row per (sequence, segment with queries))."""
+    tiles, rows = [], []
+    for b in range(len(qo_indptr) - 1):
+        q_len = qo_indptr[b + 1] - qo_indptr[b]
+        L = kv_indptr[b + 1] - kv_indptr[b]
+        if q_len == 0:
+            continue
+        prefix = L - q_len
+        seg_row = {}
+        for t0 in range(prefix // q_tile * q_tile, L, q_tile):
+            s = t0 // segment_size
+            if s not in seg_row:
+                seg_row[s] = len(rows)
+                rows.append((b, s * segment_size))
+            tiles.append((s * segment_size, b, t0, seg_row[s]))
+    tiles.sort(key=lambda t: -t[0])
+    return [t[1] for t in tiles], [t[2] for t in tiles], [t[3] for t in tiles], rows
+
+
+def build_rank(q: torch.Tensor, k_pool: torch.Tensor, *, qo_indptr: list[int], kv_indptr: list[int],
+               kv_indices: torch.Tensor, segment_size: int, sm_scale: float, n_rows: int) -> torch.Tensor:
+    """Rank array [n_rows, Hkv, Lmax] int32 in ``plan_tiles`` row order (torch ops on the GPU)."""
+    Hkv = k_pool.shape[1]
+    Lmax = max(kv_indptr[b + 1] - kv_indptr[b] for b in range(len(kv_indptr) - 1))
+    if len(qo_indptr) == 2:
+        rank = None
+    else:
+        rank = torch.zeros(n_rows, Hkv, Lmax, dtype=torch.int32, device=q.device)
+    r0 = 0
+    for b in range(len(qo_indptr) - 1):
+        if qo_indptr[b + 1] == qo_indptr[b]:
+            continue
+        k = k_pool[kv_indices[kv_indptr[b]:kv_indptr[b + 1]].long()]     # [L, Hkv, D] (ranking only)
+        qb = q[qo_indptr[b]:qo_indptr[b + 1]]
+        L = k.shape[0]
+        first = (L - qb.shape[0]) // segment_size
+        e = estimate_scores(qb, k, segment_size=segment_size, sm_scale=sm_scale)
+        seg_starts = (first + torch.arange(e.shape[0], device=q.device)) * segment_size
+        rb = rank_from_scores(e, seg_starts)
+        if rank is None:
+            return rb
+        rank[r0:r0 + rb.shape[0], :, :L] = rb
+        r0 += rb.shape[0]
+    return rank
+
+
+def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, q_tile,
+              sm_scale, return_lse=False, rank=None, rank_len=None, num_warps=None, num_stages=None):
+    """Launch the kernel.  Returns out, lse (or None), computed [B, Hq], causal [B, Hq] block counts.
+    rank / rank_len override the S2O ranking (baselines use this to run on the same kernel)."""
+    Tq, Hq, D = q.shape
+    Hkv = k_pool.shape[1]
+    if D not in (64, 128):
+        raise ValueError(f"the S2O kernel supports head dim 64 or 128, got {D}")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or k_pool.dtype != q.dtype \
+            or v_pool.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype of bf16/fp16/fp32; got {q.dtype}, {k_pool.dtype}, "
+                         f"{v_pool.dtype}")
+    if k_pool.stride(2) != 1 or v_pool.stride(2) != 1 or q.stride(2) != 1:
+        raise ValueError("q, k_pool, v_pool need a contiguous last (head-dim) axis")
+    qo, kvp = [int(x) for x in qo_indptr.tolist()], [int(x) for x in kv_indptr.tolist()]
+    B = len(qo) - 1
+    tile_seq, tile_start, tile_row, rows = plan_tiles(qo, kvp, q_tile=q_tile, segment_size=segment_size)
+    dev = q.device
+    out = torch.empty_like(q)
+    lse = torch.empty(Tq, Hq, dtype=torch.float32, device=dev) if return_lse else out.new_empty(1, 1,
+                                                                                               dtype=torch.float32)
+    computed = torch.zeros(B, Hq, dtype=torch.int64, device=dev)
+    causal = torch.zeros_like(computed)
+    if not tile_seq:
+        return out, (lse if return_lse else None), computed, causal
+    if rank is None:
+        rank = build_rank(q, k_pool, qo_indptr=qo, kv_indptr=kvp, kv_indices=kv_indices,
+                          segment_size=segment_size, sm_scale=sm_scale, n_rows=len(rows))
+    n_tiles = len(tile_seq)
+    meta = torch.tensor([tile_seq, tile_start, tile_row], dtype=torch.int32).to(dev)
+    visited = torch.empty(n_tiles, Hq, dtype=torch.int32, device=dev)
+    rl = rank_len if rank_len is not None else rank.new_zeros(1, 1)
+    if num_warps is None:
+        num_warps = 8 if (q_tile >= 128 and D >= 128) else 4
+    if num_stages is None:
+        num_stages = 2
+    _s2o_fwd[(Hq, n_tiles)](
+        q, k_pool, v_pool, out, lse, visited,
+        kv_indices, qo_indptr.to(torch.int32), kv_indptr.to(torch.int32), meta[0], meta[1], meta[2], rank, rl,
+        sm_scale * LOG2E, float(tau),
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+        rank.stride(0), rank.stride(1), rl.stride(0),
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=q_tile, BLOCK_N=block_size, SEGMENT=segment_size,
+        HAS_RANK_LEN=rank_len is not None, RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages)
+    # block counts on the (tile x block) grid, per sequence and head
+    ts = torch.tensor(tile_start, dtype=torch.int64)
+    seq = torch.tensor(tile_seq, dtype=torch.int64)
+    L = torch.tensor([kvp[b + 1] - kvp[b] for b in range(B)], dtype=torch.int64)[seq]
+    seg_start = ts // segment_size * segment_size
+    last = torch.minimum(ts + q_tile, L)
+    intra = (last - seg_start + block_size - 1) // block_size
+    seq_d, intra_d = seq.to(dev), intra.to(dev)
+    computed.index_add_(0, seq_d, visited.long() + intra_d[:, None])
+    causal.index_add_(0, seq_d, (intra_d + (seg_start // block_size).to(dev))[:, None].expand(-1, Hq))
+    return out, (lse if return_lse else None), computed, causal

@@ -1,0 +1,79 @@
+"""Pure-torch stand-ins for the few ``torch.ops.sgl_kernel.*_cpu`` ops SGLang's CPU path calls.
+
+SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) imports these from ``sgl_kernel``, whose PyPI wheel is
+CUDA-only; its loader falls back to ``import common_ops``. sgl_slim ships a ``common_ops`` module
+(``sgl_slim/_cpu_shim/common_ops.py``, put on the path by the launcher in CPU mode only) that calls
+:func:`register`. Each op below is the plain-loop meaning of SGLang's own Triton kernel of the same name.
+
+Deliberately NOT defined: ops SGLang probes with ``hasattr`` to detect Intel AMX or fused CPU kernels
+(``convert_weight_packed``, ``fused_qk_norm_rope_cpu``, ``fused_qk_norm_cpu``, ``shm_group_initialize``).
+Leaving them out makes SGLang take its pure-torch ``forward_native`` paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+NAMESPACE = "sgl_kernel"
+_LIB: torch.library.Library | None = None
+
+AMX_PROBES = ("convert_weight_packed", "fused_qk_norm_rope_cpu", "fused_qk_norm_cpu", "shm_group_initialize")
+
+
+def assign_req_to_token_pool(req_pool_indices: torch.Tensor, req_to_token: torch.Tensor,
+                             start_offset: torch.Tensor, end_offset: torch.Tensor,
+                             out_cache_loc: torch.Tensor, pool_len: int) -> None:
+    """For request i: req_to_token[req_pool_indices[i], start[i]:end[i]] = the next (end-start) slots of
+    out_cache_loc (the slots of all requests are packed back to back, in batch order)."""
+    assert req_to_token.shape[1] == pool_len, f"pool_len {pool_len} != req_to_token width {req_to_token.shape[1]}"
+    pos = 0
+    for row, start, end in zip(req_pool_indices.tolist(), start_offset.tolist(), end_offset.tolist()):
+        n = end - start
+        req_to_token[row, start:end] = out_cache_loc[pos:pos + n].to(req_to_token.dtype)
+        pos += n
+
+
+def copy_all_layer_kv_cache(data_ptrs: torch.Tensor, strides: torch.Tensor,
+                            tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
+    """For every KV buffer b (a raw base address and a row stride in bytes): row tgt_loc[j] = row src_loc[j].
+    All source rows are read before any is written (the Triton kernel's tile does the same)."""
+    if src_loc.numel() == 0:
+        return
+    top = int(max(int(src_loc.max()), int(tgt_loc.max()))) + 1
+    src, tgt = src_loc.long(), tgt_loc.long()
+    for base, stride in zip(data_ptrs.tolist(), strides.tolist()):
+        raw = (ctypes.c_uint8 * (top * stride)).from_address(base)
+        rows = torch.frombuffer(raw, dtype=torch.uint8).view(top, stride)
+        rows[tgt] = rows[src].clone()
+
+
+def fused_sigmoid_mul(x: torch.Tensor, gate: torch.Tensor) -> None:
+    """x *= sigmoid(gate), in place (bound at import time by models/qwen3_5.py)."""
+    x.mul_(torch.sigmoid(gate.to(x.dtype)))
+
+
+_OPS = {
+    "assign_req_to_token_pool_cpu": (
+        "(Tensor req_pool_indices, Tensor(a!) req_to_token, Tensor start_offset, Tensor end_offset, "
+        "Tensor out_cache_loc, int pool_len) -> ()", assign_req_to_token_pool),
+    "copy_all_layer_kv_cache_cpu": (
+        "(Tensor data_ptrs, Tensor strides, Tensor tgt_loc, Tensor src_loc) -> ()", copy_all_layer_kv_cache),
+    "fused_sigmoid_mul_cpu": ("(Tensor(a!) x, Tensor gate) -> ()", fused_sigmoid_mul),
+}
+
+
+def register() -> list[str]:
+    """Define the ops under ``torch.ops.sgl_kernel`` (idempotent). Returns the names defined by this call."""
+    global _LIB
+    added = []
+    for name, (schema, fn) in _OPS.items():
+        if hasattr(torch.ops.sgl_kernel, name):
+            continue
+        if _LIB is None:
+            _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+        _LIB.define(name + schema)
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        added.append(name)
+    return added

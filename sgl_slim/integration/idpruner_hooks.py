@@ -1,0 +1,315 @@
+"""IDPruner inside SGLang serving (Qwen2.5-VL; Qwen2-VL and Qwen3-VL share the path): each image keeps
+K = IDPrunerConfig.keep_count(N) of its N vision tokens, chosen by MMR before LLM layer 0, and the kept tokens
+keep their ORIGINAL M-RoPE (t, h, w) positions.
+
+Three hooks (route proven in shared/SGLANG_NOTES.md), agreeing on K per image:
+
+1. Tokenizer process, async AROUND on ``QwenVLImageProcessor.process_mm_data_async``: each image's run of N
+   placeholders shrinks to K (the tail is dropped; later offsets shift). ``mrope_positions`` loses the same
+   columns (the K slots keep provisional positions, fixed in step 3); ``mrope_position_delta`` grows by the
+   total dropped, so the text after an image and every decode step keep their unpruned positions. The image's
+   original (3, N) positions ride along in ``model_specific_data``; the item hash mixes in the pruning
+   settings (``set_hash``), so the radix and embedding caches never mix pruned and unpruned images.
+2. Scheduler, AFTER on ``<Model>.get_image_feature``: split the vision output per item (N = t*h*w / merge^2),
+   select K rows with :func:`sgl_slim.vision.idpruner_select`, return only those. The LOCAL keep indices are
+   remembered per item hash (the embedding cache skips get_image_feature on a hit; a repeated image may sit
+   at another offset).
+3. Scheduler, AROUND on ``mm_utils.prepare_mm_inputs`` (runs right before the language model, on every
+   prefill chunk): overwrite, in place, the positions of this chunk's kept slots in
+   ``forward_batch.mrope_positions`` (the tensor the model reads) with the kept tokens' original positions.
+
+keep_ratio 1.0 (K == N for every image) leaves requests byte-identical to stock SGLang. Videos, precomputed
+embeddings and other modalities pass through untouched.
+Not covered (documented in shared/SGLANG_NOTES.md): GPU prefill CUDA graphs replaying static position
+buffers, caller-supplied ``mm_hashes`` (they overwrite the settings-mixed hash), ``--tokenizer-worker-num > 1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+
+import torch
+
+from sgl_slim.config import IDPrunerConfig, SlimConfig
+
+logger = logging.getLogger(__name__)
+
+_PROCESSOR = "sglang.srt.multimodal.processors.qwen_vl.QwenVLImageProcessor.process_mm_data_async"
+_PREPARE = "sglang.srt.managers.mm_utils.prepare_mm_inputs"
+_IMAGE_FEATURE = {
+    "qwen2_5_vl": "sglang.srt.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration.get_image_feature",
+    "qwen2_vl": "sglang.srt.models.qwen2_vl.Qwen2VLForConditionalGeneration.get_image_feature",
+    "qwen3_vl": "sglang.srt.models.qwen3_vl.Qwen3VLForConditionalGeneration.get_image_feature",
+}
+
+HOOKED_SYMBOLS: list[str] = [
+    _PROCESSOR,
+    _PREPARE,
+    *_IMAGE_FEATURE.values(),
+    "sglang.srt.managers.schedule_batch.MultimodalDataItem.set_hash",
+    "sglang.srt.managers.schedule_batch.MultimodalProcessorOutput.build_padded_input_ids",
+    "sglang.srt.multimodal.cache.identity.resolve_multimodal_item_hash",
+    "sglang.srt.plugins.hook_registry.HookRegistry.register",
+]
+
+# model_specific_data keys set by the tokenizer-side hook
+N_KEY = "idpruner_n"                    # int: tokens the image has before pruning
+POS_KEY = "idpruner_positions"          # LongTensor [3, N]: the image's original M-RoPE positions
+KEEP_KEY = "idpruner_keep"              # LongTensor [K]: local kept indices (set in the scheduler)
+
+_CFG: IDPrunerConfig | None = None      # this process's settings, set by install()
+_REGISTERED = False
+_SCORER = None                           # loaded lazily in the scheduler when cfg.scorer is set
+_SCORER_LOCK = threading.Lock()
+
+
+def install(cfg: SlimConfig) -> None:
+    """Register the three hooks (idempotent; runs in every SGLang process)."""
+    global _CFG, _REGISTERED
+    _CFG = cfg.idpruner
+    if _REGISTERED or not cfg.idpruner.enabled:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType  # noqa: PLC0415
+
+    HookRegistry.register(_PROCESSOR, _process_mm_data_around, HookType.AROUND)
+    for target in _IMAGE_FEATURE.values():
+        HookRegistry.register(target, _get_image_feature_after, HookType.AFTER)
+    HookRegistry.register(_PREPARE, _prepare_mm_inputs_around, HookType.AROUND)
+    _REGISTERED = True
+
+
+def _active(cfg: IDPrunerConfig | None) -> bool:
+    return cfg is not None and cfg.enabled
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Tokenizer process
+# -------------------------------------------------------------------------------------------------------------
+
+def settings_hash(base: int, cfg: IDPrunerConfig) -> int:
+    """64-bit hash of (item hash, pruning settings): a pruned image never shares a cache entry with another
+    setting or with the unpruned image."""
+    text = (f"idpruner-v1|{base}|{cfg.keep_ratio!r}|{cfg.mmr_lambda!r}|{cfg.min_tokens}|"
+            f"{cfg.scorer or ''}").encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big")
+
+
+def shrink_placeholders(out, cfg: IDPrunerConfig):
+    """Shrink each raw image's placeholder run in a MultimodalProcessorOutput to keep_count(N), in place.
+
+    Returns ``out``. When no image loses a token (keep ratio 1.0, or tiny images) nothing is touched.
+    """
+    from sglang.srt.managers.schedule_batch import MultimodalProcessorOutput  # noqa: PLC0415
+    from sglang.srt.multimodal.cache.identity import resolve_multimodal_item_hash  # noqa: PLC0415
+
+    if out is None or not out.mm_items or out.input_ids is None:
+        return out
+    runs = []                                          # (start, end, item, run index), inclusive ends
+    for item in out.mm_items:
+        for r, (start, end) in enumerate(item.offsets or []):
+            runs.append((start, end, item, r))
+    runs.sort(key=lambda run: run[0])
+
+    def prunable(item) -> bool:
+        return item.is_image() and item.feature is not None and len(item.offsets or []) == 1
+
+    plan = {id(item): cfg.keep_count(end - start + 1) for start, end, item, _ in runs if prunable(item)}
+    if all(k == end - start + 1 for start, end, item, _ in runs if id(item) in plan):
+        return out                                      # nothing to prune: leave the request as stock
+
+    ids = list(out.input_ids)
+    positions = out.mrope_positions                     # [3, L] or None
+    keep_cols: list[range] = []                         # column ranges of the old sequence that survive
+    new_offsets = {id(item): list(item.offsets) for item in out.mm_items}
+    cursor, dropped = 0, 0
+    for start, end, item, r in runs:
+        n = end - start + 1
+        k = plan.get(id(item), n)
+        keep_cols.append(range(cursor, start + k))
+        cursor = end + 1
+        new_offsets[id(item)][r] = (start - dropped, start - dropped + k - 1)
+        if k < n:
+            item.model_specific_data[N_KEY] = n
+            if positions is not None:
+                item.model_specific_data[POS_KEY] = positions[:, start:end + 1].clone()
+        dropped += n - k
+    keep_cols.append(range(cursor, len(ids)))
+    cols = [c for rng in keep_cols for c in rng]
+
+    out.input_ids = [ids[c] for c in cols]
+    if positions is not None:
+        out.mrope_positions = positions[:, cols]
+    if out.mrope_position_delta is not None:
+        out.mrope_position_delta = out.mrope_position_delta + dropped
+    for item in out.mm_items:
+        item.offsets = new_offsets[id(item)]
+        if N_KEY in item.model_specific_data:
+            base = item.hash if item.hash is not None else resolve_multimodal_item_hash(feature=item.feature)
+            item.set_hash(settings_hash(base, cfg))
+    if out.padded_input_ids is not None:
+        out.padded_input_ids = MultimodalProcessorOutput.build_padded_input_ids(out.input_ids, out.mm_items)
+    return out
+
+
+async def _process_mm_data_around(original, self, *args, **kwargs):
+    out = await original(self, *args, **kwargs)
+    if not _active(_CFG):
+        return out
+    return shrink_placeholders(out, _CFG)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Scheduler process: selection
+# -------------------------------------------------------------------------------------------------------------
+
+class _KeepStore:
+    """LRU of local keep indices per item hash, bounded by the number of stored indices."""
+
+    def __init__(self, max_indices: int = 1 << 24):
+        self._data: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._size = 0
+        self._max = max_indices
+        self._lock = threading.Lock()
+
+    def put(self, key: int, keep: torch.Tensor) -> None:
+        with self._lock:
+            if key in self._data:
+                self._size -= self._data.pop(key).numel()
+            self._data[key] = keep
+            self._size += keep.numel()
+            while self._size > self._max and len(self._data) > 1:
+                _, old = self._data.popitem(last=False)
+                self._size -= old.numel()
+
+    def get(self, key: int) -> torch.Tensor | None:
+        with self._lock:
+            keep = self._data.get(key)
+            if keep is not None:
+                self._data.move_to_end(key)
+            return keep
+
+
+_KEEP = _KeepStore()
+
+
+def _scorer(device, dtype):
+    global _SCORER
+    if _CFG is None or _CFG.scorer is None:
+        return None
+    with _SCORER_LOCK:
+        if _SCORER is None:
+            from sgl_slim.vision.scorer import load_scorer  # noqa: PLC0415
+            _SCORER = load_scorer(_CFG.scorer, device=device)
+            logger.info("sgl_slim idpruner: loaded importance scorer from %s", _CFG.scorer)
+    return _SCORER
+
+
+def _merge_size(model) -> int:
+    visual = getattr(model, "visual", None)
+    size = getattr(visual, "spatial_merge_size", None)
+    if size is None:
+        size = model.config.vision_config.spatial_merge_size
+    return int(size)
+
+
+def _llm_width(model) -> int | None:
+    text_cfg = getattr(model.config, "text_config", None) or model.config
+    return getattr(text_cfg, "hidden_size", None)
+
+
+def select_rows(rows: torch.Tensor, keep: int, cfg: IDPrunerConfig, *, feature_width: int | None = None):
+    """Local keep indices (sorted LongTensor on CPU) for one image's rows [N, W]. The MMR features are the first
+    ``feature_width`` columns (Qwen3-VL appends DeepStack features to each row)."""
+    from sgl_slim.vision import idpruner_select  # noqa: PLC0415
+
+    feats = rows if feature_width is None or feature_width >= rows.shape[1] else rows[:, :feature_width]
+    scorer = _scorer(feats.device, feats.dtype)
+    importance = scorer(feats) if scorer is not None else None
+    return idpruner_select(feats, importance, keep, mmr_lambda=cfg.mmr_lambda).cpu()
+
+
+def _get_image_feature_after(result, self, items, *args, **kwargs):
+    if not _active(_CFG) or not any(N_KEY in item.model_specific_data for item in items):
+        return None                                     # AFTER hook: None keeps the original result
+    if not isinstance(result, torch.Tensor) or result.dim() != 2:
+        raise RuntimeError(f"idpruner: get_image_feature returned {type(result).__name__} "
+                           f"{getattr(result, 'shape', '')}; expected one [tokens, dim] tensor")
+    merge = _merge_size(self)
+    sizes = [int(torch.as_tensor(item.image_grid_thw).reshape(-1, 3).prod(dim=1).sum()) // merge ** 2
+             for item in items]
+    if sum(sizes) != result.shape[0]:
+        raise RuntimeError(f"idpruner: vision tower returned {result.shape[0]} rows for images of "
+                           f"{sizes} tokens (merge {merge})")
+    width = _llm_width(self)
+    pieces = []
+    for item, rows in zip(items, torch.split(result, sizes, dim=0)):
+        n = item.model_specific_data.get(N_KEY)
+        if n is None:
+            pieces.append(rows)
+            continue
+        if n != rows.shape[0]:
+            raise RuntimeError(f"idpruner: image has {rows.shape[0]} vision tokens but its placeholders were "
+                               f"sized for {n}")
+        k = sum(end - start + 1 for start, end in item.offsets)
+        keep = select_rows(rows, k, _CFG, feature_width=width)
+        item.model_specific_data[KEEP_KEY] = keep
+        _KEEP.put(item.hash, keep)
+        pieces.append(rows.index_select(0, keep.to(rows.device)))
+    return torch.cat(pieces, dim=0)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Scheduler process: positions
+# -------------------------------------------------------------------------------------------------------------
+
+def _keep_for(item) -> torch.Tensor:
+    keep = item.model_specific_data.get(KEEP_KEY)
+    if keep is None:
+        keep = _KEEP.get(item.hash)
+        if keep is None:
+            raise RuntimeError("idpruner: no kept-token indices for an image whose embedding came from a cache "
+                               "entry this process did not select; restart the server or disable the "
+                               "multimodal embedding cache")
+        item.model_specific_data[KEEP_KEY] = keep
+    return keep
+
+
+def _prepare_mm_inputs_around(original, input_ids, forward_batch, *args, **kwargs):
+    if not _active(_CFG):
+        return original(input_ids, forward_batch, *args, **kwargs)
+    # The original sets forward_batch.mm_inputs to None: take what we need first.
+    mode = forward_batch.forward_mode
+    pending = []                                        # (batch offset of the request's chunk, prefix, extend, mm)
+    mm_inputs = forward_batch.mm_inputs
+    if (mm_inputs is not None and forward_batch.mrope_positions is not None and not mode.is_decode()
+            and not mode.is_target_verify()):
+        offset = 0
+        for i, mm in enumerate(mm_inputs):
+            prefix = int(forward_batch.extend_prefix_lens_cpu[i])
+            extend = int(forward_batch.extend_seq_lens_cpu[i])
+            if mm is not None and any(N_KEY in item.model_specific_data for item in mm.mm_items):
+                pending.append((offset, prefix, extend, mm))
+            offset += extend
+    result = original(input_ids, forward_batch, *args, **kwargs)
+    for offset, prefix, extend, mm in pending:
+        _fix_chunk_positions(forward_batch.mrope_positions, offset, prefix, extend, mm)
+    return result
+
+
+def _fix_chunk_positions(positions: torch.Tensor, offset: int, prefix: int, extend: int, mm) -> None:
+    """Write the original positions of kept tokens whose slots fall in [prefix, prefix + extend)."""
+    for item in mm.mm_items:
+        orig = item.model_specific_data.get(POS_KEY)
+        if orig is None:
+            continue
+        (start, end), = item.offsets
+        lo, hi = max(start, prefix), min(end + 1, prefix + extend)
+        if lo >= hi:
+            continue
+        keep = _keep_for(item)
+        local = keep[lo - start:hi - start]                              # kept token ids for these slots
+        positions[:, offset + lo - prefix:offset + hi - prefix] = orig[:, local].to(positions.device,
+                                                                                    positions.dtype)

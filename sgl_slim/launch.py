@@ -1,0 +1,267 @@
+"""``python -m sgl_slim.launch``: SGLang's server with sgl_slim loaded.
+
+Every SGLang server flag works unchanged (``--model`` is SGLang's alias of ``--model-path``). sgl_slim adds
+its own flags (``--help`` shows them in their own group). Order of work:
+
+1. parse sgl_slim's flags (and ``--recipe``) alone and validate them: a bad value exits with status 2 naming
+   the flag, before SGLang is even imported;
+2. with no CUDA device, switch SGLang to its CPU engine (env set BEFORE sglang is imported);
+3. hand the configuration to every SGLang process through one env var, load the plugins, build SGLang's
+   arguments (demo model names resolved, CPU defaults applied where the user set nothing), and run the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+from sgl_slim.config import (ConfigError, EagleConfig, IDPrunerConfig, S2OConfig, SampConfig, SlimConfig)
+
+logger = logging.getLogger("sgl_slim")
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "launch"
+SHIM_DIR = Path(__file__).resolve().parent / "_cpu_shim"
+DEFAULT_MODEL = "demo"
+CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
+
+# flag -> (section, field, type, help). Defaults come from the dataclasses in sgl_slim.config.
+_SECTIONS = {"s2o": S2OConfig, "idpruner": IDPrunerConfig, "samp": SampConfig, "eagle": EagleConfig}
+_FLAGS = [
+    ("--s2o", "s2o", "enabled", bool, "S2O sparse prefill attention (prefill/extend; decode stays dense)"),
+    ("--s2o-tau", "s2o", "tau", float, "early-stop threshold, >= 0 (0 = visit every block = dense)"),
+    ("--s2o-block-size", "s2o", "block_size", int, "keys per virtual block: 16, 32, 64 or 128"),
+    ("--s2o-segment-size", "s2o", "segment_size", int, "queries sharing one ranking; a multiple of the block size"),
+    ("--s2o-min-length", "s2o", "min_length", int, "sequences shorter than this (tokens) use dense attention, >= 0"),
+    ("--idpruner", "idpruner", "enabled", bool, "IDPruner: prune vision tokens (MMR) before the LLM"),
+    ("--idpruner-keep-ratio", "idpruner", "keep_ratio", float, "kept share of each image's tokens, in (0, 1]"),
+    ("--idpruner-lambda", "idpruner", "mmr_lambda", float, "MMR trade-off in [0, 1]: 1 importance, 0 diversity"),
+    ("--idpruner-min-tokens", "idpruner", "min_tokens", int, "keep at least this many tokens per image, >= 1"),
+    ("--idpruner-scorer", "idpruner", "scorer", str, "directory of a trained importance scorer (optional)"),
+    ("--samp", "samp", "enabled", bool, "Samp: merge then prune audio tokens before the LLM"),
+    ("--samp-keep-ratio", "samp", "keep_ratio", float, "kept share of each clip's tokens, in (0, 1]"),
+    ("--samp-merge-threshold", "samp", "merge_threshold", float,
+     "mean cosine similarity to join a cluster, >= -1 (> 1 disables merging)"),
+    ("--eagle-draft", "eagle", "draft", str, "directory of an EAGLE-3 draft exported by sgl_slim.spec"),
+    ("--eagle-steps", "eagle", "steps", int, "draft steps per verification, >= 1"),
+    ("--eagle-draft-tokens", "eagle", "draft_tokens", int, "tokens verified per step, >= 2"),
+]
+
+
+def add_slim_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "sgl_slim", "sgl_slim's toggles (each off by default; every SGLang flag above still works)")
+    group.add_argument("--recipe", default=None,
+                       help=f"per-model defaults: a TOML path or a name in {RECIPE_DIR} (explicit flags win)")
+    for flag, section, name, kind, text in _FLAGS:
+        default = next(f.default for f in fields(_SECTIONS[section]) if f.name == name)
+        dest = f"slim_{section}_{name}"
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action="store_true", default=False, help=text)
+        else:
+            group.add_argument(flag, dest=dest, type=kind, default=default, metavar=name.upper(),
+                               help=f"{text} (default: {default})")
+
+
+def _slim_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sgl_slim.launch", add_help=False)
+    add_slim_arguments(parser)
+    parser.add_argument("--model-path", "--model", dest="model_path", default=None)
+    return parser
+
+
+def load_recipe(name: str) -> dict:
+    """A recipe: ``[sgl_slim]`` flag defaults, ``[sglang]`` SGLang flag defaults, ``model``, ``why``."""
+    path = Path(name)
+    if not path.is_file():
+        path = RECIPE_DIR / (name if name.endswith(".toml") else f"{name}.toml")
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.toml")))
+        raise ConfigError("--recipe", f"unknown recipe {name!r} (known: {known})")
+    try:
+        recipe = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--recipe", f"{path} is not valid TOML: {exc}") from exc
+    unknown = set(recipe) - {"model", "why", "sgl_slim", "sglang"}
+    if unknown:
+        raise ConfigError("--recipe", f"{path}: unknown keys {sorted(unknown)}")
+    flags = {f[0].lstrip("-") for f in _FLAGS}
+    bad = set(recipe.get("sgl_slim", {})) - flags
+    if bad:
+        raise ConfigError("--recipe", f"{path}: unknown sgl_slim flags {sorted(bad)}")
+    return recipe
+
+
+def _recipe_defaults(recipe: dict) -> dict:
+    by_flag = {f[0].lstrip("-"): f"slim_{f[1]}_{f[2]}" for f in _FLAGS}
+    return {by_flag[k]: v for k, v in recipe.get("sgl_slim", {}).items()}
+
+
+def _sglang_argv_from_recipe(recipe: dict) -> list[str]:
+    argv = []
+    for key, value in recipe.get("sglang", {}).items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not False:
+            argv += [flag, str(value)]
+    return argv
+
+
+def config_from_args(args: argparse.Namespace) -> SlimConfig:
+    parts = {}
+    for section, cls in _SECTIONS.items():
+        kwargs = {f.name: getattr(args, f"slim_{section}_{f.name}") for f in fields(cls)
+                  if hasattr(args, f"slim_{section}_{f.name}")}
+        parts[section] = cls(**kwargs)
+    return SlimConfig(**parts).validate()
+
+
+def parse_slim_args(argv: list[str]) -> tuple[SlimConfig, list[str], argparse.Namespace]:
+    """Parse and validate sgl_slim's flags. Returns the config, SGLang's argv (recipe flags first, so the
+    user's explicit flags win), and the namespace. Exits with status 2 on a bad value."""
+    parser = _slim_parser()
+    pre, _ = parser.parse_known_args(argv)
+    recipe = {}
+    try:
+        if pre.recipe:
+            recipe = load_recipe(pre.recipe)
+            parser.set_defaults(**_recipe_defaults(recipe))
+        args, _ = parser.parse_known_args(argv)
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    sglang_argv = _sglang_argv_from_recipe(recipe) + _strip_slim_flags(argv)
+    if args.model_path is None:
+        sglang_argv = ["--model-path", recipe.get("model", DEFAULT_MODEL)] + sglang_argv
+    return cfg, sglang_argv, args
+
+
+def _strip_slim_flags(argv: list[str]) -> list[str]:
+    takes_value = {f[0] for f in _FLAGS if f[3] is not bool} | {"--recipe"}
+    switches = {f[0] for f in _FLAGS if f[3] is bool}
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in switches:
+            continue
+        if name in takes_value:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def cuda_available() -> bool:
+    import torch  # noqa: PLC0415 (torch is safe to import before sglang)
+    return torch.cuda.is_available()
+
+
+def enable_cpu_mode(environ=os.environ) -> None:
+    """Make SGLang serve on the CPU. Must run before sglang is imported."""
+    environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    environ.setdefault("TORCH_COMPILE_DISABLE", "1")  # else a ~25 s compile of the vision rotary helper
+    shim = str(SHIM_DIR)
+    if shim not in sys.path:
+        sys.path.insert(0, shim)
+    paths = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if shim not in paths:
+        environ["PYTHONPATH"] = os.pathsep.join([shim] + paths)
+
+
+def _has_flag(argv: list[str], *flags: str) -> bool:
+    return any(a.split("=", 1)[0] in flags for a in argv)
+
+
+def resolve_model(sglang_argv: list[str]) -> list[str]:
+    """Replace a demo model name given as --model/--model-path with its built directory."""
+    from sgl_slim.demo import DEMO_NAMES, ensure_demo  # noqa: PLC0415
+
+    out = list(sglang_argv)
+    for i, arg in enumerate(out):
+        name, _, value = arg.partition("=")
+        if name in ("--model-path", "--model"):
+            if value in DEMO_NAMES:
+                out[i] = f"{name}={ensure_demo(value)}"
+            elif not value and i + 1 < len(out) and out[i + 1] in DEMO_NAMES:
+                out[i + 1] = str(ensure_demo(out[i + 1]))
+    return out
+
+
+def apply_cpu_defaults(sglang_argv: list[str]) -> list[str]:
+    extra = []
+    if not _has_flag(sglang_argv, "--device"):
+        extra += ["--device", "cpu"]
+    if not _has_flag(sglang_argv, "--max-total-tokens", "--mem-fraction-static"):
+        extra += ["--max-total-tokens", str(CPU_DEFAULT_MAX_TOTAL_TOKENS)]
+    return extra + sglang_argv
+
+
+def build_server_args(cfg: SlimConfig, sglang_argv: list[str], *, cpu: bool):
+    """SGLang's parser with sgl_slim's group added (for --help), then each enabled feature's flag mapping."""
+    from sglang.srt.server_args import ServerArgs  # noqa: PLC0415
+
+    from sgl_slim.integration.plugin import feature_module  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m sgl_slim.launch")
+    ServerArgs.add_cli_args(parser)
+    add_slim_arguments(parser)
+    args = parser.parse_args(sglang_argv)
+    for feature in cfg.enabled_features():
+        try:
+            module = feature_module(feature)
+        except NotImplementedError as exc:
+            parser.error(str(exc))
+        if hasattr(module, "adjust_server_args"):
+            try:
+                module.adjust_server_args(cfg, args, cpu=cpu)
+            except ConfigError as exc:
+                parser.error(str(exc))
+    return ServerArgs.from_cli_args(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _has_flag(argv, "-h", "--help"):
+        cpu = not cuda_available()
+        if cpu:
+            enable_cpu_mode()
+        build_server_args(SlimConfig(), argv, cpu=cpu)  # argparse prints help (both groups) and exits
+        return
+    cfg, sglang_argv, _ = parse_slim_args(argv)
+    cpu = not cuda_available()
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    if cpu:
+        enable_cpu_mode()
+        sglang_argv = apply_cpu_defaults(sglang_argv)
+        logger.info("sgl_slim: no CUDA device: serving on the CPU (SGLang CPU engine, torch_native attention, "
+                    "KV pool capped at --max-total-tokens, torch.compile off)")
+    sglang_argv = resolve_model(sglang_argv)
+    cfg.to_env()  # the one hand-off to every SGLang process
+
+    from sglang.srt.plugins import load_plugins  # noqa: PLC0415 (after the env is set)
+    load_plugins()
+    from sgl_slim.integration import plugin  # noqa: PLC0415
+    plugin.register()  # explicit too: a missing entry point (not pip-installed) must not drop sgl_slim
+    from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: PLC0415
+    HookRegistry.apply_hooks()
+
+    server_args = build_server_args(cfg, sglang_argv, cpu=cpu)
+    logger.info("sgl_slim: features on: %s", ", ".join(cfg.enabled_features()) or "none")
+    from sglang.launch_server import run_server  # noqa: PLC0415
+    from sglang.srt.utils import kill_process_tree  # noqa: PLC0415
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main()
