@@ -1,0 +1,156 @@
+"""Samp's SGLang glue, without starting SGLang: the tokenizer-side placeholder shrink and the scheduler-side
+compression, on stand-ins shaped like SGLang's objects (the end-to-end tests run the real ones)."""
+
+import pytest
+import torch
+from torch import nn
+
+from sgl_slim.audio import attention_stats, layer_attention_probs, pool_stats, samp_compress_ref
+from sgl_slim.config import SampConfig
+from sgl_slim.integration.samp_hooks import (KEEP_KEY, audio_token_lengths, compress_audio_feature,
+                                             settings_hash, shrink_placeholders)
+
+AUDIO, TEXT = 7, 1
+
+
+class Item:
+    """The fields of sglang's MultimodalDataItem that the hooks touch."""
+
+    def __init__(self, modality, offsets, feature=None, hash=None, mask=None):
+        self.modality, self.offsets, self.feature, self.hash, self.pad_value = modality, offsets, feature, hash, None
+        self.model_specific_data = {} if mask is None else {"feature_attention_mask": mask}
+
+    def is_audio(self):
+        return self.modality == "audio"
+
+    def set_hash(self, value):
+        self.hash, self.pad_value = value, value % 1000
+
+
+class Output:
+    def __init__(self, items, ids):
+        self.mm_items, self.input_ids, self.padded_input_ids = items, ids, None
+
+
+def _mask(mel_frames, total=80):
+    m = torch.zeros(1, total, dtype=torch.long)
+    m[0, :mel_frames] = 1
+    return m
+
+
+def test_audio_token_lengths_follow_qwen2_audio():
+    assert audio_token_lengths(torch.cat([_mask(80), _mask(41), _mask(5), _mask(2)])) == [20, 10, 1, 0]
+
+
+def test_shrink_two_clips_and_an_image():
+    # ids: T T [A x10] T [I x4] T [A x5] T
+    ids = [TEXT, TEXT] + [AUDIO] * 10 + [TEXT] + [9] * 4 + [TEXT] + [AUDIO] * 5 + [TEXT]
+    a1 = Item("audio", [(2, 11)], torch.zeros(1, 4, 80), hash=111, mask=_mask(41))      # N=10
+    img = Item("image", [(13, 16)], torch.zeros(4, 3), hash=222)
+    a2 = Item("audio", [(18, 22)], torch.zeros(1, 4, 80), hash=333, mask=_mask(21))     # N=5
+    samp = SampConfig(enabled=True, keep_ratio=0.6, merge_threshold=0.9)
+    out = shrink_placeholders(Output([a1, img, a2], ids), samp)
+    assert out.input_ids == [TEXT, TEXT] + [AUDIO] * 6 + [TEXT] + [9] * 4 + [TEXT] + [AUDIO] * 3 + [TEXT]
+    assert a1.offsets == [(2, 7)] and img.offsets == [(9, 12)] and a2.offsets == [(14, 16)]
+    assert a1.model_specific_data[KEEP_KEY] == [6] and a2.model_specific_data[KEEP_KEY] == [3]
+    assert a1.audio_feature_lens.tolist() == [10] and a2.audio_feature_lens.tolist() == [5]
+    assert a1.hash == settings_hash(111, samp) != 111 and img.hash == 222
+    assert settings_hash(111, SampConfig(enabled=True, keep_ratio=0.4)) != a1.hash
+    assert settings_hash(111, SampConfig(enabled=True, keep_ratio=0.6, merge_threshold=0.8)) != a1.hash
+
+
+def test_shrink_refuses_runs_that_disagree_with_the_mask():
+    a = Item("audio", [(0, 9)], torch.zeros(1, 4, 80), hash=1, mask=_mask(80))          # mask says N=20
+    with pytest.raises(ValueError, match="disagree"):
+        shrink_placeholders(Output([a], [AUDIO] * 10), SampConfig(enabled=True))
+
+
+def test_shrink_leaves_empty_runs_and_precomputed_embeddings():
+    pre = Item("audio", [(0, 3)], None, hash=5)                                          # precomputed: no feature
+    out = shrink_placeholders(Output([pre], [AUDIO] * 4 + [TEXT]), SampConfig(enabled=True, keep_ratio=0.5))
+    assert out.input_ids == [AUDIO] * 4 + [TEXT] and pre.hash == 5 and KEEP_KEY not in pre.model_specific_data
+
+
+# --- scheduler side ---------------------------------------------------------------------------------------
+
+class TinyAudioModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from transformers import Qwen2AudioEncoderConfig
+        from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
+        torch.manual_seed(0)
+        cfg = Qwen2AudioEncoderConfig(num_mel_bins=4, encoder_layers=2, encoder_attention_heads=2,
+                                      encoder_ffn_dim=32, d_model=16, max_source_positions=40)
+        self.audio_tower = Qwen2AudioEncoder(cfg).eval()
+        self.multi_modal_projector = nn.Linear(16, 24)
+
+
+def stock_get_audio_feature(self, items):
+    """sglang 0.5.23 Qwen2AudioForConditionalGeneration.get_audio_feature, verbatim apart from the projector."""
+    input_features = torch.cat([item.feature for item in items], dim=0).type(self.audio_tower.dtype)
+    audio_embeds = self.audio_tower(input_features).last_hidden_state
+    audio_embeds = self.multi_modal_projector(audio_embeds)
+    audio_feature_lens = torch.cat([item.audio_feature_lens for item in items])
+    new_embeds = []
+    for i, d in zip(audio_feature_lens, audio_embeds):
+        new_embeds.append(d[: i.item()])
+    return torch.cat(new_embeds, dim=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    pytest.importorskip("transformers")
+    return TinyAudioModel()
+
+
+def _items(lens_keep):
+    g = torch.Generator().manual_seed(1)
+    items = []
+    for n, k in lens_keep:
+        it = Item("audio", [(0, (k or n) - 1)], torch.randn(1, 4, 80, generator=g), hash=n)
+        it.audio_feature_lens = torch.tensor([n])
+        if k is not None:
+            it.model_specific_data[KEEP_KEY] = [k]
+        items.append(it)
+    return items
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.95, 2.0])
+def test_compress_matches_reference_per_clip(model, threshold):
+    samp = SampConfig(enabled=True, keep_ratio=0.6, merge_threshold=threshold)
+    lens_keep = [(20, 12), (9, samp.keep_count(9)), (3, samp.keep_count(3)), (7, None)]   # last: untouched
+    items = _items(lens_keep)
+    with torch.no_grad():
+        got = compress_audio_feature(stock_get_audio_feature, model, items, samp)
+        full = stock_get_audio_feature(model, items)
+        # the last layer's input, recomputed independently: embeddings + all but the last layer
+        feats = torch.cat([it.feature for it in items])
+        h = nn.functional.gelu(model.audio_tower.conv2(nn.functional.gelu(model.audio_tower.conv1(feats))))
+        h = h.permute(0, 2, 1) + model.audio_tower.embed_positions.weight
+        h = model.audio_tower.layers[0](h, None)
+        probs = layer_attention_probs(model.audio_tower.layers[-1], h)                 # [B, H, 40, 40]
+    want, start = [], 0
+    for c, (n, k) in enumerate(lens_keep):
+        clip = full[start:start + n]
+        start += n
+        if k is None:
+            want.append(clip)
+            continue
+        stats = pool_stats(attention_stats(probs[c][:, :2 * n, :2 * n]), pool=2, n_tokens=n)
+        want.append(samp_compress_ref(clip, stats, keep=k, merge_threshold=threshold)[0])
+    want = torch.cat(want)
+    assert got.shape == (12 + samp.keep_count(9) + samp.keep_count(3) + 7, 24)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compress_without_keep_counts_is_the_stock_output(model):
+    items = _items([(20, None), (5, None)])
+    with torch.no_grad():
+        assert torch.equal(compress_audio_feature(stock_get_audio_feature, model, items, SampConfig(enabled=True)),
+                           stock_get_audio_feature(model, items))
+
+
+def test_compress_refuses_settings_mismatch(model):
+    items = _items([(20, 5)])                                    # keep_count(20) at 0.6 is 12, not 5
+    with pytest.raises(RuntimeError, match="share --samp"):
+        compress_audio_feature(stock_get_audio_feature, model, items, SampConfig(enabled=True, keep_ratio=0.6))
