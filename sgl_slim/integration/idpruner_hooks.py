@@ -117,7 +117,7 @@ def shrink_placeholders(out, cfg: IDPrunerConfig):
         return item.is_image() and item.feature is not None and len(item.offsets or []) == 1
 
     plan = {id(item): cfg.keep_count(end - start + 1) for start, end, item, _ in runs if prunable(item)}
-    if all(k == end - start + 1 for start, end, item, _ in runs if id(item) in plan):
+    if all(plan[id(item)] == end - start + 1 for start, end, item, _ in runs if id(item) in plan):
         return out                                      # nothing to prune: leave the request as stock
 
     ids = list(out.input_ids)
