@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-ENV_VAR = "SGL_SLIM_CONFIG"
+ENV_VAR = "SGLSLIM_CONFIG"  # not SGL_*: SGLang treats that prefix as its own deprecated one
 
 
 class ConfigError(ValueError):

@@ -54,6 +54,34 @@ def fused_sigmoid_mul(x: torch.Tensor, gate: torch.Tensor) -> None:
     x.mul_(torch.sigmoid(gate.to(x.dtype)))
 
 
+def _gemma_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())
+    return out.to(x.dtype)
+
+
+def fused_qk_gemma_rmsnorm(q, k, q_weight, k_weight, eps: float, head_dim: int):
+    """Gemma RMSNorm (x / rms(x) * (1 + w)) of q and k per head; returns [rows, head_dim] each.
+    Bound at import time by models/qwen3_5.py, which the multimodal processor registry imports."""
+    return (_gemma_rmsnorm(q.reshape(-1, head_dim), q_weight, eps),
+            _gemma_rmsnorm(k.reshape(-1, head_dim), k_weight, eps))
+
+
+def fused_qk_gemma_rmsnorm_with_gate(q_gate, k, q_weight, k_weight, eps: float, head_dim: int, num_heads: int):
+    """q_gate [seq, heads * 2 * head_dim] interleaves (q_h, gate_h) per head: normalise q and k, split the gate."""
+    qg = q_gate.reshape(q_gate.shape[0], num_heads, 2 * head_dim)
+    q, gate = qg[..., :head_dim], qg[..., head_dim:]
+    q_out, k_out = fused_qk_gemma_rmsnorm(q, k, q_weight, k_weight, eps, head_dim)
+    return q_out, k_out, gate.reshape(-1, head_dim).contiguous()
+
+
+def _unsupported(name: str):
+    def fail(*args):
+        raise NotImplementedError(f"torch.ops.sgl_kernel.{name} has no sgl_slim CPU stand-in: this model's "
+                                  "layer type (Qwen3.5 linear attention) is not supported on the CPU")
+    return fail
+
+
 _OPS = {
     "assign_req_to_token_pool_cpu": (
         "(Tensor req_pool_indices, Tensor(a!) req_to_token, Tensor start_offset, Tensor end_offset, "
@@ -61,6 +89,16 @@ _OPS = {
     "copy_all_layer_kv_cache_cpu": (
         "(Tensor data_ptrs, Tensor strides, Tensor tgt_loc, Tensor src_loc) -> ()", copy_all_layer_kv_cache),
     "fused_sigmoid_mul_cpu": ("(Tensor(a!) x, Tensor gate) -> ()", fused_sigmoid_mul),
+    "fused_qk_gemma_rmsnorm_cpu": (
+        "(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, int head_dim) -> (Tensor, Tensor)",
+        fused_qk_gemma_rmsnorm),
+    "fused_qk_gemma_rmsnorm_with_gate_cpu": (
+        "(Tensor q_gate, Tensor k, Tensor q_weight, Tensor k_weight, float eps, int head_dim, int num_heads)"
+        " -> (Tensor, Tensor, Tensor)", fused_qk_gemma_rmsnorm_with_gate),
+    # bound at import time only; a call means an unsupported model reached the CPU path: say so.
+    "fused_qkvzba_split_reshape_cat_contiguous_cpu": (
+        "(Tensor mixed_qkvz, Tensor mixed_ba, int num_heads_qk, int num_heads_v, int head_qk, int head_v)"
+        " -> (Tensor, Tensor, Tensor, Tensor)", _unsupported("fused_qkvzba_split_reshape_cat_contiguous_cpu")),
 }
 
 
