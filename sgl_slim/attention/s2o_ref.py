@@ -49,6 +49,7 @@ import torch
 
 NUM_BUCKETS = 256
 BUCKETS_PER_SPAN = 64  # buckets between the max and the mean of the estimate
+RECENT = 128          # keys just before the segment that are ranked first (RoPE locality)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, segment_size: int,
@@ -72,51 +73,71 @@ def segment_range(L: int, Tq: int, segment_size: int) -> range:
     return range(prefix // segment_size, (L - 1) // segment_size + 1) if Tq > 0 else range(0)
 
 
-def estimate_scores(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,
-                    group_reduce: str = "max") -> torch.Tensor:
-    """Importance estimate e[s, h_kv, j] of key j for segment s (fp32, [n_seg, Hkv, L]).
-
-    q: [Tq, Hq, D] (the last Tq positions), k: [L, Hkv, D].  Computes in q's dtype, returns fp32.
-    """
+def token_scores(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,
+                 n_sample: int = 0) -> torch.Tensor:
+    """Per-QUERY-head estimate t[s, h, j] of key j's logit for segment s, [n_seg, Hq, L] in q's dtype
+    (fp32 on CPU).  n_sample = 0: pooled query, t = sm_scale * qbar_{s,h} . k_j with qbar the mean of the
+    segment's queries present in the launch.  n_sample > 0: logsumexp over n_sample evenly strided
+    queries of the segment (closer to the true attention mass, n_sample x the cost).
+    q: [Tq, Hq, D] (the last Tq positions), k: [L, Hkv, D]."""
     Tq, Hq, D = q.shape
     L, Hkv, _ = k.shape
     G = Hq // Hkv
     prefix = L - Tq
     segs = segment_range(L, Tq, segment_size)
-    qbar = []
-    for s in segs:
-        lo, hi = max(prefix, s * segment_size) - prefix, min(L, (s + 1) * segment_size) - prefix
-        qbar.append(q[lo:hi].float().mean(0))                     # [Hq, D]
-    qbar = torch.stack(qbar).to(q.dtype)                            # [n_seg, Hq, D]
-    qbar = qbar.view(len(segs), Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, len(segs) * G, D)
-    e = torch.matmul(qbar, k.permute(1, 2, 0)).float() * sm_scale  # [Hkv, n_seg*G, L]
-    e = e.view(Hkv, len(segs), G, L)
-    e = e.amax(2) if group_reduce == "max" else e.mean(2)          # [Hkv, n_seg, L]
-    return e.permute(1, 0, 2)                                       # [n_seg, Hkv, L]
+    n_seg = len(segs)
+    lo = torch.tensor([max(prefix, s * segment_size) - prefix for s in segs], device=q.device)
+    hi = torch.tensor([min(L, (s + 1) * segment_size) - prefix for s in segs], device=q.device)
+    if n_sample == 0:
+        csum = torch.cat([q.new_zeros(1, Hq, D, dtype=torch.float32), q.float().cumsum(0)])  # [Tq+1, Hq, D]
+        qs = ((csum[hi] - csum[lo]) / (hi - lo).float()[:, None, None]).to(q.dtype)[:, None]   # [n_seg, 1, Hq, D]
+    else:
+        frac = (torch.arange(n_sample, device=q.device) + 0.5) / n_sample
+        rows = lo[:, None] + (frac[None, :] * (hi - lo)[:, None]).long()                     # [n_seg, R]
+        qs = q[rows]                                                                          # [n_seg, R, Hq, D]
+    R = qs.shape[1]
+    qs = qs.view(n_seg, R, Hkv, G, D).permute(2, 0, 3, 1, 4).reshape(Hkv, n_seg * G * R, D)
+    t = torch.matmul(qs * sm_scale, k.permute(1, 2, 0)).view(Hkv, n_seg, G, R, L)           # [Hkv, n_seg, G, R, L]
+    t = t[:, :, :, 0] if R == 1 else torch.logsumexp(t.float(), 3).to(t.dtype)
+    return t.permute(1, 0, 2, 3).reshape(n_seg, Hq, L)
 
 
-def rank_from_scores(e: torch.Tensor, seg_starts: torch.Tensor) -> torch.Tensor:
+def estimate_scores(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,
+                    group_reduce: str = "max", n_sample: int = 0) -> torch.Tensor:
+    """Importance estimate e[s, h_kv, j] of key j for segment s: ``token_scores`` reduced over the q heads
+    of each KV group (max, or mean).  fp32, [n_seg, Hkv, L]."""
+    t = token_scores(q, k, segment_size=segment_size, sm_scale=sm_scale, n_sample=n_sample)
+    n_seg, Hq, L = t.shape
+    t = t.view(n_seg, k.shape[1], Hq // k.shape[1], L)
+    return (t.amax(2) if group_reduce == "max" else t.mean(2)).float()
+
+
+def rank_from_scores(e: torch.Tensor, seg_starts: torch.Tensor, recent: int = RECENT) -> torch.Tensor:
     """Stable sort of the earlier keys by quantised estimate.  e: [n_seg, Hkv, L] fp32,
-    seg_starts: [n_seg] int64.  Returns rank [n_seg, Hkv, L] int32 (virtual -> physical position)."""
+    seg_starts: [n_seg] int64; the ``recent`` keys just before seg_start go first (bucket 0).
+    Returns rank [n_seg, Hkv, L] int32 (virtual -> physical position)."""
     n_seg, Hkv, L = e.shape
-    valid = torch.arange(L, device=e.device)[None, None, :] < seg_starts[:, None, None]
+    pos = torch.arange(L, device=e.device)[None, None, :]
+    valid = pos < seg_starts[:, None, None]
     cnt = seg_starts.clamp(min=1).to(e.dtype)[:, None]
     e_max = e.masked_fill(~valid, -math.inf).amax(-1)               # [n_seg, Hkv]
     e_mean = e.masked_fill(~valid, 0.0).sum(-1) / cnt
     width = ((e_max - e_mean) / BUCKETS_PER_SPAN).clamp(min=1e-6)
     bucket = ((e_max[..., None] - e) / width[..., None]).floor().clamp(0, NUM_BUCKETS - 1)
+    bucket = bucket.masked_fill(valid & (pos >= seg_starts[:, None, None] - recent), 0)
     bucket = bucket.masked_fill(~valid, NUM_BUCKETS - 1).to(torch.uint8)
     return torch.sort(bucket, dim=-1, stable=True).indices.to(torch.int32)
 
 
 def rank_keys(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,
-              group_reduce: str = "max") -> torch.Tensor:
+              group_reduce: str = "max", n_sample: int = 0, recent: int = RECENT) -> torch.Tensor:
     """Rank index [n_seg, Hkv, L] int32 for the segments of ``segment_range`` (see module doc)."""
     L, Tq = k.shape[0], q.shape[0]
     segs = segment_range(L, Tq, segment_size)
     seg_starts = torch.tensor([s * segment_size for s in segs], device=q.device, dtype=torch.int64)
-    e = estimate_scores(q, k, segment_size=segment_size, sm_scale=sm_scale, group_reduce=group_reduce)
-    return rank_from_scores(e, seg_starts)
+    e = estimate_scores(q, k, segment_size=segment_size, sm_scale=sm_scale, group_reduce=group_reduce,
+                        n_sample=n_sample)
+    return rank_from_scores(e, seg_starts, recent)
 
 
 def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: float, block_size: int = 64,

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .s2o_ref import estimate_scores, rank_from_scores
+from .s2o_ref import RECENT, estimate_scores, rank_from_scores
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -142,7 +142,8 @@ def plan_tiles(qo_indptr: list[int], kv_indptr: list[int], *, q_tile: int, segme
 
 
 def build_rank(q: torch.Tensor, k_pool: torch.Tensor, *, qo_indptr: list[int], kv_indptr: list[int],
-               kv_indices: torch.Tensor, segment_size: int, sm_scale: float, n_rows: int) -> torch.Tensor:
+               kv_indices: torch.Tensor, segment_size: int, sm_scale: float, n_rows: int,
+               n_sample: int = 0, recent: int = RECENT, group_reduce: str = "max") -> torch.Tensor:
     """Rank array [n_rows, Hkv, Lmax] int32 in ``plan_tiles`` row order (torch ops on the GPU)."""
     Hkv = k_pool.shape[1]
     Lmax = max(kv_indptr[b + 1] - kv_indptr[b] for b in range(len(kv_indptr) - 1))
@@ -158,9 +159,10 @@ def build_rank(q: torch.Tensor, k_pool: torch.Tensor, *, qo_indptr: list[int], k
         qb = q[qo_indptr[b]:qo_indptr[b + 1]]
         L = k.shape[0]
         first = (L - qb.shape[0]) // segment_size
-        e = estimate_scores(qb, k, segment_size=segment_size, sm_scale=sm_scale)
+        e = estimate_scores(qb, k, segment_size=segment_size, sm_scale=sm_scale, group_reduce=group_reduce,
+                            n_sample=n_sample)
         seg_starts = (first + torch.arange(e.shape[0], device=q.device)) * segment_size
-        rb = rank_from_scores(e, seg_starts)
+        rb = rank_from_scores(e, seg_starts, recent)
         if rank is None:
             return rb
         rank[r0:r0 + rb.shape[0], :, :L] = rb
