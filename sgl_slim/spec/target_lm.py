@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,8 @@ from sgl_slim.spec.data import sample_windows, token_stream
 from sgl_slim.spec.textlm import TextLM
 
 RECORD_FILE = "sgl_slim_lm.json"
+EAGLE_TARGET_LAYERS = 4      # EAGLE-3 fuses 3 layers' outputs, captured at layers <= L-2: L >= 4
+EAGLE_TARGET_STEPS = 300
 
 
 def lm_loss(model: TextLM, batch: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,12 +93,37 @@ def train_language_model(model_dir: str | Path, *, steps: int = 300, seed: int =
     return record
 
 
+def ensure_eagle_target(*, steps: int = EAGLE_TARGET_STEPS, seed: int = 0, progress: bool = False) -> Path:
+    """A trained text target for draft work, built once and cached beside the demo models.
+
+    It is the ``demo`` model (tiny Qwen2.5-VL) with ``EAGLE_TARGET_LAYERS`` text layers (the 2-layer default
+    cannot feed EAGLE-3 three distinct layers), its language part trained by :func:`train_language_model`.
+    """
+    from sgl_slim.demo import cache_root, ensure_demo  # noqa: PLC0415
+
+    base = ensure_demo("demo", num_hidden_layers=EAGLE_TARGET_LAYERS)
+    out = cache_root() / f"{base.name}-lm{steps}-seed{seed}"
+    if (out / RECORD_FILE).is_file():
+        return out
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp)
+    train_language_model(tmp, steps=steps, seed=seed, progress=progress)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sgl_slim.spec.target_lm", description=__doc__.split("\n\n")[0])
-    ap.add_argument("model_dir")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("model_dir", nargs="?", help="checkpoint to train in place; omitted: build the cached "
+                                                 "EAGLE target (4-layer demo) and print its directory")
+    ap.add_argument("--steps", type=int, default=EAGLE_TARGET_STEPS)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.model_dir is None:
+        print(ensure_eagle_target(steps=args.steps, seed=args.seed, progress=True))
+        return 0
     record = train_language_model(args.model_dir, steps=args.steps, seed=args.seed, progress=True)
     print(json.dumps(record))
     return 0
