@@ -28,8 +28,8 @@ from sgl_slim.attention.inputs import make_qkv
 from sgl_slim.attention.s2o_ref import RECENT
 
 HQ, HKV, D = 32, 8, 128
-TAUS = [0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
-GAMMAS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
+TAUS = [0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+GAMMAS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995]
 
 
 def sdpa(q, k, v, backend=None):
@@ -99,6 +99,7 @@ def quality(lengths, rows, log):
                    ("s2o", TAUS, 64, 2048, "max", 0, RECENT)]
         if L == lengths[0]:  # ablations at the first length
             configs += [("s2o", TAUS, 64, 256, "max", 0, RECENT), ("s2o", TAUS, 128, 512, "max", 0, RECENT),
+                        ("pbs", GAMMAS, 64, 2048, "max", 0, 0),
                         ("s2o", TAUS, 32, 512, "max", 0, RECENT), ("s2o", TAUS, 64, 512, "mean", 0, RECENT),
                         ("s2o", TAUS, 64, 512, "max", 0, 0), ("s2o", TAUS, 64, 512, "max", 0, 512),
                         ("s2o", TAUS, 64, 512, "max", 4, RECENT), ("s2o", TAUS, 64, 512, "max", 16, RECENT),
@@ -133,9 +134,9 @@ def speed(lengths, rows, log, taus, gammas, tune):
         ind = torch.tensor([0, L], dtype=torch.int32, device="cuda")
         idx = torch.arange(L, dtype=torch.int32, device="cuda")
         configs = [(64, 512, 128, None, None), (64, 1024, 128, None, None), (64, 2048, 128, None, None)]
-        if tune:
-            configs += [(64, 512, 128, 4, 2), (64, 512, 128, 8, 3), (64, 512, 64, 4, 2), (128, 512, 128, 8, 2),
-                        (32, 512, 128, 4, 2)]
+        if tune and L == 32768:
+            configs += [(64, 512, 128, 4, 1), (64, 512, 128, 8, 1), (64, 512, 128, 4, 3), (128, 512, 128, 8, 2),
+                        (64, 512, 64, 4, 2)]
         for bs, ss, qt, nw, ns in configs:
             # index building alone
             t_idx = time_ms(lambda: s2o_triton.build_rank(q, k, qo_indptr=[0, L], kv_indptr=[0, L], kv_indices=idx,

@@ -16,11 +16,13 @@ attention sinks, local windows, vertical stripes on a few key positions and slas
   * noise:    N(0, 1) in every coordinate (logit noise std ~1).
 
 Strengths are logit boosts in nats (after the 1/sqrt(D) scale), drawn per QUERY head, so heads of one
-KV group mix the same key features differently: sink 8..12, vertical 5..9 (0 with prob. 0.3), local
-6..10, slash 5..9 (0 with prob. 0.5), each plus ln(L / 4096) for L > 4096.  That growth keeps the
-noise floor (L keys of ~e^0.5 each) at a roughly constant share of the mass (~10-30 % for the weakest
-heads), as trained long-context models do (their attention entropy grows far slower than ln L);
-without it, uniform noise would dominate every head at 128K, which is not what real maps look like.
+KV group mix the same key features differently: sink 10..14, vertical 7..11 (0 with prob. 0.3), local
+8..12, slash 7..11 (0 with prob. 0.5), each plus ln(L / 4096) for L > 4096.  That growth keeps the
+noise floor (L keys of ~e^0.5 each) at a roughly constant share of the mass, about 1-5 % for the
+weakest heads: published top-k recall for Llama-3 at long context (a few % of the keys hold > 95 % of
+the mass) says real tails are that light; without the growth, uniform noise would dominate every head
+at 128K.  (A first calibration 2 nats lower put 10-30 % of the mass in the noise floor: then no
+sparse method, S2O or baseline, got under 2 % rel-L2 below density 0.85 at 8K.)
 Values are N(0, 1).  Deterministic for a given seed and device.
 """
 
@@ -67,10 +69,10 @@ def make_qkv(L: int, Hq: int = 32, Hkv: int = 8, D: int = 128, *, seed: int = 0,
     v = torch.randn(L, Hkv, D, generator=gen, device=device)
     # per query head strengths (nats)
     grow = max(0.0, math.log(L / 4096))  # keeps the noise floor's share of the mass ~constant in L
-    b_sink = uni(8, 12, Hq) + grow
-    b_vert = (uni(5, 9, Hq) + grow) * (torch.rand(Hq, generator=gen, device=device) > 0.3)
-    b_loc = uni(6, 10, Hq) + grow
-    b_sl = (uni(5, 9, Hq) + grow) * (torch.rand(Hq, generator=gen, device=device) > 0.5)
+    b_sink = uni(10, 14, Hq) + grow
+    b_vert = (uni(7, 11, Hq) + grow) * (torch.rand(Hq, generator=gen, device=device) > 0.3)
+    b_loc = uni(8, 12, Hq) + grow
+    b_sl = (uni(7, 11, Hq) + grow) * (torch.rand(Hq, generator=gen, device=device) > 0.5)
     delta = torch.randint(64, 4097, (Hq,), generator=gen, device=device)
     pos = torch.arange(L, device=device)
     for hk in range(Hkv):

@@ -125,8 +125,12 @@ def rank_from_scores(e: torch.Tensor, seg_starts: torch.Tensor, recent: int = RE
     width = ((e_max - e_mean) / BUCKETS_PER_SPAN).clamp(min=1e-6)
     bucket = ((e_max[..., None] - e) / width[..., None]).floor().clamp(0, NUM_BUCKETS - 1)
     bucket = bucket.masked_fill(valid & (pos >= seg_starts[:, None, None] - recent), 0)
-    bucket = bucket.masked_fill(~valid, NUM_BUCKETS - 1).to(torch.uint8)
-    return torch.sort(bucket, dim=-1, stable=True).indices.to(torch.int32)
+    bucket = bucket.masked_fill(~valid, NUM_BUCKETS - 1).to(torch.int32)
+    # one flat stable sort of (row, bucket) keys == a stable sort of every row (one radix sort on the GPU
+    # instead of one per row)
+    rows = torch.arange(n_seg * Hkv, device=e.device, dtype=torch.int32).view(n_seg, Hkv, 1)
+    order = torch.sort((bucket + rows * NUM_BUCKETS).flatten(), stable=True).indices
+    return (order.view(n_seg, Hkv, L) % L).to(torch.int32)
 
 
 def rank_keys(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,

@@ -18,10 +18,8 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _attend_block(q, k_ptrs, v_ptrs, kv_ok, m_i, l_i, acc, qk_mask, qk_scale,
-                  IEEE: tl.constexpr):
+def _attend_block(q, k, v, m_i, l_i, acc, qk_mask, qk_scale, IEEE: tl.constexpr):
     # k: [HEAD_DIM, BLOCK_N] gathered columns, v: [BLOCK_N, HEAD_DIM] gathered rows
-    k = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
     if IEEE:
         qk = tl.dot(q, k, input_precision="ieee")
     else:
@@ -32,7 +30,6 @@ def _attend_block(q, k_ptrs, v_ptrs, kv_ok, m_i, l_i, acc, qk_mask, qk_scale,
     p = tl.math.exp2(qk - m_new[:, None])
     block_mass = tl.sum(p, 1)
     prev_mass = l_i * alpha
-    v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
     if IEEE:
         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -83,12 +80,14 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
         offs_n = start_n + offs_b
         n_ok = offs_n < last
         slot = tl.load(KV_IDX + kv_beg + offs_n, mask=n_ok, other=0).to(tl.int64)
-        k_ptrs = K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None]
-        v_ptrs = V + slot[:, None] * stride_vt + hk * stride_vh + offs_d[None, :]
+        k = tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        v = tl.load(V + slot[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         mask = (offs_m[:, None] >= offs_n[None, :]) & n_ok[None, :]
-        m_i, l_i, acc, _bm, _pm = _attend_block(q, k_ptrs, v_ptrs, n_ok, m_i, l_i, acc, mask, qk_scale, IEEE)
+        m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, mask, qk_scale, IEEE)
 
-    # 2. ranked pass over the earlier keys, early stop per (tile, head)
+    # 2. ranked pass over the earlier keys, early stop per (tile, head).  Software-pipelined by hand
+    # (a while loop is not pipelined by Triton): K/V of block i+1 and the slots of block i+2 are
+    # loaded while block i is computed.
     if HAS_RANK_LEN:
         n_rank = tl.load(RANK_LEN + row * stride_nr + hk)
     else:
@@ -96,20 +95,29 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     rank_ptr = RANK + row.to(tl.int64) * stride_rr + hk * stride_rh
     i = seg_start * 0
     n_vis = seg_start * 0
+    c_ok = offs_b < n_rank
+    slot = tl.load(KV_IDX + kv_beg + tl.load(rank_ptr + offs_b, mask=c_ok, other=0), mask=c_ok, other=0).to(tl.int64)
+    k = tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None], mask=c_ok[None, :], other=0.0)
+    v = tl.load(V + slot[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=c_ok[:, None], other=0.0)
+    n_ok = (BLOCK_N + offs_b) < n_rank
+    slot_n = tl.load(KV_IDX + kv_beg + tl.load(rank_ptr + BLOCK_N + offs_b, mask=n_ok, other=0), mask=n_ok,
+                     other=0).to(tl.int64)
     go = i < n_rank
     while go:
-        offs_v = i + offs_b
-        v_ok = offs_v < n_rank
-        pos = tl.load(rank_ptr + offs_v, mask=v_ok, other=0)
-        slot = tl.load(KV_IDX + kv_beg + pos, mask=v_ok, other=0).to(tl.int64)
-        k_ptrs = K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None]
-        v_ptrs = V + slot[:, None] * stride_vt + hk * stride_vh + offs_d[None, :]
-        m_i, l_i, acc, block_mass, prev_mass = _attend_block(q, k_ptrs, v_ptrs, v_ok, m_i, l_i, acc,
-                                                             v_ok[None, :], qk_scale, IEEE)
+        k_n = tl.load(K + slot_n[None, :] * stride_kt + hk * stride_kh + offs_d[:, None], mask=n_ok[None, :],
+                      other=0.0)
+        v_n = tl.load(V + slot_n[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=n_ok[:, None],
+                      other=0.0)
+        nn_ok = (i + 2 * BLOCK_N + offs_b) < n_rank
+        slot_nn = tl.load(KV_IDX + kv_beg + tl.load(rank_ptr + i + 2 * BLOCK_N + offs_b, mask=nn_ok, other=0),
+                          mask=nn_ok, other=0).to(tl.int64)
+        m_i, l_i, acc, block_mass, prev_mass = _attend_block(q, k, v, m_i, l_i, acc, c_ok[None, :], qk_scale, IEEE)
         n_vis += 1
         i += BLOCK_N
         small = (block_mass < tau * prev_mass) | (row_ok == 0)
         go = (i < n_rank) & (tl.min(small.to(tl.int32), 0) == 0)
+        k, v, c_ok = k_n, v_n, n_ok
+        slot_n, n_ok = slot_nn, nn_ok
 
     out = acc / l_i[:, None]
     tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
