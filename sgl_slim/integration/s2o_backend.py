@@ -336,8 +336,9 @@ def _make_backend_class():
             self.cpu = str(model_runner.device) == "cpu"
             self.req_to_token_pool = model_runner.req_to_token_pool
             self.token_to_kv_pool = model_runner.token_to_kv_pool
-            end = getattr(self.token_to_kv_pool, "end_layer", None)
-            self.last_layer_id = end if end is not None else model_runner.model_config.num_hidden_layers - 1
+            # layers per forward on this rank: the pool holds one K/V buffer per attention layer
+            self.num_layers = getattr(self.token_to_kv_pool, "layer_num", None) or \
+                model_runner.model_config.num_hidden_layers
             self.forward_metadata = None
             self._metadata_batch = None     # the ForwardBatch forward_metadata was built for
             self._density_sum = None        # [B] sum over layers of per-sequence density
@@ -420,7 +421,7 @@ def _make_backend_class():
                 for b, dens in zip(g.seq_ids, stats["density_per_seq"]):
                     self._density_sum[b] += dens
             self._layers_seen += 1
-            if layer.layer_id == self.last_layer_id:
+            if self._layers_seen == self.num_layers:
                 self._flush_stats()
             return out.reshape(q.shape[0], hq * layer.v_head_dim)
 

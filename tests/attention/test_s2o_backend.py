@@ -162,7 +162,7 @@ class _Pool:
     def __init__(self, slots, hkv, d, dtype):
         self.k = torch.zeros(slots, hkv, d, dtype=dtype)
         self.v = torch.zeros(slots, hkv, d, dtype=dtype)
-        self.end_layer = 0
+        self.layer_num = 1
 
     def get_key_buffer(self, layer_id):
         return self.k
@@ -239,7 +239,7 @@ def test_tau0_equals_sglang_torch_native_on_a_mixed_batch(backend_cls, monkeypat
 
 
 def test_tau_positive_is_sparse_close_and_logged(backend_cls, monkeypatch, caplog):
-    cfg = S2OConfig(enabled=True, tau=0.5, block_size=16, segment_size=32, min_length=0)
+    cfg = S2OConfig(enabled=True, tau=1.0, block_size=16, segment_size=32, min_length=0)
     backend, fb, pool, r2t, q, k, v = _batch_and_backend(backend_cls, monkeypatch, cfg, [96, 80], [64, 80])
     before = sb.STATS.sparse_chunks
     with caplog.at_level(logging.INFO, logger="sgl_slim.s2o"):
@@ -247,10 +247,10 @@ def test_tau_positive_is_sparse_close_and_logged(backend_cls, monkeypatch, caplo
     ref = _torch_native(pool, r2t, fb, _layer(), q)
     assert sb.STATS.sparse_chunks == before + 2
     dens = [rec[3] for rec in list(sb.STATS.recent)[-2:]]
-    assert all(0 < x < 1 for x in dens), f"tau=0.5 on random keys should skip blocks, got densities {dens}"
+    assert all(0 < x < 1 for x in dens), f"tau=1 on random keys should skip blocks, got densities {dens}"
     assert not torch.equal(out, ref)
     assert (out - ref).norm() / ref.norm() < 0.5
-    assert any("tau=0.5" in r.getMessage() for r in caplog.records)
+    assert any("tau=1" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("kw, match", [
