@@ -1,0 +1,165 @@
+"""IDPruner TTFT and throughput through the CPU server, image-heavy prompts, keep 1.0 / 0.5 / 0.25 / 0.1.
+
+    python -m benchmarks.idpruner_ttft --out benchmarks/results/idpruner_ttft.jsonl
+
+The stock demo's time is mostly overhead, so this uses a LARGER demo language model (``--hidden``,
+``--layers``; built with sgl_slim.demo.ensure_demo overrides) so that, as in real 7B VLMs, the language model
+dominates prefill. Each prompt carries ``--images`` distinct 448x448 images (256 vision tokens each at the
+demo's pixel limit) and a short question. One server per keep ratio (float32, radix cache off so every
+request pays its prefill); per request: TTFT (streamed, first token), end-to-end latency, prompt tokens.
+Also reported: the share of the vision tower's time spent in selection, measured in-process on the same
+vision features shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from benchmarks.harness import env_info, markdown_table, record, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def image_b64(seed: int, size: int = 448) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([np.sin(7 * x + seed), np.cos(5 * y - seed), np.sin(3 * (x + y) + seed)], axis=-1)
+    arr = ((base * 0.5 + 0.5) * 200 + rng.random((size, size, 3)) * 55).clip(0, 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def start_server(model: str, port: int, keep: float, log: Path):
+    cmd = [sys.executable, "-m", "sgl_slim.launch", "--model-path", model, "--port", str(port),
+           "--dtype", "float32", "--disable-radix-cache", "--max-total-tokens", "16384",
+           "--skip-server-warmup"]
+    if keep < 1.0:
+        cmd += ["--idpruner", "--idpruner-keep-ratio", str(keep)]
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+
+
+def wait_healthy(proc, port: int, log: Path, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(3)
+    raise TimeoutError(log.read_text()[-3000:])
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def one_request(port: int, images: list[str], max_new: int) -> dict:
+    prompt = ("<|im_start|>user\n" + "".join("<|vision_start|><|image_pad|><|vision_end|>" for _ in images)
+              + "Compare these pictures.<|im_end|>\n<|im_start|>assistant\n")
+    body = {"text": prompt, "image_data": images, "stream": True,
+            "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0, "ignore_eos": True}}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    ttft, last = None, None
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            last = json.loads(line[5:])
+    total = time.perf_counter() - t0
+    meta = last["meta_info"]
+    return {"ttft_s": ttft, "latency_s": total, "prompt_tokens": meta["prompt_tokens"],
+            "completion_tokens": meta["completion_tokens"]}
+
+
+def selection_share(n: int, hidden: int) -> dict:
+    """Selection time for one image's n tokens of width hidden (default importance, keep 25%), CPU."""
+    import torch
+
+    from benchmarks.harness import time_ms
+    from sgl_slim.vision import idpruner_select
+
+    feats = torch.randn(n, hidden)
+    return {"selection_ms_per_image": time_ms(lambda: idpruner_select(feats, None, round(n * 0.25)),
+                                              warmup=2, iters=10)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--keeps", default="1.0,0.5,0.25,0.1")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=4)
+    ap.add_argument("--max-new", type=int, default=16)
+    ap.add_argument("--port", type=int, default=32200)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    from sgl_slim.demo import ensure_demo
+
+    model = str(ensure_demo("demo", hidden_size=args.hidden, num_hidden_layers=args.layers,
+                            intermediate_size=4 * args.hidden, num_attention_heads=8, num_key_value_heads=4))
+    images = [image_b64(s) for s in range(args.images * (args.requests + 1))]
+    rows, logs = [], Path("/tmp/sgl_slim_idpruner_ttft")
+    logs.mkdir(exist_ok=True)
+    for i, keep in enumerate(float(k) for k in args.keeps.split(",")):
+        port = args.port + i
+        proc = start_server(model, port, keep, logs / f"keep{keep}.log")
+        try:
+            wait_healthy(proc, port, logs / f"keep{keep}.log")
+            one_request(port, images[:args.images], 2)                       # warm-up (first-use costs)
+            runs = [one_request(port, images[(r + 1) * args.images:(r + 2) * args.images], args.max_new)
+                    for r in range(args.requests)]                           # distinct images: no cache hits
+        finally:
+            stop(proc)
+        row = record("idpruner_ttft", keep_ratio=keep, images=args.images, hidden=args.hidden, layers=args.layers,
+                     prompt_tokens=runs[0]["prompt_tokens"],
+                     ttft_ms=1e3 * statistics.median(r["ttft_s"] for r in runs),
+                     latency_ms=1e3 * statistics.median(r["latency_s"] for r in runs),
+                     decode_tok_s=statistics.median(
+                         (r["completion_tokens"] - 1) / max(r["latency_s"] - r["ttft_s"], 1e-9) for r in runs),
+                     requests=args.requests)
+        rows.append(row)
+        print(row, flush=True)
+    base = next((r for r in rows if r["keep_ratio"] == 1.0), None)
+    if base:
+        for r in rows:
+            r["ttft_speedup"] = base["ttft_ms"] / r["ttft_ms"]
+    rows.append(record("idpruner_selection_cpu", tokens=256, hidden=args.hidden, **selection_share(256, args.hidden)))
+    write_results(args.out, rows, env=env_info())
+    print(markdown_table([r for r in rows if r["bench"] == "idpruner_ttft"],
+                         ["keep_ratio", "prompt_tokens", "ttft_ms", "ttft_speedup", "latency_ms", "decode_tok_s"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""IDPruner end to end on the CPU demo server (float32, so rounding cannot flip a greedy token).
+
+Two servers, started once for the module, in parallel, on a POSITION-SENSITIVE copy of the demo model
+(small rope_theta, scaled q/k: the stock demo barely reacts to wrong image positions):
+  - pruned:   --idpruner --idpruner-keep-ratio 0.25
+  - identity: --idpruner --idpruner-keep-ratio 1.0
+Oracle: a transformers forward of the same checkpoint on the same pruned embeddings with the kept tokens'
+ORIGINAL M-RoPE positions (selection by sgl_slim.vision.idpruner_select on transformers' own vision output).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+PORT_PRUNED, PORT_IDENTITY = 32101, 32102
+KEEP_RATIO = 0.25
+MAX_NEW = 8
+# float32 end to end: server and transformers differ only by summation order (~1e-6 in logprobs measured by
+# the notes); wrong image positions move them by ~5e-3 on this model copy.
+LOGPROB_TOL = 1e-4
+STARTUP_S = 900
+PROMPT_ONE = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the picture?"
+              "<|im_end|>\n<|im_start|>assistant\n")
+PROMPT_TWO = ("<|im_start|>user\nFirst <|vision_start|><|image_pad|><|vision_end|> then "
+              "<|vision_start|><|image_pad|><|vision_end|> compare.<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model and images
+# ----------------------------------------------------------------------------------------------------------
+
+def make_position_sensitive(src: Path, dst: Path) -> Path:
+    """Copy the demo checkpoint with rope_theta 20 and q/k scaled x3, so image positions change greedy output."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if (dst / ".complete").is_file():
+        return dst
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    cfg = json.loads((dst / "config.json").read_text())
+    for section in (cfg, cfg.get("text_config", {})):
+        if "rope_parameters" in section and isinstance(section["rope_parameters"], dict):
+            section["rope_parameters"]["rope_theta"] = 20.0
+        if "rope_theta" in section:
+            section["rope_theta"] = 20.0
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    for shard in dst.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name in tensors:
+            if "language_model" in name and (".q_proj." in name or ".k_proj." in name):
+                tensors[name] = tensors[name] * 3.0
+        save_file(tensors, shard, metadata={"format": "pt"})
+    (dst / ".complete").write_text("ok\n")
+    return dst
+
+
+def image_png(width: int, height: int, seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    # smooth blobs + noise: neighbouring tokens are similar, as in photos
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    base = np.stack([np.sin(6 * x + seed), np.cos(5 * y - seed), np.sin(4 * (x + y))], axis=-1)
+    arr = ((base * 0.5 + 0.5) * 200 + rng.random((height, width, 3)) * 55).clip(0, 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# servers
+# ----------------------------------------------------------------------------------------------------------
+
+def _start(model: Path, port: int, keep_ratio: float, log: Path):
+    cmd = [sys.executable, "-m", "sgl_slim.launch", "--model-path", str(model), "--port", str(port),
+           "--dtype", "float32", "--idpruner", "--idpruner-keep-ratio", str(keep_ratio),
+           "--max-total-tokens", "8192", "--mem-fraction-static", "0.05", "--skip-server-warmup"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                            start_new_session=True)
+
+
+def _wait(proc, port: int, log: Path) -> None:
+    deadline = time.time() + STARTUP_S
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(3)
+    raise TimeoutError(f"server on port {port} not healthy after {STARTUP_S}s:\n{log.read_text()[-4000:]}")
+
+
+def _stop(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from sgl_slim.demo import ensure_demo
+
+    return make_position_sensitive(ensure_demo("demo"), tmp_path_factory.mktemp("idp") / "demo-pos")
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    procs = {"pruned": _start(model_dir, PORT_PRUNED, KEEP_RATIO, logs / "pruned.log"),
+             "identity": _start(model_dir, PORT_IDENTITY, 1.0, logs / "identity.log")}
+    try:
+        _wait(procs["pruned"], PORT_PRUNED, logs / "pruned.log")
+        _wait(procs["identity"], PORT_IDENTITY, logs / "identity.log")
+        yield {"pruned": PORT_PRUNED, "identity": PORT_IDENTITY}
+    finally:
+        for proc in procs.values():
+            _stop(proc)
+
+
+def generate(port: int, prompt: str, images: list[bytes], max_new: int = MAX_NEW):
+    body = {"text": prompt, "image_data": [b64(im) for im in images], "return_logprob": True,
+            "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0}}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers oracle
+# ----------------------------------------------------------------------------------------------------------
+
+class Oracle:
+    def __init__(self, model_dir: Path):
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.image_token_id = self.model.config.image_token_id
+
+    @torch.no_grad()
+    def greedy(self, prompt: str, images: list[bytes], keep_ratio: float, *, positions: str = "original",
+               max_new: int = MAX_NEW) -> dict:
+        """positions: "original" (kept tokens keep theirs) or "renumbered" (the K slots get consecutive ones)."""
+        from PIL import Image
+
+        from sgl_slim.config import IDPrunerConfig
+        from sgl_slim.vision import idpruner_select
+
+        cfg = IDPrunerConfig(enabled=True, keep_ratio=keep_ratio)
+        pil = [Image.open(io.BytesIO(im)).convert("RGB") for im in images]
+        inputs = self.processor(text=[prompt], images=pil, return_tensors="pt")
+        ids = inputs["input_ids"]                                                      # [1, L]
+        mm_types = inputs.get("mm_token_type_ids")
+        if mm_types is None:
+            mm_types = (ids == self.image_token_id).int()
+        pos, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=mm_types,
+                                                 image_grid_thw=inputs["image_grid_thw"])
+        pos = pos[:, 0]                                                                # [3, L]
+        feats = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        embeds = self.model.get_input_embeddings()(ids)[0].clone()                     # [L, H]
+        image_cols = torch.nonzero(ids[0] == self.image_token_id)[:, 0]
+        keep_cols = torch.ones(ids.shape[1], dtype=torch.bool)
+        slot_pos = pos.clone()
+        cursor = 0
+        for f in feats:
+            n = f.shape[0]
+            cols = image_cols[cursor:cursor + n]
+            cursor += n
+            embeds[cols] = f
+            k = cfg.keep_count(n)
+            local = idpruner_select(f, None, k, mmr_lambda=cfg.mmr_lambda)
+            keep_cols[cols] = False
+            keep_cols[cols[local]] = True
+            if positions == "renumbered":
+                slot_pos[:, cols[local]] = pos[:, cols[:k]]
+        kept = torch.nonzero(keep_cols)[:, 0]
+        e, p = embeds[kept], slot_pos[:, kept]
+        next_pos = int(pos.max()) + 1
+        out, logprobs = [], []
+        for t in range(max_new):
+            logits = self.model(inputs_embeds=e[None], position_ids=p[:, None, :]).logits[0, -1]
+            tok = int(torch.argmax(logits))
+            out.append(tok)
+            logprobs.append(float(torch.log_softmax(logits.double(), dim=-1)[tok]))
+            e = torch.cat([e, self.model.get_input_embeddings()(torch.tensor([tok]))], dim=0)
+            p = torch.cat([p, torch.full((3, 1), next_pos + t, dtype=p.dtype)], dim=1)
+        return {"output_ids": out, "logprobs": logprobs, "prompt_tokens": int(kept.numel()),
+                "unpruned_tokens": int(ids.shape[1])}
+
+
+@pytest.fixture(scope="module")
+def oracle(model_dir):
+    return Oracle(model_dir)
+
+
+def assert_same_generation(got: dict, want: dict) -> None:
+    """Greedy ids equal (the server may stop early at EOS) and each token's logprob within LOGPROB_TOL."""
+    ids = got["output_ids"]
+    assert ids == want["output_ids"][:len(ids)], f"server {ids} vs transformers {want['output_ids']}"
+    lps = [lp for lp, _tok, *_ in got["meta_info"]["output_token_logprobs"]]
+    worst = max(abs(a - b) for a, b in zip(lps, want["logprobs"]))
+    assert worst <= LOGPROB_TOL, f"logprobs differ by {worst:.2e}: server {lps} vs transformers {want['logprobs']}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tests
+# ----------------------------------------------------------------------------------------------------------
+
+IMG_A = image_png(280, 224, seed=1)      # 10 x 8 = 80 tokens
+IMG_B = image_png(196, 308, seed=2)      # 7 x 11 = 77 tokens
+
+
+def test_oracle_is_position_sensitive(oracle):
+    original = oracle.greedy(PROMPT_ONE, [IMG_A], KEEP_RATIO)
+    renumbered = oracle.greedy(PROMPT_ONE, [IMG_A], KEEP_RATIO, positions="renumbered")
+    gap = max(abs(a - b) for a, b in zip(original["logprobs"], renumbered["logprobs"]))
+    assert gap >= 20 * LOGPROB_TOL, (
+        f"the demo copy barely reacts to image positions (logprob gap {gap:.2e}): the position checks below "
+        "would prove nothing")
+
+
+@pytest.mark.parametrize("prompt,images", [(PROMPT_ONE, [IMG_A]), (PROMPT_TWO, [IMG_A, IMG_B])],
+                         ids=["one-image", "two-images"])
+def test_pruned_matches_transformers_with_original_positions(servers, oracle, prompt, images):
+    want = oracle.greedy(prompt, images, KEEP_RATIO)
+    status, got = generate(servers["pruned"], prompt, images)
+    assert status == 200, got
+    assert got["meta_info"]["prompt_tokens"] == want["prompt_tokens"], (got["meta_info"], want)
+    assert_same_generation(got, want)
+
+
+def test_prompt_tokens_reduced_by_expected_count(servers, oracle):
+    from sgl_slim.config import IDPrunerConfig
+
+    _, pruned = generate(servers["pruned"], PROMPT_TWO, [IMG_A, IMG_B], max_new=1)
+    _, full = generate(servers["identity"], PROMPT_TWO, [IMG_A, IMG_B], max_new=1)
+    cfg = IDPrunerConfig(enabled=True, keep_ratio=KEEP_RATIO)
+    dropped = (80 - cfg.keep_count(80)) + (77 - cfg.keep_count(77))
+    assert full["meta_info"]["prompt_tokens"] - pruned["meta_info"]["prompt_tokens"] == dropped
+
+
+def test_keep_one_equals_no_pruning(servers, oracle):
+    want = oracle.greedy(PROMPT_TWO, [IMG_A, IMG_B], 1.0)
+    status, got = generate(servers["identity"], PROMPT_TWO, [IMG_A, IMG_B])
+    assert status == 200, got
+    assert got["meta_info"]["prompt_tokens"] == want["unpruned_tokens"]
+    assert_same_generation(got, want)
+
+
+def test_identical_requests_hit_the_cache_and_agree(servers):
+    prompt = PROMPT_ONE.replace("What", "Tell me what")
+    _, first = generate(servers["pruned"], prompt, [IMG_B])
+    _, second = generate(servers["pruned"], prompt, [IMG_B])
+    assert second["output_ids"] == first["output_ids"]
+    assert second["meta_info"]["output_token_logprobs"] == first["meta_info"]["output_token_logprobs"]
+    assert second["meta_info"].get("cached_tokens", 0) > 0, second["meta_info"]
+    # same image in another prompt (another offset): embedding-cache hit, positions still right
+    _, third = generate(servers["pruned"], "Hi. " + prompt, [IMG_B])
+    assert third["meta_info"]["prompt_tokens"] > first["meta_info"]["prompt_tokens"]
+
+
+def test_same_image_at_another_offset_matches_transformers(servers, oracle):
+    prompt = "<|im_start|>system\nBe brief.<|im_end|>\n" + PROMPT_ONE
+    generate(servers["pruned"], PROMPT_ONE, [IMG_A])                 # warm the embedding cache
+    want = oracle.greedy(prompt, [IMG_A], KEEP_RATIO)
+    status, got = generate(servers["pruned"], prompt, [IMG_A])
+    assert status == 200, got
+    assert_same_generation(got, want)
+
+
+@pytest.mark.parametrize("payload", ["not-base64-at-all!!", "", b64(b"\x89PNG\r\n\x1a\n truncated")],
+                         ids=["corrupt", "empty", "truncated-png"])
+def test_bad_images_are_rejected_and_server_keeps_serving(servers, payload):
+    body = {"text": PROMPT_ONE, "image_data": [payload], "sampling_params": {"max_new_tokens": 2}}
+    req = urllib.request.Request(f"http://127.0.0.1:{servers['pruned']}/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=120)
+    assert 400 <= err.value.code < 500, err.value.code
+    status, ok = generate(servers["pruned"], PROMPT_ONE, [IMG_A], max_new=2)
+    assert status == 200, ok
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3000, 2000)], ids=["1x1", "3000x2000"])
+def test_tiny_and_large_images_are_handled(servers, size):
+    status, got = generate(servers["pruned"], PROMPT_ONE, [image_png(*size, seed=3)], max_new=2)
+    assert status == 200 or 400 <= status < 500, (status, got)
+    if status == 200:
+        assert got["meta_info"]["prompt_tokens"] > 0
+    status, ok = generate(servers["pruned"], PROMPT_ONE, [IMG_A], max_new=2)
+    assert status == 200, ok
