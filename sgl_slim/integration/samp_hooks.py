@@ -89,6 +89,9 @@ def shrink_placeholders(out, samp: SampConfig):
     """Shrink every raw audio clip's placeholder run in a MultimodalProcessorOutput to keep_count(N), in place.
 
     Returns ``out``. Items of other modalities or with precomputed embeddings only have their offsets shifted.
+    Every raw audio item also gets its own ``audio_feature_lens`` (stock 0.5.23 puts all clips' lengths on the
+    first item only, and a request with two clips then crashes the scheduler in get_audio_feature); at
+    keep_ratio 1.0 that is the only change (no keep counts, hashes untouched).
     """
     if out is None or not out.mm_items or out.input_ids is None:
         return out
@@ -126,6 +129,8 @@ def shrink_placeholders(out, samp: SampConfig):
             raise ValueError(f"Samp: audio placeholder runs {lens[id(item)]} disagree with the clip lengths "
                              f"{audio_token_lengths(mask)} from feature_attention_mask")
         item.audio_feature_lens = torch.tensor(lens[id(item)], dtype=torch.long)
+        if keeps[id(item)] == lens[id(item)]:
+            continue
         item.model_specific_data[KEEP_KEY] = keeps[id(item)]
         if item.hash is None:
             from sglang.srt.multimodal.cache.identity import resolve_multimodal_item_hash
@@ -140,7 +145,7 @@ def shrink_placeholders(out, samp: SampConfig):
 
 async def _process_mm_data_around(original, self, *args, **kwargs):
     out = await original(self, *args, **kwargs)
-    if not _active(_SAMP):
+    if _SAMP is None or not _SAMP.enabled:
         return out
     return shrink_placeholders(out, _SAMP)
 

@@ -72,3 +72,19 @@ def greedy(model, embeds: torch.Tensor, max_new_tokens: int) -> tuple[list[int],
         out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
         past, logits = out.past_key_values, out.logits[0, -1]
     return ids, logprobs
+
+
+def load_audio_like_sglang(data: bytes, sr: int = 16000):
+    """sglang 0.5.23 ``load_audio`` without torchcodec (its soundfile + torchaudio fallback)."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+    import torchaudio
+
+    audio, original_sr = sf.read(io.BytesIO(data))
+    if audio.ndim > 1:
+        audio = np.mean(audio, axis=1)
+    if original_sr != sr:
+        audio = torchaudio.functional.resample(torch.from_numpy(audio).float()[None], original_sr, sr)[0].numpy()
+    return audio

@@ -154,3 +154,14 @@ def test_compress_refuses_settings_mismatch(model):
     items = _items([(20, 5)])                                    # keep_count(20) at 0.6 is 12, not 5
     with pytest.raises(RuntimeError, match="share --samp"):
         compress_audio_feature(stock_get_audio_feature, model, items, SampConfig(enabled=True, keep_ratio=0.6))
+
+
+def test_keep_one_only_gives_each_clip_its_own_length():
+    ids = [AUDIO] * 10 + [TEXT] + [AUDIO] * 5
+    a1 = Item("audio", [(0, 9)], torch.zeros(1, 4, 80), hash=111, mask=_mask(41))
+    a2 = Item("audio", [(11, 15)], torch.zeros(1, 4, 80), hash=333, mask=_mask(21))
+    a1.audio_feature_lens = torch.tensor([10, 5])                  # stock: every clip's length on the first item
+    out = shrink_placeholders(Output([a1, a2], list(ids)), SampConfig(enabled=True, keep_ratio=1.0))
+    assert out.input_ids == ids and a1.offsets == [(0, 9)] and a2.offsets == [(11, 15)]
+    assert a1.audio_feature_lens.tolist() == [10] and a2.audio_feature_lens.tolist() == [5]
+    assert (a1.hash, a2.hash) == (111, 333) and KEEP_KEY not in a1.model_specific_data
