@@ -2,7 +2,7 @@
 
 Two servers, started once for the module, in parallel, on a POSITION-SENSITIVE copy of the demo model
 (small rope_theta, scaled q/k: the stock demo barely reacts to wrong image positions):
-  - pruned:   --idpruner --idpruner-keep-ratio 0.25
+  - pruned:   --idpruner --idpruner-keep-ratio 0.25 --chunked-prefill-size 48
   - identity: --idpruner --idpruner-keep-ratio 1.0
 Oracle: a transformers forward of the same checkpoint on the same pruned embeddings with the kept tokens'
 ORIGINAL M-RoPE positions (selection by sgl_slim.vision.idpruner_select on transformers' own vision output).
@@ -34,6 +34,7 @@ MAX_NEW = 8
 # float32 end to end: server and transformers differ only by summation order (~1e-6 in logprobs measured by
 # the notes); wrong image positions move them by ~5e-3 on this model copy.
 LOGPROB_TOL = 1e-4
+CHUNK = 48
 STARTUP_S = 900
 PROMPT_ONE = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the picture?"
               "<|im_end|>\n<|im_start|>assistant\n")
@@ -93,10 +94,10 @@ def b64(data: bytes) -> str:
 # servers
 # ----------------------------------------------------------------------------------------------------------
 
-def _start(model: Path, port: int, keep_ratio: float, log: Path):
+def _start(model: Path, port: int, keep_ratio: float, log: Path, *extra: str):
     cmd = [sys.executable, "-m", "sgl_slim.launch", "--model-path", str(model), "--port", str(port),
            "--dtype", "float32", "--idpruner", "--idpruner-keep-ratio", str(keep_ratio),
-           "--max-total-tokens", "8192", "--mem-fraction-static", "0.05", "--skip-server-warmup"]
+           "--max-total-tokens", "8192", "--mem-fraction-static", "0.05", "--skip-server-warmup", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO,
                             start_new_session=True)
@@ -137,7 +138,10 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    procs = {"pruned": _start(model_dir, PORT_PRUNED, KEEP_RATIO, logs / "pruned.log"),
+    # the pruned server prefills in chunks of CHUNK tokens: two-image prompts span chunks, so the position
+    # fix-up must work per chunk
+    procs = {"pruned": _start(model_dir, PORT_PRUNED, KEEP_RATIO, logs / "pruned.log",
+                              "--chunked-prefill-size", str(CHUNK)),
              "identity": _start(model_dir, PORT_IDENTITY, 1.0, logs / "identity.log")}
     try:
         _wait(procs["pruned"], PORT_PRUNED, logs / "pruned.log")
@@ -149,8 +153,10 @@ def servers(model_dir, tmp_path_factory):
 
 
 def generate(port: int, prompt: str, images: list[bytes], max_new: int = MAX_NEW):
-    body = {"text": prompt, "image_data": [b64(im) for im in images], "return_logprob": True,
+    body = {"text": prompt, "return_logprob": True,
             "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0}}
+    if images:
+        body["image_data"] = [b64(im) for im in images]
     req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     try:
@@ -262,6 +268,20 @@ def test_pruned_matches_transformers_with_original_positions(servers, oracle, pr
     assert status == 200, got
     assert got["meta_info"]["prompt_tokens"] == want["prompt_tokens"], (got["meta_info"], want)
     assert_same_generation(got, want)
+
+
+def test_concurrent_requests_batch_and_each_matches_transformers(servers, oracle):
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [("<|im_start|>user\nCount to five.<|im_end|>\n<|im_start|>assistant\n", []),   # text only
+            (PROMPT_ONE, [IMG_B]), (PROMPT_TWO, [IMG_B, IMG_A]),
+            (PROMPT_ONE.replace("picture", "image"), [IMG_A])]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: generate(servers["pruned"], *job), jobs))
+    assert all(status == 200 for status, _ in results), results
+    for (prompt, images), (_, got) in zip(jobs, results):
+        if images:
+            assert_same_generation(got, oracle.greedy(prompt, images, KEEP_RATIO))
 
 
 def test_prompt_tokens_reduced_by_expected_count(servers, oracle):

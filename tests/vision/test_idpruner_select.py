@@ -208,3 +208,23 @@ def test_triton_matches_reference_on_gpu(n, keep):
     fast = idpruner_order(features.cuda(), importance.cuda(), keep, backend="triton").cpu()
     torch_path = idpruner_order(features, importance, keep, backend="torch")
     assert_same_up_to_ties(features, importance, fast.tolist(), torch_path.tolist(), 0.5)
+
+
+def test_trained_scorer_roundtrip_and_errors(tmp_path):
+    from sgl_slim.vision.scorer import ImportanceScorer, load_scorer, save_scorer
+
+    torch.manual_seed(0)
+    scorer = ImportanceScorer(16, 8)
+    save_scorer(scorer, tmp_path / "mlp")
+    loaded = load_scorer(tmp_path / "mlp")
+    feats = torch.randn(30, 16)
+    assert torch.allclose(loaded(feats), scorer(feats))
+    want = idpruner_select(feats, scorer(feats), 7)
+    assert torch.equal(idpruner_select(feats, loaded(feats), 7), want)
+    with pytest.raises(ValueError, match=r"expects features \[N, 16\]"):
+        loaded(torch.randn(3, 15))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_scorer(tmp_path / "missing")
+    (tmp_path / "mlp" / "config.json").write_text('{"type": "other"}')
+    with pytest.raises(ValueError, match="idpruner_scorer"):
+        load_scorer(tmp_path / "mlp")
