@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -125,10 +127,29 @@ def train_draft(target_dir: str | Path, out_dir: str | Path, *, steps: int = 400
         "histogram": stats.histogram(eval_steps + 1), "verifies": stats.verifies,
     }
     (out / "train_result.json").write_text(json.dumps(result, indent=2) + "\n")
+    data_path.unlink(missing_ok=True)       # large and only needed to resume an unfinished run
     print(f"eval: {eval_prompts} held-out prompts x {eval_tokens} tokens, {eval_steps} draft tokens per verify: "
           f"mean acceptance length {stats.mean_length:.3f} (tokens per target forward), "
           f"histogram (length 1..{eval_steps + 1}) {result['histogram']}")
     return result
+
+
+EAGLE_DRAFT_STEPS = 200
+
+
+def ensure_eagle_draft(*, steps: int = EAGLE_DRAFT_STEPS, seed: int = 0, progress: bool = False) -> Path:
+    """A draft for :func:`sgl_slim.spec.target_lm.ensure_eagle_target`, trained once and cached beside it."""
+    from sgl_slim.spec.target_lm import ensure_eagle_target  # noqa: PLC0415
+
+    target = ensure_eagle_target(progress=progress)
+    out = target.with_name(f"{target.name}-eagle3-{steps}-seed{seed}")
+    if (out / "train_result.json").is_file():
+        return out
+    work = out.with_name(out.name + ".partial")         # resumable: a rerun continues from its checkpoint
+    train_draft(target, work, steps=steps, seed=seed, progress=progress)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(work, out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
