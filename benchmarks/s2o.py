@@ -28,7 +28,7 @@ from sgl_slim.attention.inputs import make_qkv
 from sgl_slim.attention.s2o_ref import RECENT
 
 HQ, HKV, D = 32, 8, 128
-TAUS = [0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+TAUS = [0.0, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 GAMMAS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995]
 
 
@@ -133,7 +133,7 @@ def speed(lengths, rows, log, taus, gammas, tune):
             log(r)
         ind = torch.tensor([0, L], dtype=torch.int32, device="cuda")
         idx = torch.arange(L, dtype=torch.int32, device="cuda")
-        configs = [(64, 512, 128, None, None), (64, 1024, 128, None, None), (64, 2048, 128, None, None)]
+        configs = [(64, 512, 128, None, None), (64, 2048, 128, None, None), (64, 512, 64, 4, 2)]
         if tune and L == 32768:
             configs += [(64, 512, 128, 4, 1), (64, 512, 128, 8, 1), (64, 512, 128, 4, 3), (128, 512, 128, 8, 2),
                         (64, 512, 64, 4, 2)]
@@ -177,6 +177,28 @@ def speed(lengths, rows, log, taus, gammas, tune):
         torch.cuda.empty_cache()
 
 
+def profile_index(L, rows, log):
+    """Where the index-building time goes (CUDA-synchronised wall time per stage, median of 5)."""
+    from sgl_slim.attention.s2o_ref import NUM_BUCKETS, estimate_scores, rank_from_scores
+    q, k, v = make_qkv(L, HQ, HKV, D, seed=1, dtype=torch.bfloat16, device="cuda")
+    scale = 1.0 / math.sqrt(D)
+    for ss in (512, 2048):
+        n_seg = L // ss
+        seg_starts = torch.arange(n_seg, device="cuda") * ss
+        e = estimate_scores(q, k, segment_size=ss, sm_scale=scale)
+        keys = torch.randint(0, NUM_BUCKETS * n_seg * HKV, (n_seg * HKV * L,), device="cuda", dtype=torch.int32)
+        stages = {
+            "estimate_scores": lambda: estimate_scores(q, k, segment_size=ss, sm_scale=scale),
+            "rank_from_scores": lambda: rank_from_scores(e, seg_starts),
+            "flat_sort_only": lambda: torch.sort(keys, stable=True),
+        }
+        for name, fn in stages.items():
+            t = time_ms(fn, warmup=1, iters=5)
+            r = {"bench": "s2o_index_profile", "L": L, "segment_size": ss, "stage": name, "ms": t}
+            rows.append(r)
+            log(r)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quality", default="")
@@ -184,6 +206,7 @@ def main():
     ap.add_argument("--taus", default="0,1e-3,3e-3,1e-2,3e-2")
     ap.add_argument("--gammas", default="0.9,0.95,0.99")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, help="profile index building at this length")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     out = Path(args.out)
@@ -194,7 +217,8 @@ def main():
     def log(r):
         print(f"[{time.time() - t0:6.1f}s] " + json.dumps(r), flush=True)
 
-    for name, fn in [("s2o_quality", lambda rows: quality([int(x) for x in args.quality.split(",") if x], rows, log)),
+    for name, fn in [("s2o_index_profile", lambda rows: profile_index(args.profile, rows, log) if args.profile else None),
+                     ("s2o_quality", lambda rows: quality([int(x) for x in args.quality.split(",") if x], rows, log)),
                      ("s2o_speed", lambda rows: speed([int(x) for x in args.speed.split(",") if x], rows, log,
                                                       [float(x) for x in args.taus.split(",")],
                                                       [float(x) for x in args.gammas.split(",")], args.tune))]:

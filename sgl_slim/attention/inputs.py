@@ -71,9 +71,9 @@ def make_qkv(L: int, Hq: int = 32, Hkv: int = 8, D: int = 128, *, seed: int = 0,
     grow = max(0.0, math.log(L / 4096))  # keeps the noise floor's share of the mass ~constant in L
     b_sink = uni(10, 14, Hq) + grow
     b_vert = (uni(7, 11, Hq) + grow) * (torch.rand(Hq, generator=gen, device=device) > 0.3)
-    b_loc = uni(8, 12, Hq) + grow
-    b_sl = (uni(7, 11, Hq) + grow) * (torch.rand(Hq, generator=gen, device=device) > 0.5)
-    delta = torch.randint(64, 4097, (Hq,), generator=gen, device=device)
+    b_loc = uni(4, 8, Hq) + grow
+    b_sl = (uni(5, 9, Hq) + grow) * (torch.rand(Hq, generator=gen, device=device) > 0.5)
+    delta = torch.exp(uni(math.log(8), math.log(1024), Hq)).round()
     pos = torch.arange(L, device=device)
     for hk in range(Hkv):
         u = _unit_in_pairs(low_pairs, D, gen, device)

@@ -89,8 +89,12 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scal
     lo = torch.tensor([max(prefix, s * segment_size) - prefix for s in segs], device=q.device)
     hi = torch.tensor([min(L, (s + 1) * segment_size) - prefix for s in segs], device=q.device)
     if n_sample == 0:
-        csum = torch.cat([q.new_zeros(1, Hq, D, dtype=torch.float32), q.float().cumsum(0)])  # [Tq+1, Hq, D]
-        qs = ((csum[hi] - csum[lo]) / (hi - lo).float()[:, None, None]).to(q.dtype)[:, None]   # [n_seg, 1, Hq, D]
+        # segment sums on the padded segment grid (one read of q, fp32 accumulation)
+        off = prefix - segs.start * segment_size
+        q_pad = q.new_zeros(n_seg * segment_size, Hq, D)
+        q_pad[off:off + Tq] = q
+        qsum = q_pad.view(n_seg, segment_size, Hq, D).sum(1, dtype=torch.float32)
+        qs = (qsum / (hi - lo).float()[:, None, None]).to(q.dtype)[:, None]                  # [n_seg, 1, Hq, D]
     else:
         frac = (torch.arange(n_sample, device=q.device) + 0.5) / n_sample
         rows = lo[:, None] + (frac[None, :] * (hi - lo)[:, None]).long()                     # [n_seg, R]
