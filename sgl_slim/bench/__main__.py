@@ -1,0 +1,5 @@
+import sys
+
+from sgl_slim.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,164 @@
+"""Send a workload to an OpenAI-compatible SGLang server (streaming chat completions through the openai
+client), with a concurrency cap and an optional Poisson arrival rate; and launch/stop a server for a run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sgl_slim.bench.stats import RequestResult
+from sgl_slim.bench.workload import BenchRequest
+
+
+async def _one(client, req: BenchRequest, model: str, extra: dict) -> RequestResult:
+    res = RequestResult(kind=req.kind)
+    t0 = time.perf_counter()
+    try:
+        stream = await client.chat.completions.create(
+            model=model, messages=req.messages, max_tokens=req.max_tokens, stream=True,
+            stream_options={"include_usage": True}, **extra)
+        parts = []
+        async for chunk in stream:
+            now = time.perf_counter() - t0
+            if chunk.usage is not None:
+                res.prompt_tokens = chunk.usage.prompt_tokens
+                res.completion_tokens = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                if choice.delta is not None and choice.delta.content:
+                    if not res.chunk_times_s:
+                        res.ttft_s = now
+                    res.chunk_times_s.append(now)
+                    parts.append(choice.delta.content)
+                if choice.finish_reason is not None:
+                    res.finish_reason = choice.finish_reason
+        res.latency_s = time.perf_counter() - t0
+        res.text = "".join(parts)
+        if res.finish_reason is None:
+            res.error = "stream ended without a finish_reason"
+        elif not res.chunk_times_s:
+            res.error = "no content streamed"
+        elif res.completion_tokens < 1:
+            res.error = "no usage report (completion_tokens) in the stream"
+        else:
+            res.ok = True
+    except Exception as exc:  # noqa: BLE001 (every failure is recorded per request, with its message)
+        res.latency_s = time.perf_counter() - t0
+        res.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return res
+
+
+async def run_workload(base_url: str, requests: list[BenchRequest], *, concurrency: int = 8,
+                       request_rate: float = float("inf"), seed: int = 0, model: str = "default",
+                       temperature: float = 0.0, ignore_eos: bool = True, progress: bool = True,
+                       timeout_s: float = 600.0) -> tuple[list[RequestResult], float]:
+    """Results in the order of ``requests`` and the wall time of the run (s). Requests start at Poisson
+    arrival times of rate ``request_rate`` (req/s; inf = all at once), at most ``concurrency`` in flight.
+    ``ignore_eos`` (SGLang's extra body field) makes every request generate exactly ``max_tokens``."""
+    import openai  # noqa: PLC0415
+
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if not request_rate > 0:
+        raise ValueError(f"request_rate must be > 0 (inf = no pacing), got {request_rate}")
+    client = openai.AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="none", timeout=timeout_s,
+                                max_retries=0)
+    extra = {"temperature": temperature, "extra_body": {"ignore_eos": ignore_eos}}
+    sem = asyncio.Semaphore(concurrency)
+    rng = random.Random(seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+        bar = tqdm(total=len(requests), desc="requests", unit="req", file=sys.stderr)
+
+    async def limited(req):
+        async with sem:
+            res = await _one(client, req, model, extra)
+        if bar is not None:
+            bar.update(1)
+        return res
+
+    tasks = []
+    t0 = time.perf_counter()
+    for req in requests:
+        tasks.append(asyncio.create_task(limited(req)))
+        if request_rate != float("inf"):
+            await asyncio.sleep(rng.expovariate(request_rate))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    await client.close()
+    return list(results), duration
+
+
+def free_port(start: int = 0) -> int:
+    """``start`` if it can be bound on 127.0.0.1 (or the next free one above it); any free port for 0."""
+    port = start
+    while True:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                if port == 0 or port >= 65535:
+                    raise
+                port += 1
+
+
+class LaunchedServer:
+    """``python -m sgl_slim.launch ARGS --host 127.0.0.1 --port P`` in its own process group; stopped with it."""
+
+    def __init__(self, args: str | list[str], port: int = 0):
+        self.args = shlex.split(args) if isinstance(args, str) else list(args)
+        self.port = free_port(port)
+        self.log_path = Path(tempfile.mkstemp(prefix=f"sgl_slim_bench{self.port}_", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "LaunchedServer":
+        import requests  # noqa: PLC0415
+
+        cmd = [sys.executable, "-m", "sgl_slim.launch", *self.args, "--host", "127.0.0.1",
+               "--port", str(self.port)]
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + float(os.environ.get("SGL_SLIM_BENCH_STARTUP_TIMEOUT", "900"))
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"server `{shlex.join(cmd)}` exited with {self.proc.returncode}:\n{tail}")
+            try:
+                if requests.get(self.base_url + "/health_generate", timeout=30).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        self.stop()
+        raise TimeoutError(f"server `{shlex.join(cmd)}` not ready; log: {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
