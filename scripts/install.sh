@@ -16,6 +16,13 @@ if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.vers
   echo "sgl_slim: installing sglang 0.5.23 and test tools (first time: ~6-8 min, ~11 GB)" >&2
   "$venv/bin/pip" install --quiet "$root[test]"
 fi
-# Point the venv's sgl_slim (and its SGLang plugin entry point) at this checkout.
-"$venv/bin/pip" install --quiet --no-deps -e "$root"
+# Point the venv's sgl_slim (and its SGLang plugin entry point) at this checkout, unless it already does.
+if ! (cd / && "$venv/bin/python" - "$root" <<'PY' 2>/dev/null); then
+import importlib.metadata as m, pathlib, sys, sgl_slim
+assert pathlib.Path(sgl_slim.__file__).resolve().parent.parent == pathlib.Path(sys.argv[1]).resolve()
+assert any(ep.name == "sgl_slim" for ep in m.entry_points(group="sglang.srt.plugins"))
+assert m.version("sgl-slim") == [l.split('"')[1] for l in open(pathlib.Path(sys.argv[1]) / "pyproject.toml") if l.startswith("version")][0]
+PY
+  "$venv/bin/pip" install --quiet --no-deps -e "$root" >&2
+fi
 echo "$venv/bin/python"
