@@ -1,0 +1,173 @@
+"""S2O on the CPU: the fp32 reference against dense attention, and the Triton kernel (TRITON_INTERPRET=1,
+set below before triton is imported) against the reference at tiny awkward shapes.
+
+Tolerances: the reference and the kernel both run fp32 here, so tau = 0 differs from dense attention only
+by summation order (~1e-6 relative); 1e-4 leaves room for the reordering and nothing else."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sgl_slim.attention import (dense_attention_ref, s2o_attention, s2o_attention_paged,  # noqa: E402
+                                s2o_attention_ref)
+from sgl_slim.attention.baselines import select_pbs, select_topcdf  # noqa: E402
+from sgl_slim.attention.inputs import make_qkv  # noqa: E402
+from sgl_slim.attention.s2o_ref import rank_keys  # noqa: E402
+
+
+def _density(cnt):
+    return (cnt["computed"].sum() / cnt["causal"].sum()).item()
+
+
+# ----------------------------------------------------------------------------------------- reference
+def test_tau0_equals_dense_sdpa():
+    q, k, v = make_qkv(700, 8, 2, 32, seed=0, dtype=torch.float32)
+    out, stats = s2o_attention(q, k, v, tau=0.0, block_size=32, segment_size=128, return_stats=True)
+    G = 4
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(G, 1).transpose(0, 1), v.repeat_interleave(G, 1).transpose(0, 1),
+        is_causal=True).transpose(0, 1)
+    assert stats["density"] == 1.0, f"tau=0 must visit every block, density {stats['density']}"
+    err = (out - ref).abs().max().item()
+    assert err < 1e-4, f"tau=0 differs from dense SDPA by {err}"
+
+
+def test_density_never_increases_with_tau_and_error_shrinks_to_zero():
+    q, k, v = make_qkv(768, 4, 1, 32, seed=1, dtype=torch.float32)
+    dense, _ = dense_attention_ref(q, k, v)
+    rank = rank_keys(q, k, segment_size=128, sm_scale=32 ** -0.5)
+    dens, errs = [], []
+    for tau in [0.0, 1e-3, 1e-1, 1.0]:
+        out, _, cnt = s2o_attention_ref(q, k, v, tau=tau, block_size=32, segment_size=128, q_tile=64, rank=rank)
+        dens.append(_density(cnt))
+        errs.append(((out - dense).norm() / dense.norm()).item())
+    assert all(a >= b for a, b in zip(dens, dens[1:])), f"density must not increase with tau: {dens}"
+    assert dens[-1] < 0.6, f"tau=1 should skip most of the prefix on structured inputs, density {dens[-1]}"
+    assert errs[0] < 1e-5, f"tau=0 rel error {errs[0]}"
+
+
+def test_diagonal_blocks_never_skipped():
+    # tau huge: the ranked pass stops after its first block, so computed = intra blocks + 1 per (tile, head)
+    L, B, S, M = 640, 32, 128, 64
+    q, k, v = make_qkv(L, 4, 2, 32, seed=2, dtype=torch.float32)
+    out, _, cnt = s2o_attention_ref(q, k, v, tau=1e9, block_size=B, segment_size=S, q_tile=M)
+    expect = 0
+    for t0 in range(0, L, M):
+        seg_start = t0 // S * S
+        intra = -(-(min(t0 + M, L) - seg_start) // B)
+        expect += intra + (1 if seg_start > 0 else 0)
+    assert cnt["computed"].tolist() == [expect] * 4, f"computed {cnt['computed'].tolist()} != {expect} per head"
+    # and the rows' own segment is exact: queries of segment 0 equal dense attention
+    dense, _ = dense_attention_ref(q, k, v)
+    assert (out[:S] - dense[:S]).abs().max() < 1e-5, "first segment must be exact (intra pass only)"
+
+
+@pytest.mark.parametrize("case", ["length1", "huge_logits", "dominant_key"])
+def test_finite_on_adversarial_inputs(case):
+    torch.manual_seed(0)
+    L = 1 if case == "length1" else 300
+    q, k, v = torch.randn(L, 4, 32), torch.randn(L, 2, 32), torch.randn(L, 2, 32)
+    if case == "huge_logits":
+        q, k = q * 1e3, k * 1e3
+    if case == "dominant_key":
+        k[5] = q.mean((0, 1)) * 1e3
+    for tau in (0.0, 1e-2):
+        out, lse, _ = s2o_attention_ref(q, k, v, tau=tau, block_size=32, segment_size=128, q_tile=64)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all(), f"{case} tau={tau}: non-finite output"
+    if case == "length1":
+        assert torch.allclose(out, v.repeat_interleave(2, 1)), "one token attends only to itself"
+
+
+def test_prefix_reference_matches_full_sequence_rows():
+    # queries after a cached prefix see exactly what the same rows see in the full sequence (tau = 0)
+    q, k, v = make_qkv(500, 4, 1, 32, seed=3, dtype=torch.float32)
+    full, _ = dense_attention_ref(q, k, v)
+    tail, _, _ = s2o_attention_ref(q[300:], k, v, tau=0.0, block_size=32, segment_size=128, q_tile=64)
+    assert (tail - full[300:]).abs().max() < 1e-5
+
+
+def test_baselines_select_within_prefix_and_gamma_one_is_dense():
+    q, k, v = make_qkv(512, 4, 1, 32, seed=4, dtype=torch.float32)
+    dense, _ = dense_attention_ref(q, k, v)
+    for sel in (select_pbs, select_topcdf):
+        rank, rank_len = sel(q, k, gamma=1.0, block_size=32, segment_size=128, sm_scale=32 ** -0.5)
+        seg_starts = torch.arange(rank.shape[0]) * 128
+        assert (rank_len[:, 0] == seg_starts).all(), f"{sel.__name__}: gamma=1 must keep every earlier block"
+        for s in range(rank.shape[0]):
+            got = sorted(rank[s, 0, : rank_len[s, 0]].tolist())
+            assert got == list(range(int(seg_starts[s]))), f"{sel.__name__}: segment {s} is not a permutation"
+        out, _, _ = s2o_attention_ref(q, k, v, tau=0.0, block_size=32, segment_size=128, q_tile=64, rank=rank,
+                                      rank_len=rank_len)
+        assert (out - dense).abs().max() < 1e-5
+
+
+def test_paged_cpu_path_runs_reference_per_sequence():
+    torch.manual_seed(0)
+    kp, vp = torch.randn(900, 2, 32), torch.randn(900, 2, 32)
+    idx = torch.randperm(900)[:800].int()
+    q = torch.randn(300, 4, 32)
+    out, lse, stats = s2o_attention_paged(q, kp, vp, qo_indptr=torch.tensor([0, 100, 300]),
+                                          kv_indptr=torch.tensor([0, 500, 800]), kv_indices=idx, tau=0.0,
+                                          block_size=32, segment_size=128, return_lse=True, return_stats=True)
+    for b, (q0, q1, k0, k1) in enumerate([(0, 100, 0, 500), (100, 300, 500, 800)]):
+        ref, ref_lse = dense_attention_ref(q[q0:q1], kp[idx[k0:k1].long()], vp[idx[k0:k1].long()])
+        assert (out[q0:q1] - ref).abs().max() < 1e-5, f"sequence {b} output"
+        assert (lse[q0:q1] - ref_lse).abs().max() < 1e-5, f"sequence {b} lse"
+    assert stats["density_per_seq"] == [1.0, 1.0]
+
+
+def test_api_rejects_bad_arguments_by_name():
+    q, k = torch.randn(8, 4, 32), torch.randn(8, 3, 32)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        s2o_attention(q, k, k, tau=0.0)
+    with pytest.raises(ValueError, match="tau"):
+        s2o_attention(q, torch.randn(8, 2, 32), torch.randn(8, 2, 32), tau=-1.0)
+
+
+# ---------------------------------------------------------------------- Triton kernel (interpreter)
+triton = pytest.importorskip("triton")
+
+
+def _kernel(q, k_pool, v_pool, qo, kvp, idx, tau, B, S, M, rank=None, rank_len=None):
+    from sgl_slim.attention import s2o_triton
+    return s2o_triton.s2o_paged(q, k_pool, v_pool, qo_indptr=torch.tensor(qo), kv_indptr=torch.tensor(kvp),
+                                kv_indices=idx, tau=tau, block_size=B, segment_size=S, q_tile=M,
+                                sm_scale=q.shape[2] ** -0.5, return_lse=True, rank=rank, rank_len=rank_len)
+
+
+@pytest.mark.parametrize("L,Hq,Hkv,tau", [(97, 5, 1, 0.0), (1025, 4, 1, 1e-2)])
+def test_kernel_matches_reference(L, Hq, Hkv, tau):
+    q, k, v = make_qkv(L, Hq, Hkv, 64, seed=5, dtype=torch.float32)
+    idx = torch.arange(L, dtype=torch.int32)
+    out, lse, comp, caus = _kernel(q, k, v, [0, L], [0, L], idx, tau, 64, 256, 64)
+    ref, ref_lse, cnt = s2o_attention_ref(q, k, v, tau=tau, block_size=64, segment_size=256, q_tile=64)
+    assert (out - ref).abs().max() < 1e-4, f"L={L} GQA {Hq}:{Hkv}: max error {(out - ref).abs().max()}"
+    assert (lse - ref_lse).abs().max() < 1e-4, "lse differs"
+    assert comp.sum(0).tolist() == cnt["computed"].tolist(), "visited blocks differ from the reference"
+    assert caus.sum(0).tolist() == cnt["causal"].tolist()
+
+
+def test_kernel_varlen_prefix_pool():
+    torch.manual_seed(1)
+    Hq, Hkv, D = 4, 1, 64
+    k_pool, v_pool = torch.randn(800, Hkv, D), torch.randn(800, Hkv, D)
+    perm = torch.randperm(800).int()
+    lens = [(330, 70), (200, 200), (129, 1)]        # (kv_len, q_len): prefixes 260, 0, 128
+    qo, kvp, idx, off = [0], [0], [], 0
+    for kv, ql in lens:
+        idx.append(perm[off:off + kv])
+        off += kv
+        qo.append(qo[-1] + ql)
+        kvp.append(kvp[-1] + kv)
+    q = torch.randn(qo[-1], Hq, D)
+    out, lse, comp, caus = _kernel(q, k_pool, v_pool, qo, kvp, torch.cat(idx), 0.0, 64, 128, 64)
+    for b, (kv, ql) in enumerate(lens):
+        slots = idx[b].long()
+        ref, ref_lse, cnt = s2o_attention_ref(q[qo[b]:qo[b + 1]], k_pool[slots], v_pool[slots], tau=0.0,
+                                              block_size=64, segment_size=128, q_tile=64)
+        assert (out[qo[b]:qo[b + 1]] - ref).abs().max() < 1e-4, f"sequence {b} output"
+        assert (lse[qo[b]:qo[b + 1]] - ref_lse).abs().max() < 1e-4, f"sequence {b} lse"
+        assert comp[b].tolist() == cnt["computed"].tolist() and caus[b].tolist() == cnt["causal"].tolist()
