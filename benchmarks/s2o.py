@@ -96,14 +96,15 @@ def quality(lengths, rows, log):
         # (method, knobs, block, segment, group_reduce, n_sample, recent)
         configs = [("s2o", TAUS, 64, 512, "max", 0, RECENT), ("pbs", GAMMAS, 64, 512, "max", 0, 0),
                    ("topcdf", GAMMAS, 64, 512, "max", 0, 0), ("s2o", TAUS, 64, 1024, "max", 0, RECENT),
-                   ("s2o", TAUS, 64, 2048, "max", 0, RECENT)]
+                   ("s2o", TAUS, 64, 2048, "max", 0, RECENT), ("s2o", TAUS, 128, 512, "max", 0, RECENT),
+                   ("s2o", TAUS, 128, 2048, "max", 0, RECENT), ("pbs", GAMMAS, 128, 512, "max", 0, 0)]
         if L == lengths[0]:  # ablations at the first length
-            configs += [("s2o", TAUS, 64, 256, "max", 0, RECENT), ("s2o", TAUS, 128, 512, "max", 0, RECENT),
+            configs += [("s2o", TAUS, 64, 256, "max", 0, RECENT),
                         ("pbs", GAMMAS, 64, 2048, "max", 0, 0),
                         ("s2o", TAUS, 32, 512, "max", 0, RECENT), ("s2o", TAUS, 64, 512, "mean", 0, RECENT),
-                        ("s2o", TAUS, 64, 512, "max", 0, 0), ("s2o", TAUS, 64, 512, "max", 0, 512),
+                        ("s2o", TAUS, 64, 512, "max", 0, 128), ("s2o", TAUS, 64, 512, "max", 0, 512),
                         ("s2o", TAUS, 64, 512, "max", 4, RECENT), ("s2o", TAUS, 64, 512, "max", 16, RECENT),
-                        ("pbs", GAMMAS, 128, 512, "max", 0, 0), ("topcdf", GAMMAS, 128, 512, "max", 0, 0)]
+                        ("topcdf", GAMMAS, 128, 512, "max", 0, 0)]
         for method, knobs, bs, ss, gr, ns, rc in configs:
             for knob in knobs:
                 out, dens = run_method(q, k, v, method=method, knob=knob, block_size=bs, segment_size=ss,
@@ -133,7 +134,7 @@ def speed(lengths, rows, log, taus, gammas, tune):
             log(r)
         ind = torch.tensor([0, L], dtype=torch.int32, device="cuda")
         idx = torch.arange(L, dtype=torch.int32, device="cuda")
-        configs = [(64, 512, 128, None, None), (64, 2048, 128, None, None), (64, 512, 64, 4, 2)]
+        configs = [(64, 512, 128, None, None), (64, 2048, 128, None, None), (128, 2048, 128, None, None)]
         if tune and L == 32768:
             configs += [(64, 512, 128, 4, 1), (64, 512, 128, 8, 1), (64, 512, 128, 4, 3), (128, 512, 128, 8, 2),
                         (64, 512, 64, 4, 2)]

@@ -49,7 +49,7 @@ import torch
 
 NUM_BUCKETS = 256
 BUCKETS_PER_SPAN = 64  # buckets between the max and the mean of the estimate
-RECENT = 128          # keys just before the segment that are ranked first (RoPE locality)
+RECENT = 0            # keys just before the segment ranked first; 0: measured best (benchmarks/s2o.md)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, segment_size: int,
