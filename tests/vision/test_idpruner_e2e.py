@@ -97,7 +97,7 @@ def b64(data: bytes) -> str:
 def _start(model: Path, port: int, keep_ratio: float, log: Path, *extra: str):
     cmd = [sys.executable, "-m", "sgl_slim.launch", "--model-path", str(model), "--port", str(port),
            "--dtype", "float32", "--idpruner", "--idpruner-keep-ratio", str(keep_ratio),
-           "--max-total-tokens", "8192", "--mem-fraction-static", "0.05", "--skip-server-warmup", *extra]
+           "--max-total-tokens", "8192", "--skip-server-warmup", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO,
                             start_new_session=True)
