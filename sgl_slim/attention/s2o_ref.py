@@ -23,14 +23,20 @@ Per (query tile, head):
 
 Ranking (``rank_keys``), per (segment, KV head), at TOKEN granularity:
   * pooled query qbar_h = mean of the segment's queries (those present in this launch) of q head h;
-  * estimate  e_j = max over the q heads h of the KV head's group of  sm_scale * qbar_h . k_j
-    (max, not mean, over the group: heads of one group attend to different things, and a key any of
-    them needs must rank high; measured in benchmarks/s2o.md, estimator ablation);
+  * estimate  e_j = max over the q heads h of the KV head's group of  sm_scale * qbar_h . k_j;
   * quantised to 256 buckets: bucket_j = clamp(floor((max_e - e_j) / w), 0, 255), w = (max_e - mean_e)/64
     (scale free: the top 64 buckets span max..mean, the rest three more such spans);
-  * rank = stable sort by bucket (ties keep position order).  The quantisation makes the order exactly
-    reproducible on any device (one 8-bit radix pass on the GPU) and costs nothing in quality: keys in
-    one bucket differ by < w in estimated logit.
+  * rank = stable sort by bucket (ties keep position order), done as ONE flat radix sort of
+    (row, bucket) keys on the GPU.  The quantisation makes the order reproducible on any device and costs
+    nothing measurable: keys in one bucket differ by < w in estimated logit.
+  Why this estimator (H200, 8K, block 64, segment 512; benchmarks/s2o.md, "estimator ablation"): at
+  tau = 1e-3 the pooled max-over-group estimate gives density 0.570 / rel-L2 0.0138; mean over the group
+  0.572 / 0.0137 (the same: the generator's heads of a group share key features); logsumexp over 4
+  strided real queries 0.669 / 0.0185 (worse), over 16 queries 0.607 / 0.0125 (about the same error at
+  higher density, 16x the estimation cost).  Putting the 128 keys just before the segment first
+  ("recency", a locality prior) was WORSE (0.582 / 0.0408): a low-mass block early in the order trips
+  the early stop before the sink and stripe keys are reached; the stop needs a monotone ranking.  So:
+  pooled query, max over the group, no recency (``recent`` = 0; kept as an option).
 Keys at or after ``seg_start`` get bucket 255 and, being later in position, sort after every earlier
 key; only the first ``seg_start`` entries of a rank row are used.
 
@@ -38,7 +44,13 @@ Density = computed score blocks / causal score blocks, counted on the (query til
 per (tile, head) the causal blocks are ``seg_start / B + ceil((last + 1 - seg_start) / B)``, the computed
 ones the same with ``seg_start / B`` replaced by the number of visited virtual blocks.
 
-Defaults (chosen by measurement, benchmarks/s2o.md): block_size 64, segment_size 512, q_tile 128.
+Sizes (measured, benchmarks/s2o.md): q_tile 128 (64 halves the density at equal tau but doubles the error:
+no better trade-off, and the kernel is slower per block).  block_size 128 is at least as good as 64 at
+equal density (32K: rel-L2 0.0104 at density 0.83 vs 64's 0.0063 at 0.91 / 0.031 at 0.69) and its
+kernel is faster (128K dense: 625 vs 697 ms); 32 is clearly worse.  segment_size 512, 1024, 2048 give
+the same quality curve within noise, and 2048 cuts the index building 3.5x at 128K (8.5 vs 29 ms).
+The API keeps block 64 / segment 512 as signature defaults; the recommended serving setting is
+block 128, segment 2048.
 """
 
 from __future__ import annotations
