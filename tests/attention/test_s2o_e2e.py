@@ -37,14 +37,20 @@ S2O_SMALL = ["--s2o-block-size", "16", "--s2o-segment-size", "32"]  # short prom
 LOG_LINE = re.compile(r"S2O prefill rid=(\S+) kv_len=(\d+) new=(\d+) density=([0-9.]+) (.*)")
 
 
+_TAKEN: set[int] = set()
+
+
 def _free_port(lo: int = 31000, hi: int = 31999) -> int:
     for port in random.Random(os.getpid()).sample(range(lo, hi + 1), hi - lo + 1):
+        if port in _TAKEN:       # a server started here may not have bound its port yet
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
-                return port
             except OSError:
                 continue
+        _TAKEN.add(port)
+        return port
     raise RuntimeError("no free port in 31000-31999")
 
 
@@ -66,11 +72,18 @@ class Server:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                     if r.status == 200:
+                        self.check_alive()
                         return
             except OSError:
                 pass
             time.sleep(3)
         raise TimeoutError(f"server not ready after {STARTUP_S} s:\n{self.log_text()[-4000:]}")
+
+    def check_alive(self) -> None:
+        """The answer must come from THIS server (not another one holding the port)."""
+        time.sleep(1)
+        if self.proc.poll() is not None or "address already in use" in self.log_text():
+            raise RuntimeError(f"server on port {self.port} is not ours:\n{self.log_text()[-4000:]}")
 
     def generate(self, input_ids, max_new_tokens: int = 8):
         body = json.dumps({"input_ids": input_ids, "sampling_params": {
@@ -133,7 +146,10 @@ def tau0_runs(tmp_path_factory):
                          tmp)
     try:
         results = {name: _workload(s) for name, s in servers.items()}
+        for s in servers.values():
+            s.check_alive()
         lines = servers["s2o"].s2o_lines()
+        assert not servers["dense"].s2o_lines(), "the server without --s2o must not run S2O"
     finally:
         for s in servers.values():
             s.kill()
