@@ -5,8 +5,9 @@
 The stock demo's time is mostly overhead, so this uses a LARGER demo language model (``--hidden``,
 ``--layers``; built with sgl_slim.demo.ensure_demo overrides) so that, as in real 7B VLMs, the language model
 dominates prefill. Each prompt carries ``--images`` distinct 448x448 images (256 vision tokens each at the
-demo's pixel limit) and a short question. One server per keep ratio (float32, radix cache off so every
-request pays its prefill); per request: TTFT (streamed, first token), end-to-end latency, prompt tokens.
+demo's pixel limit) and a short question. One server per keep ratio, all running at once, requests
+alternating between them (float32, radix cache off so every request pays its prefill); per request: TTFT
+(streamed, first token), end-to-end latency, prompt tokens.
 Also reported: the share of the vision tower's time spent in selection, measured in-process on the same
 vision features shape.
 """
@@ -114,7 +115,7 @@ def selection_share(n: int, hidden: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--keeps", default="1.0,0.5,0.25,0.1")
+    ap.add_argument("--keeps", default="1.0,0.25")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--images", type=int, default=4)
@@ -123,31 +124,42 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=32200)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    # SIGTERM -> SystemExit, so the finally below stops the servers (they run in their own sessions)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from sgl_slim.demo import ensure_demo
 
     model = str(ensure_demo("demo", hidden_size=args.hidden, num_hidden_layers=args.layers,
                             intermediate_size=4 * args.hidden, num_attention_heads=8, num_key_value_heads=4))
+    keeps = [float(k) for k in args.keeps.split(",")]
     images = [image_b64(s) for s in range(args.images * (args.requests + 1))]
     rows, logs = [], Path("/tmp/sgl_slim_idpruner_ttft")
     logs.mkdir(exist_ok=True)
-    for i, keep in enumerate(float(k) for k in args.keeps.split(",")):
-        port = args.port + i
-        proc = start_server(model, port, keep, logs / f"keep{keep}.log")
-        try:
-            wait_healthy(proc, port, logs / f"keep{keep}.log")
-            one_request(port, images[:args.images], 2)                       # warm-up (first-use costs)
-            runs = [one_request(port, images[(r + 1) * args.images:(r + 2) * args.images], args.max_new)
-                    for r in range(args.requests)]                           # distinct images: no cache hits
-        finally:
+    # All servers run at once and requests alternate between them (round robin), so the machine's load,
+    # which drifts on a shared host, hits every keep ratio alike.
+    procs = {keep: start_server(model, args.port + i, keep, logs / f"keep{keep}.log") for i, keep in enumerate(keeps)}
+    runs: dict[float, list[dict]] = {keep: [] for keep in keeps}
+    try:
+        for i, keep in enumerate(keeps):
+            wait_healthy(procs[keep], args.port + i, logs / f"keep{keep}.log")
+        for i, keep in enumerate(keeps):
+            one_request(args.port + i, images[:args.images], 2)                   # warm-up (first-use costs)
+        for r in range(args.requests):                                           # distinct images: no cache hits
+            batch = images[(r + 1) * args.images:(r + 2) * args.images]
+            for i, keep in enumerate(keeps):
+                runs[keep].append(one_request(args.port + i, batch, args.max_new))
+    finally:
+        for proc in procs.values():
             stop(proc)
+    for keep in keeps:
+        rs = runs[keep]
         row = record("idpruner_ttft", keep_ratio=keep, images=args.images, hidden=args.hidden, layers=args.layers,
-                     prompt_tokens=runs[0]["prompt_tokens"],
-                     ttft_ms=1e3 * statistics.median(r["ttft_s"] for r in runs),
-                     latency_ms=1e3 * statistics.median(r["latency_s"] for r in runs),
+                     prompt_tokens=rs[0]["prompt_tokens"],
+                     ttft_ms=1e3 * statistics.median(r["ttft_s"] for r in rs),
+                     latency_ms=1e3 * statistics.median(r["latency_s"] for r in rs),
                      decode_tok_s=statistics.median(
-                         (r["completion_tokens"] - 1) / max(r["latency_s"] - r["ttft_s"], 1e-9) for r in runs),
-                     requests=args.requests)
+                         (r["completion_tokens"] - 1) / max(r["latency_s"] - r["ttft_s"], 1e-9) for r in rs),
+                     requests=args.requests, load_avg_1m=os.getloadavg()[0])
         rows.append(row)
         print(row, flush=True)
     base = next((r for r in rows if r["keep_ratio"] == 1.0), None)
