@@ -59,8 +59,9 @@ def adjust_server_args(cfg: SlimConfig, args: argparse.Namespace, *, cpu: bool) 
     """Map ``--s2o`` onto SGLang's flags (launcher process, after parsing, before ServerArgs).
 
     prefill backend -> "s2o"; decode backend -> torch_native on CPU unless the user chose one (on GPU the
-    user's ``--decode-attention-backend`` / ``--attention-backend`` or SGLang's default); prefill CUDA
-    graphs off on GPU (S2O's early stop is data dependent). Explicit conflicting flags raise ConfigError.
+    user's ``--decode-attention-backend`` / ``--attention-backend`` or SGLang's default); with speculative
+    decoding, ``--speculative-attention-mode decode`` (verification runs on the stock decode backend); prefill
+    CUDA graphs off on GPU (S2O's early stop is data dependent). Explicit conflicting flags raise ConfigError.
     """
     if not cfg.s2o.enabled:
         return
@@ -76,10 +77,12 @@ def adjust_server_args(cfg: SlimConfig, args: argparse.Namespace, *, cpu: bool) 
     if getattr(args, "decode_attention_backend", None) == BACKEND_NAME:
         raise ConfigError("--decode-attention-backend", f"'{BACKEND_NAME}' serves prefill only; choose a "
                           f"stock decode backend (torch_native on CPU; flashinfer, fa3 or triton on GPU)")
-    if getattr(args, "speculative_algorithm", None) and getattr(args, "speculative_attention_mode", "prefill") != "decode":
-        raise ConfigError("--speculative-attention-mode",
-                          "--s2o cannot run speculative target verification (tree masks) or draft extends; "
-                          "pass --speculative-attention-mode decode so the stock decode backend serves them")
+    speculative = bool(getattr(args, "speculative_algorithm", None)) or cfg.eagle.enabled
+    if speculative and getattr(args, "speculative_attention_mode", "prefill") != "decode":
+        # S2O cannot verify draft trees; SGLang's other mode hands verify and draft extend to the decode backend.
+        logger.info("sgl_slim: --s2o with speculative decoding: --speculative-attention-mode decode (target "
+                    "verification and draft extends run on the stock decode backend)")
+        args.speculative_attention_mode = "decode"
     if getattr(args, "dllm_algorithm", None):
         raise ConfigError("--dllm-algorithm", "--s2o serves causal prefill only; drop --s2o or --dllm-algorithm")
     args.prefill_attention_backend = BACKEND_NAME

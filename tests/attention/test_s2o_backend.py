@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sgl_slim.config import ConfigError, S2OConfig, SlimConfig
+from sgl_slim.config import ConfigError, EagleConfig, S2OConfig, SlimConfig
 from sgl_slim.integration import s2o_backend as sb
 
 
@@ -109,13 +109,21 @@ def test_adjust_server_args_gpu_keeps_the_users_decode_backend_and_disables_pref
     (dict(prefill_attention_backend="triton"), "--prefill-attention-backend"),
     (dict(decode_attention_backend="s2o"), "--decode-attention-backend"),
     (dict(attention_backend="s2o"), "--attention-backend"),
-    (dict(speculative_algorithm="EAGLE3"), "--speculative-attention-mode"),
     (dict(dllm_algorithm="LowConfidence"), "--dllm-algorithm"),
 ])
 def test_adjust_server_args_conflicts_name_the_flag(kw, flag):
     with pytest.raises(ConfigError) as exc:
         sb.adjust_server_args(ON, _args(**kw), cpu=True)
     assert exc.value.flag == flag
+
+
+def test_adjust_server_args_routes_speculative_verification_to_the_decode_backend():
+    a = _args(speculative_algorithm="EAGLE3")
+    sb.adjust_server_args(ON, a, cpu=True)
+    assert a.speculative_attention_mode == "decode" and a.prefill_attention_backend == "s2o"
+    b = _args()   # --eagle-draft: the eagle feature sets --speculative-algorithm after this runs
+    sb.adjust_server_args(SlimConfig(s2o=S2OConfig(enabled=True), eagle=EagleConfig(draft="/x")), b, cpu=True)
+    assert b.speculative_attention_mode == "decode"
 
 
 def test_adjust_server_args_refuses_a_prefill_cuda_graph_on_gpu():
