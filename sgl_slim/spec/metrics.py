@@ -71,20 +71,20 @@ def simulate_chain(target, draft, prompts: torch.Tensor, max_new_tokens: int, st
     from sgl_slim.spec.draft import fuse_aux  # noqa: PLC0415 (avoid a cycle at import time)
 
     stats = AcceptanceStats()
-    gen = target.generate_greedy(prompts, max_new_tokens)
-    seqs = torch.cat([prompts, gen], dim=1)                     # [B, P + G]
+    # ``steps`` extra tokens: the last verify may accept drafts past max_new_tokens (SGLang counts them too,
+    # then cuts the output), so the truth must reach that far.
+    gen = target.generate_greedy(prompts, max_new_tokens + steps)
+    seqs = torch.cat([prompts, gen], dim=1)                     # [B, P + G + steps]
     _, hiddens, _ = target(seqs)
     aux = fuse_aux(hiddens, draft.cfg.aux_layer_ids)
     k0, v0, g, logits = draft.step0(aux, seqs)
-    total = seqs.shape[1]
+    end = prompts.shape[1] + max_new_tokens
     for b in range(seqs.shape[0]):
         n = prompts.shape[1] + 1                                # committed after prefill: prompt + 1 token
-        while n < total:
+        while n < end:
             col = n - 2                                         # features h_{n-2}, token x_{n-1}
             proposal = draft.propose(k0[b: b + 1], v0[b: b + 1], g[b: b + 1], logits[b: b + 1], col, steps)
-            truth = seqs[b, n: n + steps].tolist()
-            length = accepted_prefix(proposal[0, : len(truth)].tolist(), truth) + 1
-            length = min(length, total - n)                     # the request ends at max_new_tokens
+            length = accepted_prefix(proposal[0].tolist(), seqs[b, n: n + steps].tolist()) + 1
             stats.add(length)
             n += length
     return stats

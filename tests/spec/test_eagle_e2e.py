@@ -108,8 +108,10 @@ def test_server_acceptance_matches_offline_simulation(models, outputs):
         ids = torch.tensor([tok.encode(prompt).ids])
         assert ids.shape[1] == r["meta_info"]["prompt_tokens"], "the server tokenized the prompt differently"
         stats = simulate_chain(target, draft, ids, MAX_NEW, steps=3)
-        assert r["meta_info"]["spec_verify_ct"] == stats.verifies, (prompt, r["meta_info"], stats.lengths)
-        assert r["meta_info"]["spec_num_correct_drafts"] == sum(stats.lengths) - stats.verifies
+        meta = r["meta_info"]
+        assert meta["spec_verify_ct"] == stats.verifies, (prompt, meta, stats.lengths)
+        assert meta["spec_num_correct_drafts"] == sum(stats.lengths) - stats.verifies, (prompt, meta, stats.lengths)
+        assert meta["spec_correct_drafts_histogram"] == stats.histogram(4), (prompt, meta, stats.lengths)
 
 
 def test_incompatible_draft_fails_at_startup(models, tmp_path):
