@@ -79,7 +79,8 @@ def encoder_attention_stats(layer: nn.Module, layer_input: Tensor, *, valid_fram
     heads, head_dim = _heads(attn)
     h = layer.self_attn_layer_norm(layer_input)
     bsz, t, _ = h.shape
-    q = attn.q_proj(h).float().view(bsz, t, heads, head_dim).transpose(1, 2) * head_dim ** -0.5
+    tq = min(t, max(int(v) for v in valid_frames))                          # queries beyond every clip: unused
+    q = attn.q_proj(h[:, :tq]).float().view(bsz, tq, heads, head_dim).transpose(1, 2) * head_dim ** -0.5
     k = attn.k_proj(h).float().view(bsz, t, heads, head_dim).transpose(1, 2)  # [B, H, T, hd]
     out = []
     for b in range(bsz):

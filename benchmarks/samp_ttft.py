@@ -1,0 +1,138 @@
+"""TTFT through the CPU demo-audio server at Samp keep ratios 1.0 / 0.6 / 0.4 (one server per ratio, in turn).
+
+Model: demo-audio with a wider text model (--hidden/--layers) so that prefill is not free; random weights.
+Requests: one clip per request, distinct clips (no cache hits: --disable-radix-cache, distinct audio), greedy,
+streamed: TTFT = first streamed chunk. Median over --requests after one warm-up request. Keep 1.0 runs with
+--samp --samp-keep-ratio 1.0 (identity: Samp hooks installed, nothing compressed).
+
+Run: ~/.cache/sgl_slim/venv/bin/python -m benchmarks.samp_ttft --out benchmarks/results/samp_ttft.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from benchmarks.harness import env_info, markdown_table, record, write_results
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nWhat is said?"
+
+
+def wav_b64(seconds: float, seed: int) -> str:
+    import numpy as np
+    import soundfile as sf
+    t = np.arange(int(seconds * 16000)) / 16000
+    wave = 0.3 * np.sin(2 * math.pi * (250 + 40 * seed) * t * (1 + 0.2 * t)) * (0.6 + 0.4 * np.sin(6 * t))
+    wave += 0.03 * np.random.default_rng(seed).standard_normal(t.size)
+    buf = io.BytesIO()
+    sf.write(buf, wave.astype(np.float32), 16000, format="WAV", subtype="PCM_16")
+    return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def start_server(model: str, port: int, keep: float, threshold: float, log: Path):
+    cmd = [sys.executable, "-m", "sgl_slim.launch", "--model-path", model, "--port", str(port),
+           "--dtype", "float32", "--disable-radix-cache", "--max-total-tokens", "16384", "--skip-server-warmup",
+           "--samp", "--samp-keep-ratio", str(keep), "--samp-merge-threshold", str(threshold)]
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+
+
+def wait_healthy(proc, port: int, log: Path, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(3)
+    raise TimeoutError(log.read_text()[-3000:])
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def one_request(port: int, audio: str, max_new: int) -> dict:
+    body = {"text": PROMPT, "audio_data": [audio], "stream": True,
+            "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0, "ignore_eos": True}}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    ttft, last = None, None
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            last = json.loads(line[5:])
+    meta = last["meta_info"]
+    return {"ttft_s": ttft, "latency_s": time.perf_counter() - t0, "prompt_tokens": meta["prompt_tokens"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--keeps", default="1.0,0.6,0.4")
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=5)
+    ap.add_argument("--max-new", type=int, default=4)
+    ap.add_argument("--port", type=int, default=33200)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    from sgl_slim.demo import ensure_demo
+    model = str(ensure_demo("demo-audio", hidden_size=args.hidden, num_hidden_layers=args.layers,
+                            intermediate_size=4 * args.hidden, num_attention_heads=8, num_key_value_heads=4))
+    audios = [wav_b64(args.seconds, s) for s in range(args.requests + 1)]
+    rows, logs = [], Path("/tmp/sgl_slim_samp_ttft")
+    logs.mkdir(exist_ok=True)
+    for i, keep in enumerate(float(k) for k in args.keeps.split(",")):
+        port, log = args.port + i, logs / f"keep{keep}.log"
+        proc = start_server(model, port, keep, args.threshold, log)
+        try:
+            wait_healthy(proc, port, log)
+            one_request(port, audios[0], 2)                                   # warm-up
+            runs = [one_request(port, a, args.max_new) for a in audios[1:]]
+        finally:
+            stop(proc)
+        rows.append(record("samp_ttft", keep_ratio=keep, merge_threshold=args.threshold, clip_s=args.seconds,
+                           hidden=args.hidden, layers=args.layers, prompt_tokens=runs[0]["prompt_tokens"],
+                           ttft_ms=1e3 * statistics.median(r["ttft_s"] for r in runs),
+                           latency_ms=1e3 * statistics.median(r["latency_s"] for r in runs),
+                           requests=len(runs)))
+        print(rows[-1], flush=True)
+    base = next((r for r in rows if r["keep_ratio"] == 1.0), None)
+    if base:
+        for r in rows:
+            r["ttft_speedup"] = base["ttft_ms"] / r["ttft_ms"]
+    write_results(args.out, rows, env=env_info())
+    print(markdown_table(rows, ["keep_ratio", "prompt_tokens", "ttft_ms", "ttft_speedup", "latency_ms"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
