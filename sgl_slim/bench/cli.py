@@ -3,6 +3,7 @@
     python -m sgl_slim.bench --base-url http://127.0.0.1:30000 --scenario mixed --num-requests 64
     python -m sgl_slim.bench --launch "--model demo --dtype float32" --scenario image,text
     python -m sgl_slim.bench --compare "--model demo" "--recipe demo" --scenario image --output r.json
+    python -m sgl_slim.bench --compare-urls http://127.0.0.1:30001 http://127.0.0.1:30002 --scenario text
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--launch", metavar="ARGS", help="start `python -m sgl_slim.launch ARGS` for the run")
     target.add_argument("--compare", nargs=2, metavar=("ARGS_OFF", "ARGS_ON"),
                         help="launch two servers in turn (toggles off, then on), same workload, one table")
+    target.add_argument("--compare-urls", nargs=2, metavar=("URL_OFF", "URL_ON"),
+                        help="like --compare, against two running servers")
     p.add_argument("--scenario", default="mixed",
                    help=f"comma-separated, each one of {', '.join(SCENARIOS)} (default: mixed = text, image and "
                         "audio, those the model takes)")
@@ -184,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     if args.base_url:
         runs += _run_label("server", None, args.base_url, scenarios, args)
+    elif args.compare_urls:
+        for label, url in zip(("off", "on"), args.compare_urls):
+            runs += _run_label(label, None, url, scenarios, args)
     else:
         targets = [("server", args.launch)] if args.launch else list(zip(("off", "on"), args.compare))
         for label, server_args in targets:
