@@ -1,0 +1,223 @@
+"""Bad input, end to end, on the CPU demo servers (image model with IDPruner, audio model with Samp): every bad
+request is answered with a 4xx within the timeout (never a 5xx or a hang), and a normal request succeeds right
+after each one."""
+
+import base64
+import io
+import socket
+
+import pytest
+import requests
+
+from conftest import CONTEXT_LENGTH
+from serving import png_data_url, wav_data_url
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT_S = 180  # a hang is a failure (requests raises ReadTimeout)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:  # bound then released: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _b64(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def _png_bytes(width: int, height: int, mode: str = "RGB") -> bytes:
+    from PIL import Image  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    Image.new(mode, (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG = base64.b64decode(png_data_url().split(",", 1)[1])
+WAV = base64.b64decode(wav_data_url(seconds=1.0).split(",", 1)[1])
+CLOSED = _closed_port()
+
+BAD_IMAGES = {
+    "corrupt": _b64(bytes(range(256)) * 8, "image/png"),
+    "empty": "data:image/png;base64,",
+    "truncated": _b64(PNG[: len(PNG) // 2], "image/png"),
+    "header-only": _b64(PNG[:33], "image/png"),
+    "not-base64": "data:image/png;base64,@@@not*base64@@@",
+    "wav-as-image": _b64(WAV, "image/png"),
+    "text-as-image": _b64(b"just some text, not an image\n" * 10, "text/plain"),
+    "decompression-bomb": _b64(_png_bytes(20000, 10000, mode="1"), "image/png"),  # 2e8 px > PIL's bomb limit
+    "unreachable-url": f"http://127.0.0.1:{CLOSED}/cat.png",
+    "missing-local-file": "file:///nonexistent/sgl_slim/cat.png",
+    "not-an-image-file": "file:///etc/hostname",
+    "unknown-scheme": "ftp://127.0.0.1/cat.png",
+}
+BAD_AUDIO = {
+    "corrupt": _b64(bytes(range(256)) * 8, "audio/wav"),
+    "empty": "data:audio/wav;base64,",
+    "truncated": _b64(WAV[:30], "audio/wav"),  # cut inside the RIFF/fmt header
+    "riff-only": _b64(WAV[:12], "audio/wav"),
+    "not-base64": "data:audio/wav;base64,@@@not*base64@@@",
+    "png-as-audio": _b64(PNG, "audio/wav"),
+    "text-as-audio": _b64(b"just some text, not audio\n" * 10, "text/plain"),
+    "unreachable-url": f"http://127.0.0.1:{CLOSED}/clip.wav",
+    "missing-local-file": "file:///nonexistent/sgl_slim/clip.wav",
+    "not-an-audio-file": "file:///etc/hostname",
+}
+
+
+# Cases where stock SGLang 0.5.23 itself (plain `sglang.launch_server`, no plugin, same demo models and flags)
+# answers the same way: measured 2026-11-28, identical on plain and sgl_slim servers. strict xfail: a fix
+# (in SGLang or a future sgl_slim hook) turns them into failures to remove from this list.
+# Root cause of the 500s: BaseMultimodalProcessor.load_mm_data maps only ValueError to a 400; any other loader
+# exception (FileNotFoundError, PIL.Image.DecompressionBombError) becomes RuntimeError -> 500.
+STOCK = {
+    "image:decompression-bomb": "stock 500: 'Image size (200000000 pixels) exceeds limit of 178956970 pixels, "
+                                "could be decompression bomb DOS attack.' (PIL DecompressionBombError -> 500)",
+    "image:missing-local-file": "stock 500: '[Errno 2] No such file or directory' (FileNotFoundError -> 500); "
+                                "file:// media URLs read server-side files",
+    "audio:missing-local-file": "stock 500: '[Errno 2] No such file or directory' (FileNotFoundError -> 500)",
+    "audio-to-image-model": "stock 200: the audio part is dropped silently by the Qwen2.5-VL processor",
+    "image-to-audio-model": "stock 500: 'feature_attention_mask not found in processor output' (Qwen2-Audio)",
+    "top_logprobs=-1": "stock 200: accepted, answered with empty top_logprobs (OpenAI allows 0..20)",
+}
+
+
+def _cases(prefix: str, names) -> list:
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=STOCK[f"{prefix}{n}"]))
+            if f"{prefix}{n}" in STOCK else n for n in names]
+
+
+def _chat(srv, body: dict | None = None, *, data: bytes | None = None, headers: dict | None = None):
+    url = f"{srv.base_url}/v1/chat/completions"
+    if data is not None:
+        r = requests.post(url, data=data, headers=headers or {}, timeout=TIMEOUT_S)
+    else:
+        r = requests.post(url, json={"model": "default", "max_tokens": 4, "temperature": 0, **body},
+                          timeout=TIMEOUT_S)
+    return r.status_code, r.text[:500]
+
+
+def _image_body(url: str, text: str = "Describe the image.") -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": text}]}]}
+
+
+def _audio_body(url: str, text: str = "What is said?") -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": url}},
+                                                      {"type": "text", "text": text}]}]}
+
+
+def _text_body(text: str = "Say hello.") -> dict:
+    return {"messages": [{"role": "user", "content": text}]}
+
+
+def _assert_4xx_then_serves(srv, status, text, good_body):
+    assert 400 <= status < 500, f"expected a 4xx, got {status}: {text}"
+    ok_status, ok_text = _chat(srv, good_body)
+    assert ok_status == 200, f"normal request after the bad one: {ok_status}: {ok_text}"
+
+
+@pytest.mark.parametrize("case", _cases("image:", BAD_IMAGES))
+def test_bad_image_is_4xx_and_server_keeps_serving(vl_server, case):
+    status, text = _chat(vl_server, _image_body(BAD_IMAGES[case]))
+    _assert_4xx_then_serves(vl_server, status, text, _image_body(png_data_url(seed=1)))
+
+
+@pytest.mark.parametrize("case", _cases("audio:", BAD_AUDIO))
+def test_bad_audio_is_4xx_and_server_keeps_serving(audio_server, case):
+    status, text = _chat(audio_server, _audio_body(BAD_AUDIO[case]))
+    _assert_4xx_then_serves(audio_server, status, text, _audio_body(wav_data_url(seconds=1.0, seed=1)))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 600), (4000, 3000)], ids=["1x1", "1x600", "4000x3000"])
+def test_odd_image_sizes_are_resized_or_4xx(vl_server, size):
+    """Images outside the processor's pixel range are resized (Qwen2.5-VL's min/max pixels) or refused with
+    a 4xx (extreme aspect ratios); never a 5xx."""
+    status, text = _chat(vl_server, _image_body(_b64(_png_bytes(*size), "image/png")))
+    assert status == 200 or 400 <= status < 500, f"{size}: {status}: {text}"
+    ok_status, ok_text = _chat(vl_server, _image_body(png_data_url(seed=1)))
+    assert ok_status == 200, ok_text
+
+
+def _zero_sample_wav() -> str:
+    import numpy as np  # noqa: PLC0415
+    import soundfile as sf  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(0, dtype=np.float32), 16000, format="WAV", subtype="PCM_16")
+    return _b64(buf.getvalue(), "audio/wav")
+
+
+@pytest.mark.parametrize("case", ["40s", "zero-samples"])
+def test_long_and_empty_clips_are_served_or_4xx(audio_server, case):
+    """A clip longer than the encoder's 30 s window is cut by the processor; a well-formed WAV with no samples
+    may be served (no audio tokens) or refused; never a 5xx."""
+    url = wav_data_url(seconds=40.0) if case == "40s" else _zero_sample_wav()
+    status, text = _chat(audio_server, _audio_body(url))
+    assert status == 200 or 400 <= status < 500, f"{status}: {text}"
+    ok_status, ok_text = _chat(audio_server, _audio_body(wav_data_url(seconds=1.0, seed=1)))
+    assert ok_status == 200, ok_text
+
+
+@pytest.mark.xfail(strict=True, reason=STOCK["audio-to-image-model"])
+def test_audio_sent_to_the_image_model_is_4xx(vl_server):
+    status, text = _chat(vl_server, _audio_body(wav_data_url(seconds=1.0)))
+    _assert_4xx_then_serves(vl_server, status, text, _text_body())
+
+
+@pytest.mark.xfail(strict=True, reason=STOCK["image-to-audio-model"])
+def test_image_sent_to_the_audio_model_is_4xx(audio_server):
+    status, text = _chat(audio_server, _image_body(png_data_url()))
+    _assert_4xx_then_serves(audio_server, status, text, _text_body())
+
+
+PARAMS = {
+    "max_tokens=-1": {"max_tokens": -1},
+    "temperature=-1": {"temperature": -1},
+    "top_p=2": {"top_p": 2},
+    "top_p=0": {"top_p": 0},
+    "top_k=-5": {"top_k": -5, "temperature": 0.7},  # temperature 0 makes SGLang set top_k = 1 first
+    "n=0": {"n": 0},
+    "presence_penalty=5": {"presence_penalty": 5},
+    "frequency_penalty=-3": {"frequency_penalty": -3},
+    "top_logprobs=-1": {"logprobs": True, "top_logprobs": -1},
+    "min_tokens>max_tokens": {"min_tokens": 10, "max_tokens": 2},
+    "max_tokens=string": {"max_tokens": "many"},
+}
+
+
+@pytest.mark.parametrize("case", _cases("", PARAMS))
+def test_out_of_range_parameters_are_4xx(vl_server, case):
+    status, text = _chat(vl_server, {**_image_body(png_data_url()), **PARAMS[case]})
+    _assert_4xx_then_serves(vl_server, status, text, _image_body(png_data_url(seed=1)))
+
+
+def test_prompt_longer_than_the_context_is_4xx(vl_server, audio_server):
+    long_text = "word " * (CONTEXT_LENGTH * 2)
+    for srv in (vl_server, audio_server):
+        status, text = _chat(srv, _text_body(long_text))
+        _assert_4xx_then_serves(srv, status, text, _text_body())
+    # media tokens push an otherwise short enough prompt over the context
+    status, text = _chat(vl_server, _image_body(png_data_url(), text="word " * (CONTEXT_LENGTH - 40)))
+    _assert_4xx_then_serves(vl_server, status, text, _image_body(png_data_url(seed=1)))
+
+
+MALFORMED = {
+    "not-json": (b"{this is not json", {"Content-Type": "application/json"}),
+    "text/plain body": (b'{"model": "default", "messages": []}', {"Content-Type": "text/plain"}),
+    "no messages": (b'{"model": "default"}', {"Content-Type": "application/json"}),
+    "empty messages": (b'{"model": "default", "messages": []}', {"Content-Type": "application/json"}),
+    "unknown part type": (b'{"model": "default", "messages": [{"role": "user", "content": '
+                          b'[{"type": "hologram", "hologram": {"url": "x"}}]}]}', {"Content-Type": "application/json"}),
+    "bad role": (b'{"model": "default", "messages": [{"role": "wizard", "content": "hi"}]}',
+                 {"Content-Type": "application/json"}),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_requests_are_4xx(vl_server, case):
+    data, headers = MALFORMED[case]
+    status, text = _chat(vl_server, data=data, headers=headers)
+    _assert_4xx_then_serves(vl_server, status, text, _text_body())
