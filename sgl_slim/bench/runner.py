@@ -127,18 +127,22 @@ class LaunchedServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "LaunchedServer":
-        import requests  # noqa: PLC0415
-
+    def start(self) -> "LaunchedServer":
         cmd = [sys.executable, "-m", "sgl_slim.launch", *self.args, "--host", "127.0.0.1",
                "--port", str(self.port)]
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait_ready(self) -> "LaunchedServer":
+        import requests  # noqa: PLC0415
+
         deadline = time.time() + float(os.environ.get("SGL_SLIM_BENCH_STARTUP_TIMEOUT", "900"))
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"server `{shlex.join(cmd)}` exited with {self.proc.returncode}:\n{tail}")
+                raise RuntimeError(f"server `{shlex.join(self.proc.args)}` exited with {self.proc.returncode}:\n"
+                                   f"{tail}")
             try:
                 if requests.get(self.base_url + "/health_generate", timeout=30).status_code == 200:
                     return self
@@ -146,7 +150,15 @@ class LaunchedServer:
                 pass
             time.sleep(2)
         self.stop()
-        raise TimeoutError(f"server `{shlex.join(cmd)}` not ready; log: {self.log_path}")
+        raise TimeoutError(f"server `{shlex.join(self.proc.args)}` not ready; log: {self.log_path}")
+
+    def __enter__(self) -> "LaunchedServer":
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -68,3 +68,11 @@ def test_workload_is_seeded_and_mixed_has_equal_shares():
     assert build_workload("mixed", 4, mixed_kinds=("text",))[0].kind == "text"
     with pytest.raises(ValueError, match="unknown scenario"):
         build_workload("video", 1)
+
+
+def test_launched_server_that_exits_reports_its_command_and_log():
+    from sgl_slim.bench.runner import LaunchedServer
+
+    with pytest.raises(RuntimeError, match=r"--idpruner-keep-ratio 5.*exited with 2(.|\n)*idpruner-keep-ratio"):
+        with LaunchedServer("--model demo --idpruner --idpruner-keep-ratio 5", port=35900):
+            pass
