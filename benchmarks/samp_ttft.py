@@ -1,8 +1,9 @@
-"""TTFT through the CPU demo-audio server at Samp keep ratios 1.0 / 0.6 / 0.4 (one server per ratio, in turn).
+"""TTFT through the CPU demo-audio server at Samp keep ratios 1.0 / 0.6 / 0.4 (one server per ratio, all up together).
 
 Model: demo-audio with a wider text model (--hidden/--layers) so that prefill is not free; random weights.
 Requests: one clip per request, distinct clips (no cache hits: --disable-radix-cache, distinct audio), greedy,
-streamed: TTFT = first streamed chunk. Median over --requests after one warm-up request. Keep 1.0 runs with
+streamed: TTFT = first streamed chunk. Median over --requests after one warm-up request per server; requests go
+round-robin over the servers, one at a time. Keep 1.0 runs with
 --samp --samp-keep-ratio 1.0 (identity: Samp hooks installed, nothing compressed).
 
 Run: ~/.cache/sgl_slim/venv/bin/python -m benchmarks.samp_ttft --out benchmarks/results/samp_ttft.jsonl
@@ -107,23 +108,34 @@ def main(argv=None) -> int:
     from sgl_slim.demo import ensure_demo
     model = str(ensure_demo("demo-audio", hidden_size=args.hidden, num_hidden_layers=args.layers,
                             intermediate_size=4 * args.hidden, num_attention_heads=8, num_key_value_heads=4))
+    keeps = [float(k) for k in args.keeps.split(",")]
     audios = [wav_b64(args.seconds, s) for s in range(args.requests + 1)]
-    rows, logs = [], Path("/tmp/sgl_slim_samp_ttft")
+    logs = Path("/tmp/sgl_slim_samp_ttft")
     logs.mkdir(exist_ok=True)
-    for i, keep in enumerate(float(k) for k in args.keeps.split(",")):
-        port, log = args.port + i, logs / f"keep{keep}.log"
-        proc = start_server(model, port, keep, args.threshold, log)
-        try:
-            wait_healthy(proc, port, log)
-            one_request(port, audios[0], 2)                                   # warm-up
-            runs = [one_request(port, a, args.max_new) for a in audios[1:]]
-        finally:
+    # all servers up at once, requests interleaved round-robin: load changes on the shared machine hit every
+    # keep ratio alike
+    procs = {k: start_server(model, args.port + i, k, args.threshold, logs / f"keep{k}.log")
+             for i, k in enumerate(keeps)}
+    runs: dict[float, list] = {k: [] for k in keeps}
+    try:
+        for i, k in enumerate(keeps):
+            wait_healthy(procs[k], args.port + i, logs / f"keep{k}.log")
+        for i, k in enumerate(keeps):
+            one_request(args.port + i, audios[0], 2)                          # warm-up
+        for a in audios[1:]:
+            for i, k in enumerate(keeps):
+                runs[k].append(one_request(args.port + i, a, args.max_new))
+    finally:
+        for proc in procs.values():
             stop(proc)
-        rows.append(record("samp_ttft", keep_ratio=keep, merge_threshold=args.threshold, clip_s=args.seconds,
-                           hidden=args.hidden, layers=args.layers, prompt_tokens=runs[0]["prompt_tokens"],
-                           ttft_ms=1e3 * statistics.median(r["ttft_s"] for r in runs),
-                           latency_ms=1e3 * statistics.median(r["latency_s"] for r in runs),
-                           requests=len(runs)))
+    rows = []
+    for k in keeps:
+        rows.append(record("samp_ttft", keep_ratio=k, merge_threshold=args.threshold, clip_s=args.seconds,
+                           hidden=args.hidden, layers=args.layers, prompt_tokens=runs[k][0]["prompt_tokens"],
+                           ttft_ms=1e3 * statistics.median(r["ttft_s"] for r in runs[k]),
+                           ttft_ms_all=[round(1e3 * r["ttft_s"], 1) for r in runs[k]],
+                           latency_ms=1e3 * statistics.median(r["latency_s"] for r in runs[k]),
+                           requests=len(runs[k])))
         print(rows[-1], flush=True)
     base = next((r for r in rows if r["keep_ratio"] == 1.0), None)
     if base:
