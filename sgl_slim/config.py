@@ -93,7 +93,11 @@ class SampConfig:
 class EagleConfig:
     draft: str | None = None     # directory of an exported EAGLE-3 draft
     steps: int = 3               # draft steps per verify
-    draft_tokens: int = 4        # tokens verified per step (steps + 1 for a chain)
+    draft_tokens: int | None = None  # tokens verified per step; None = steps + 1 (chain drafting)
+
+    @property
+    def verified_tokens(self) -> int:
+        return self.steps + 1 if self.draft_tokens is None else self.draft_tokens
 
     @property
     def enabled(self) -> bool:
@@ -106,7 +110,7 @@ class EagleConfig:
                 raise ConfigError("--eagle-draft", f"not a readable draft directory with config.json: {self.draft}")
         if self.steps < 1:
             raise ConfigError("--eagle-steps", f"must be >= 1, got {self.steps}")
-        if self.draft_tokens < 2:
+        if self.draft_tokens is not None and self.draft_tokens < 2:
             raise ConfigError("--eagle-draft-tokens", f"must be >= 2, got {self.draft_tokens}")
 
 

@@ -49,7 +49,8 @@ _FLAGS = [
      "mean cosine similarity to join a cluster, >= -1 (> 1 disables merging)"),
     ("--eagle-draft", "eagle", "draft", str, "directory of an EAGLE-3 draft exported by sgl_slim.spec"),
     ("--eagle-steps", "eagle", "steps", int, "draft steps per verification, >= 1"),
-    ("--eagle-draft-tokens", "eagle", "draft_tokens", int, "tokens verified per step, >= 2"),
+    ("--eagle-draft-tokens", "eagle", "draft_tokens", int,
+     "tokens verified per step, >= 2 (default: --eagle-steps + 1, chain drafting)"),
 ]
 
 

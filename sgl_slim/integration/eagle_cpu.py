@@ -108,7 +108,7 @@ def adjust_server_args(cfg: SlimConfig, args: argparse.Namespace, *, cpu: bool) 
     eagle = cfg.eagle
     if not eagle.enabled:
         return
-    if eagle.draft_tokens != eagle.steps + 1:
+    if eagle.verified_tokens != eagle.steps + 1:
         raise ConfigError("--eagle-draft-tokens", f"chain drafting verifies --eagle-steps + 1 tokens: with "
                                                   f"--eagle-steps {eagle.steps} use --eagle-draft-tokens "
                                                   f"{eagle.steps + 1}, got {eagle.draft_tokens}")
@@ -120,7 +120,7 @@ def adjust_server_args(cfg: SlimConfig, args: argparse.Namespace, *, cpu: bool) 
         "speculative_draft_model_path": str(eagle.draft),
         "speculative_num_steps": eagle.steps,
         "speculative_eagle_topk": 1,
-        "speculative_num_draft_tokens": eagle.draft_tokens,
+        "speculative_num_draft_tokens": eagle.verified_tokens,
     }
     for name, value in wanted.items():
         current = getattr(args, name, None)

@@ -97,3 +97,10 @@ def test_not_an_eagle3_checkpoint(tmp_path):
     (ddir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ConfigError, match="is not an EAGLE-3 draft"):
         eagle_cpu.check_draft_fits(ddir, tdir)
+
+
+def test_draft_tokens_default_to_steps_plus_one(tmp_path):
+    tdir, ddir = make_pair(tmp_path)
+    args = server_args(tdir)
+    eagle_cpu.adjust_server_args(SlimConfig(eagle=EagleConfig(draft=str(ddir), steps=5)).validate(), args, cpu=True)
+    assert (args.speculative_num_steps, args.speculative_num_draft_tokens) == (5, 6)
