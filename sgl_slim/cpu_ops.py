@@ -102,11 +102,12 @@ _OPS = {
 }
 
 
-def register() -> list[str]:
-    """Define the ops under ``torch.ops.sgl_kernel`` (idempotent). Returns the names defined by this call."""
+def define_ops(ops: dict) -> list[str]:
+    """Define ``{name: (schema, fn)}`` under ``torch.ops.sgl_kernel``, skipping names already there
+    (idempotent). Returns the names defined by this call. Shared by every sgl_slim module that adds CPU ops."""
     global _LIB
     added = []
-    for name, (schema, fn) in _OPS.items():
+    for name, (schema, fn) in ops.items():
         if hasattr(torch.ops.sgl_kernel, name):
             continue
         if _LIB is None:
@@ -115,3 +116,8 @@ def register() -> list[str]:
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
         added.append(name)
     return added
+
+
+def register() -> list[str]:
+    """Define the serving stand-ins (idempotent). Returns the names defined by this call."""
+    return define_ops(_OPS)

@@ -12,15 +12,13 @@ loop iteration, quirks included:
 - ``fill_accept_out_cache_loc``           kernels/ops/speculative/eagle.py      (tree drafts, topk > 1)
 
 Integer tensors are small (one row per request); the loops run on Python ints.
-No sglang import: :func:`register` defines the ops with ``torch.library.Library("sgl_kernel", "FRAGMENT")``.
+No sglang import: :func:`register` defines the ops through ``sgl_slim.cpu_ops.define_ops`` (a ``sgl_kernel`` FRAGMENT library).
 """
 
 from __future__ import annotations
 
 import torch
 
-NAMESPACE = "sgl_kernel"
-_LIB: torch.library.Library | None = None
 
 FULL_MASK, QLEN_ONLY = 0, 1     # spec_tree.TreeMaskMode
 
@@ -197,14 +195,6 @@ OP_NAMES = tuple(_OPS)
 
 def register() -> list[str]:
     """Define the ops under ``torch.ops.sgl_kernel`` unless already there (idempotent); returns those added."""
-    global _LIB
-    added = []
-    for name, (schema, fn) in _OPS.items():
-        if hasattr(torch.ops.sgl_kernel, name):
-            continue
-        if _LIB is None:
-            _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
-        _LIB.define(name + schema)
-        _LIB.impl(name, fn, "CompositeExplicitAutograd")
-        added.append(name)
-    return added
+    from sgl_slim.cpu_ops import define_ops  # noqa: PLC0415 (one registration helper for all CPU ops)
+
+    return define_ops(_OPS)
