@@ -89,8 +89,9 @@ def test_explicit_flags_override_the_recipe():
     assert cfg.idpruner.enabled and cfg.idpruner.keep_ratio == 0.25
     cfg, argv, _ = parse_slim_args(["--recipe", "demo", "--idpruner-keep-ratio", "0.5", "--max-total-tokens", "99"])
     assert cfg.idpruner.keep_ratio == 0.5
-    # recipe's SGLang flags come first, so the user's later flag wins in argparse
-    assert argv.index("99") > max(i for i, a in enumerate(argv) if a == "--max-total-tokens") - 1
+    # the recipe's SGLang flags come first and the user's after them, so the user's value wins in argparse
+    assert argv.index("--dtype") < argv.index("--max-total-tokens")
+    assert argv[-2:] == ["--max-total-tokens", "99"]
 
 
 def test_recipes_exist_for_the_models_users_serve():
