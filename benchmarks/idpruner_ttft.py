@@ -21,16 +21,14 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
+from sgl_slim.bench.runner import LaunchedServer
 from benchmarks.harness import env_info, markdown_table, record, write_results
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def image_b64(seed: int, size: int = 448) -> str:
@@ -46,36 +44,16 @@ def image_b64(seed: int, size: int = 448) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def start_server(model: str, port: int, keep: float, log: Path):
-    cmd = [sys.executable, "-m", "sgl_slim.launch", "--model-path", model, "--port", str(port),
-           "--dtype", "float32", "--disable-radix-cache", "--max-total-tokens", "16384",
-           "--skip-server-warmup"]
-    if keep < 1.0:
-        cmd += ["--idpruner", "--idpruner-keep-ratio", str(keep)]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
 
 
-def wait_healthy(proc, port: int, log: Path, timeout: float = 900) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(3)
-    raise TimeoutError(log.read_text()[-3000:])
 
 
-def stop(proc) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def server_args(model: str, keep: float) -> list[str]:
+    args = ["--model-path", model, "--dtype", "float32", "--disable-radix-cache", "--max-total-tokens", "16384",
+            "--skip-server-warmup"]
+    return args + (["--idpruner", "--idpruner-keep-ratio", str(keep)] if keep < 1.0 else [])
 
 
 def one_request(port: int, images: list[str], max_new: int) -> dict:
@@ -137,20 +115,23 @@ def main(argv=None) -> int:
     logs.mkdir(exist_ok=True)
     # All servers run at once and requests alternate between them (round robin), so the machine's load,
     # which drifts on a shared host, hits every keep ratio alike.
-    procs = {keep: start_server(model, args.port + i, keep, logs / f"keep{keep}.log") for i, keep in enumerate(keeps)}
+    servers = {keep: LaunchedServer(server_args(model, keep), port=args.port + i, log_path=logs / f"keep{keep}.log")
+               for i, keep in enumerate(keeps)}
     runs: dict[float, list[dict]] = {keep: [] for keep in keeps}
     try:
-        for i, keep in enumerate(keeps):
-            wait_healthy(procs[keep], args.port + i, logs / f"keep{keep}.log")
-        for i, keep in enumerate(keeps):
-            one_request(args.port + i, images[:args.images], 2)                   # warm-up (first-use costs)
+        for srv in servers.values():
+            srv.start()
+        for srv in servers.values():
+            srv.wait_ready()
+        for keep in keeps:
+            one_request(servers[keep].port, images[:args.images], 2)             # warm-up (first-use costs)
         for r in range(args.requests):                                           # distinct images: no cache hits
             batch = images[(r + 1) * args.images:(r + 2) * args.images]
-            for i, keep in enumerate(keeps):
-                runs[keep].append(one_request(args.port + i, batch, args.max_new))
+            for keep in keeps:
+                runs[keep].append(one_request(servers[keep].port, batch, args.max_new))
     finally:
-        for proc in procs.values():
-            stop(proc)
+        for srv in servers.values():
+            srv.stop()
     for keep in keeps:
         rs = runs[keep]
         row = record("idpruner_ttft", keep_ratio=keep, images=args.images, hidden=args.hidden, layers=args.layers,

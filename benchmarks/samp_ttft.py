@@ -16,19 +16,15 @@ import base64
 import io
 import json
 import math
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
+from sgl_slim.bench.runner import LaunchedServer
 from benchmarks.harness import env_info, markdown_table, record, write_results
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nWhat is said?"
 
 
@@ -43,34 +39,15 @@ def wav_b64(seconds: float, seed: int) -> str:
     return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def start_server(model: str, port: int, keep: float, threshold: float, log: Path):
-    cmd = [sys.executable, "-m", "sgl_slim.launch", "--model-path", model, "--port", str(port),
-           "--dtype", "float32", "--disable-radix-cache", "--max-total-tokens", "16384", "--skip-server-warmup",
-           "--samp", "--samp-keep-ratio", str(keep), "--samp-merge-threshold", str(threshold)]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
 
 
-def wait_healthy(proc, port: int, log: Path, timeout: float = 900) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(3)
-    raise TimeoutError(log.read_text()[-3000:])
 
 
-def stop(proc) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def server_args(model: str, keep: float, threshold: float) -> list[str]:
+    return ["--model-path", model, "--dtype", "float32", "--disable-radix-cache", "--max-total-tokens", "16384",
+            "--skip-server-warmup", "--samp", "--samp-keep-ratio", str(keep), "--samp-merge-threshold", str(threshold)]
 
 
 def one_request(port: int, audio: str, max_new: int) -> dict:
@@ -114,20 +91,22 @@ def main(argv=None) -> int:
     logs.mkdir(exist_ok=True)
     # all servers up at once, requests interleaved round-robin: load changes on the shared machine hit every
     # keep ratio alike
-    procs = {k: start_server(model, args.port + i, k, args.threshold, logs / f"keep{k}.log")
-             for i, k in enumerate(keeps)}
+    servers = {k: LaunchedServer(server_args(model, k, args.threshold), port=args.port + i,
+                                 log_path=logs / f"keep{k}.log") for i, k in enumerate(keeps)}
     runs: dict[float, list] = {k: [] for k in keeps}
     try:
-        for i, k in enumerate(keeps):
-            wait_healthy(procs[k], args.port + i, logs / f"keep{k}.log")
-        for i, k in enumerate(keeps):
-            one_request(args.port + i, audios[0], 2)                          # warm-up
+        for srv in servers.values():
+            srv.start()
+        for srv in servers.values():
+            srv.wait_ready()
+        for k in keeps:
+            one_request(servers[k].port, audios[0], 2)                        # warm-up
         for a in audios[1:]:
-            for i, k in enumerate(keeps):
-                runs[k].append(one_request(args.port + i, a, args.max_new))
+            for k in keeps:
+                runs[k].append(one_request(servers[k].port, a, args.max_new))
     finally:
-        for proc in procs.values():
-            stop(proc)
+        for srv in servers.values():
+            srv.stop()
     rows = []
     for k in keeps:
         rows.append(record("samp_ttft", keep_ratio=k, merge_threshold=args.threshold, clip_s=args.seconds,

@@ -117,10 +117,11 @@ def free_port(start: int = 0) -> int:
 class LaunchedServer:
     """``python -m sgl_slim.launch ARGS --host 127.0.0.1 --port P`` in its own process group; stopped with it."""
 
-    def __init__(self, args: str | list[str], port: int = 0):
+    def __init__(self, args: str | list[str], port: int = 0, log_path: str | Path | None = None):
         self.args = shlex.split(args) if isinstance(args, str) else list(args)
         self.port = free_port(port)
-        self.log_path = Path(tempfile.mkstemp(prefix=f"sgl_slim_bench{self.port}_", suffix=".log")[1])
+        self.log_path = Path(log_path) if log_path is not None else \
+            Path(tempfile.mkstemp(prefix=f"sgl_slim_bench{self.port}_", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
 
     @property
