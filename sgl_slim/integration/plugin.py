@@ -11,7 +11,7 @@ import importlib
 import logging
 import os
 
-from sgl_slim.config import SlimConfig
+from sgl_slim.config import ENV_VAR, SlimConfig
 
 logger = logging.getLogger("sgl_slim")
 
@@ -38,6 +38,10 @@ FEATURE_MODULES = {
 # its command line (e.g. the attention backend name must be a valid choice in every process).
 ALWAYS_MODULES = ("s2o_backend",)
 
+# Installed in every process of a server started by ``python -m sgl_slim.launch`` (the configuration variable
+# is set), whatever the toggles; a plain ``sglang.launch_server`` stays stock.
+LAUNCHED_MODULES = ("input_checks",)
+
 _state: dict = {"installed": set(), "config": None, "announced": False}
 
 
@@ -60,6 +64,11 @@ def register() -> SlimConfig:
     if _state["config"] is not None and _state["config"] != cfg:
         logger.warning("sgl_slim: configuration changed within process %d; installing the new features", os.getpid())
     _state["config"] = cfg
+    launched = ENV_VAR in os.environ
+    for module in LAUNCHED_MODULES if launched else ():
+        if module not in _state["installed"]:
+            _install(importlib.import_module(f"sgl_slim.integration.{module}"), module, cfg)
+            _state["installed"].add(module)
     wanted = [m for m in ALWAYS_MODULES] + [FEATURE_MODULES[f] for f in cfg.enabled_features()]
     new = []
     for module in wanted:
@@ -72,19 +81,28 @@ def register() -> SlimConfig:
             if module in ALWAYS_MODULES and feature not in cfg.enabled_features():
                 continue
             raise
-        try:
-            mod.install(cfg)
-        except Exception as exc:
-            # SGLang logs and swallows plugin exceptions; an enabled feature must not vanish silently.
-            logger.exception("sgl_slim: installing %s failed", feature)
-            raise SystemExit(f"sgl_slim: could not install --{feature}: {exc}") from exc
+        _install(mod, f"--{feature}", cfg)
         _state["installed"].add(module)
         new.append(feature)
+    # Per-request numbers in meta_info and Prometheus (sgl_slim/integration/metrics.py): whenever a feature is on.
+    if cfg.enabled_features() and "metrics" not in _state["installed"]:
+        _install(importlib.import_module("sgl_slim.integration.metrics"), "sgl_slim metrics", cfg)
+        _state["installed"].add("metrics")
+        new.append("metrics")
     if new or not _state["announced"]:
         _state["announced"] = True
         logger.info("sgl_slim: registered in process %d (%s): %s; features on: %s", os.getpid(), process_role(),
                     ", ".join(new) or "nothing new", ", ".join(cfg.enabled_features()) or "none")
     return cfg
+
+
+def _install(mod, what: str, cfg: SlimConfig) -> None:
+    try:
+        mod.install(cfg)
+    except Exception as exc:
+        # SGLang logs and swallows plugin exceptions; an enabled feature must not vanish silently.
+        logger.exception("sgl_slim: installing %s failed", what)
+        raise SystemExit(f"sgl_slim: could not install {what}: {exc}") from exc
 
 
 def process_role() -> str:

@@ -1,0 +1,142 @@
+"""sgl_slim.integration.input_checks against SGLang's own classes (no server): each hook maps exactly the
+client mistakes it names to a 400-style error and leaves everything else alone."""
+
+import collections
+import io
+
+import pytest
+
+pytest.importorskip("sglang")
+
+from PIL import Image  # noqa: E402
+from sglang.srt.multimodal.processors.base_processor import MultimodalSpecialTokens  # noqa: E402
+
+from sgl_slim.integration import input_checks as ic  # noqa: E402
+
+
+def _raises_from(cause: BaseException):
+    def original(cls, data, modality, *args):
+        try:
+            raise cause
+        except BaseException as exc:  # noqa: BLE001 (re-raised exactly as SGLang does)
+            raise RuntimeError(f"Error while loading data {data}: {exc}") from exc
+    return original
+
+
+@pytest.mark.parametrize("cause", [FileNotFoundError(2, "No such file or directory"), IsADirectoryError(21, "dir"),
+                                   PermissionError(13, "denied"),
+                                   Image.DecompressionBombError("Image size exceeds limit")])
+def test_client_media_failures_become_value_errors(cause):
+    with pytest.raises(ValueError, match="Error while loading data x.png") as info:
+        ic._load_single_item_around(_raises_from(cause), object, "x.png", "IMAGE")
+    assert info.value.__cause__ is cause
+
+
+@pytest.mark.parametrize("cause", [MemoryError(), RuntimeError("CUDA error"), KeyError("x")])
+def test_server_side_failures_stay_runtime_errors(cause):
+    with pytest.raises(RuntimeError, match="Error while loading data"):
+        ic._load_single_item_around(_raises_from(cause), object, "x.png", "IMAGE")
+
+
+def test_successful_loads_pass_through():
+    img = Image.new("RGB", (2, 2))
+    assert ic._load_single_item_around(lambda cls, data, m: img, object, "x", "IMAGE") is img
+
+
+def test_real_bomb_image_is_classified_as_a_client_error():
+    """The exception PIL really raises for an over-limit image (not a hand-built one) is recognised."""
+    buf = io.BytesIO()
+    Image.new("1", (20000, 10000)).save(buf, format="PNG")
+    buf.seek(0)
+    with pytest.raises(Image.DecompressionBombError) as info:
+        Image.open(buf).load()
+    assert ic.client_media_error(info.value)
+    assert not ic.client_media_error(OSError("disk failure"))
+
+
+class _Req:
+    def __init__(self, **data):
+        for m in ic.MODALITIES:
+            setattr(self, f"{m}_data", data.get(m))
+
+
+def test_modalities_come_from_the_processors_placeholder_tokens():
+    vl = MultimodalSpecialTokens(image_token="<image>", video_token_id=7)
+    audio = MultimodalSpecialTokens(audio_token="<audio>")
+    assert ic.accepted_modalities(vl) == ["image", "video"]
+    assert ic.accepted_modalities(audio) == ["audio"]
+    assert ic.accepted_modalities(None) == []
+
+    assert ic.unsupported_modality_error(_Req(image=["a"]), vl) is None
+    msg = ic.unsupported_modality_error(_Req(image=["a"], audio=["b"]), vl)
+    assert "does not accept audio" in msg and "image, video" in msg
+    msg = ic.unsupported_modality_error(_Req(image=["a"]), audio)
+    assert "does not accept image" in msg and "accepts: audio" in msg
+    # no declared tokens: SGLang decides (never refuse what we cannot judge)
+    assert ic.unsupported_modality_error(_Req(audio=["b"]), MultimodalSpecialTokens()) is None
+
+
+def test_mm_limits_hook_raises_only_for_refused_modalities():
+    class _Proc:
+        mm_tokens = MultimodalSpecialTokens(audio_token="<audio>")
+
+    class _TM:
+        mm_processor = _Proc()
+
+    assert ic._validate_mm_limits_before(_TM(), _Req(audio=["b"])) is None
+    with pytest.raises(ValueError, match="does not accept image"):
+        ic._validate_mm_limits_before(_TM(), _Req(image=["a"], audio=["b"]))
+
+
+class _Chat:
+    def __init__(self, top_logprobs):
+        self.top_logprobs = top_logprobs
+
+
+@pytest.mark.parametrize("value, ok", [(None, True), (0, True), (20, True), (-1, False), (21, False)])
+def test_top_logprobs_range(value, ok):
+    result = ic._validate_request_after(None, object(), _Chat(value))
+    assert (result is None) == ok
+    if not ok:
+        assert "top_logprobs must be between 0 and 20" in result and str(value) in result
+
+
+def test_an_earlier_validation_error_wins():
+    assert ic._validate_request_after("Messages cannot be empty.", object(), _Chat(-1)) == "Messages cannot be empty."
+
+
+def test_hooks_apply_to_sglangs_classes(monkeypatch):
+    """Registered through SGLang's HookRegistry, the checks wrap the real methods (classmethod kept)."""
+    from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+    from sglang.srt.multimodal.processors.base_processor import BaseMultimodalProcessor
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    saved = {c: dict(c.__dict__) for c in (OpenAIServingChat, TokenizerManager, BaseMultimodalProcessor)}
+    monkeypatch.setattr(ic, "_REGISTERED", False)
+    monkeypatch.setattr(HookRegistry, "_hooks", collections.defaultdict(list))
+    monkeypatch.setattr(HookRegistry, "_patched", set(), raising=False)
+    try:
+        ic.install(None)
+        HookRegistry.apply_hooks()
+        assert isinstance(BaseMultimodalProcessor.__dict__["_load_single_item"], classmethod)
+        with pytest.raises(ValueError, match="No such file"):
+            BaseMultimodalProcessor._load_single_item("file:///nonexistent/sgl_slim.png", _image_modality())
+        with pytest.raises(ValueError, match="does not accept image"):
+            TokenizerManager._validate_mm_limits(_TMWith(MultimodalSpecialTokens(audio_token="<a>")), _Req(image=["a"]))
+    finally:
+        for cls, attrs in saved.items():
+            for name in ("_load_single_item", "_validate_mm_limits", "_validate_request"):
+                if name in attrs:
+                    setattr(cls, name, attrs[name])
+
+
+def _image_modality():
+    from sglang.srt.managers.schedule_batch import Modality
+
+    return Modality.IMAGE
+
+
+class _TMWith:
+    def __init__(self, tokens):
+        self.mm_processor = type("P", (), {"mm_tokens": tokens})()
