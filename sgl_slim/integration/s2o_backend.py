@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sgl_slim.config import ConfigError, S2OConfig, SlimConfig
+from sgl_slim.integration.metrics import record_s2o
 
 logger = logging.getLogger("sgl_slim.s2o")
 
@@ -445,6 +446,7 @@ def _make_backend_class():
                 density = self._density_sum[b] / layers
                 rid = meta.rids[b] if meta.rids else None
                 STATS.record(rid, kv_len, q_len, density, sparse_of[b])
+                record_s2o(rid, kv_len, q_len, density, sparse_of[b])     # per-request numbers (metrics.py)
                 logger.info("S2O prefill rid=%s kv_len=%d new=%d density=%.4f %s (mean of %d layers)", rid,
                             kv_len, q_len, density,
                             f"tau={self.cfg.tau:g}" if sparse_of[b]
