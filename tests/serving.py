@@ -11,79 +11,23 @@ import io
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-import requests
+from sgl_slim.bench.runner import LaunchedServer
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIM_DIR = ROOT / "sgl_slim" / "_cpu_shim"
 STARTUP_TIMEOUT_S = float(os.environ.get("SGL_SLIM_TEST_STARTUP_TIMEOUT", "600"))
 
 
-class SlimServer:
-    """A server process group: ``python -m sgl_slim.launch ARGS`` (or plain ``sglang.launch_server`` with
-    ``plain=True``, sgl_slim's plugin excluded), stopped with its whole process group."""
+class SlimServer(LaunchedServer):
+    """:class:`sgl_slim.bench.runner.LaunchedServer` with what tests ask of a server: ``python -m
+    sgl_slim.launch ARGS`` (or stock ``sglang.launch_server`` with ``plain=True``, no plugin) on ``port``."""
 
     def __init__(self, args: list[str], *, port: int, plain: bool = False, env: dict | None = None):
-        self.args, self.port, self.plain = list(args), port, plain
-        self.env = dict(os.environ, **(env or {}))
-        self.log_path = Path(tempfile.mkstemp(prefix=f"sgl_slim_srv{port}_", suffix=".log")[1])
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "SlimServer":
-        common = ["--port", str(self.port), "--host", "127.0.0.1"]
-        if self.plain:
-            from sgl_slim.demo import ensure_demo  # noqa: PLC0415
-            args = [str(ensure_demo(a)) if a in ("demo", "demo-audio") else a for a in self.args]
-            cmd = [sys.executable, "-m", "sglang.launch_server", "--device", "cpu", *common, *args]
-            self.env.update(SGLANG_USE_CPU_ENGINE="1", TORCH_COMPILE_DISABLE="1",
-                            SGLANG_PLUGINS="none-but-sglang",  # loads no plugin at all: plain SGLang
-                            PYTHONPATH=os.pathsep.join([str(SHIM_DIR), self.env.get("PYTHONPATH", "")]))
-            if "--max-total-tokens" not in args:
-                cmd += ["--max-total-tokens", "65536"]
-        else:
-            cmd = [sys.executable, "-m", "sgl_slim.launch", *common, *self.args]
-        log = self.log_path.open("w")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-                                     start_new_session=True)
-        return self
+        super().__init__(args, port, plain=plain, env=env)
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> "SlimServer":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if requests.get(f"{self.base_url}/health_generate", timeout=30).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(2)
-        self.stop()
-        raise TimeoutError(f"server not ready after {timeout:.0f} s:\n{self.log()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return super().wait_ready(timeout)
 
     def registered_pids(self) -> list[int]:
         return [int(p) for p in re.findall(r"sgl_slim: registered in process (\d+)", self.log())]
@@ -91,12 +35,6 @@ class SlimServer:
     def openai(self):
         import openai  # noqa: PLC0415
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="none", timeout=300, max_retries=0)
-
-    def __enter__(self) -> "SlimServer":
-        return self.start().wait_ready()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def png_data_url(width: int = 224, height: int = 224, seed: int = 0) -> str:

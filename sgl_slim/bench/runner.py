@@ -115,30 +115,52 @@ def free_port(start: int = 0) -> int:
 
 
 class LaunchedServer:
-    """``python -m sgl_slim.launch ARGS --host 127.0.0.1 --port P`` in its own process group; stopped with it."""
+    """A server in its own process group, stopped with it: ``python -m sgl_slim.launch ARGS --host 127.0.0.1
+    --port P``, or with ``plain=True`` stock ``python -m sglang.launch_server ARGS`` with sgl_slim's plugin
+    excluded (the baseline of comparisons; demo names are resolved and, without CUDA, the same CPU set-up as
+    the launcher's is applied)."""
 
-    def __init__(self, args: str | list[str], port: int = 0, log_path: str | Path | None = None):
+    def __init__(self, args: str | list[str], port: int = 0, log_path: str | Path | None = None, *,
+                 plain: bool = False, env: dict | None = None):
         self.args = shlex.split(args) if isinstance(args, str) else list(args)
         self.port = free_port(port)
+        self.plain = plain
+        self.env = dict(os.environ, **(env or {}))
         self.log_path = Path(log_path) if log_path is not None else \
-            Path(tempfile.mkstemp(prefix=f"sgl_slim_bench{self.port}_", suffix=".log")[1])
+            Path(tempfile.mkstemp(prefix=f"sgl_slim_srv{self.port}_", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        """The command line; in plain mode, also prepares ``self.env`` (SGLang reads it at import time)."""
+        common = ["--host", "127.0.0.1", "--port", str(self.port)]
+        if not self.plain:
+            return [sys.executable, "-m", "sgl_slim.launch", *self.args, *common]
+        from sgl_slim import launch  # noqa: PLC0415
+
+        args = launch.resolve_model(self.args)
+        self.env["SGLANG_PLUGINS"] = "none-but-sglang"    # an allow-list naming no plugin: plain SGLang
+        if not launch.cuda_available():
+            launch.enable_cpu_mode(self.env)
+            args = launch.apply_cpu_defaults(args)
+        return [sys.executable, "-m", "sglang.launch_server", *args, *common]
+
     def start(self) -> "LaunchedServer":
-        cmd = [sys.executable, "-m", "sgl_slim.launch", *self.args, "--host", "127.0.0.1",
-               "--port", str(self.port)]
+        cmd = self.command()
         with self.log_path.open("w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
         return self
 
-    def wait_ready(self) -> "LaunchedServer":
+    def wait_ready(self, timeout: float | None = None) -> "LaunchedServer":
         import requests  # noqa: PLC0415
 
-        deadline = time.time() + float(os.environ.get("SGL_SLIM_BENCH_STARTUP_TIMEOUT", "900"))
+        if timeout is None:
+            timeout = float(os.environ.get("SGL_SLIM_BENCH_STARTUP_TIMEOUT", "900"))
+        deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-3000:]
@@ -151,7 +173,8 @@ class LaunchedServer:
                 pass
             time.sleep(2)
         self.stop()
-        raise TimeoutError(f"server `{shlex.join(self.proc.args)}` not ready; log: {self.log_path}")
+        raise TimeoutError(f"server `{shlex.join(self.proc.args)}` not ready after {timeout:.0f} s; log "
+                           f"{self.log_path}:\n{self.log()[-3000:]}")
 
     def __enter__(self) -> "LaunchedServer":
         self.start()
@@ -168,10 +191,16 @@ class LaunchedServer:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
         except ProcessLookupError:
             pass
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def __exit__(self, *exc) -> None:
         self.stop()
