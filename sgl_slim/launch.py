@@ -167,11 +167,12 @@ def cuda_available() -> bool:
 
 
 def enable_cpu_mode(environ=os.environ) -> None:
-    """Make SGLang serve on the CPU. Must run before sglang is imported."""
+    """Make SGLang serve on the CPU: in this process (``environ`` is ``os.environ``; before sglang is imported)
+    or in the children started with ``environ``."""
     environ["SGLANG_USE_CPU_ENGINE"] = "1"
     environ.setdefault("TORCH_COMPILE_DISABLE", "1")  # else a ~25 s compile of the vision rotary helper
     shim = str(SHIM_DIR)
-    if shim not in sys.path:
+    if environ is os.environ and shim not in sys.path:   # this process too (not only its children)
         sys.path.insert(0, shim)
     paths = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if shim not in paths:
@@ -204,6 +205,29 @@ def apply_cpu_defaults(sglang_argv: list[str]) -> list[str]:
     if not _has_flag(sglang_argv, "--max-total-tokens", "--mem-fraction-static"):
         extra += ["--max-total-tokens", str(CPU_DEFAULT_MAX_TOTAL_TOKENS)]
     return extra + sglang_argv
+
+
+def cpu_thread_binding(world: int, cpus: list[int]) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for ``world`` CPU ranks: the cores split into contiguous groups, one per
+    rank ('0-3|4-7'); with more ranks than cores, ranks share cores round robin ('0|1|0')."""
+    if world < 1 or not cpus:
+        raise ValueError(f"need at least one rank and one core, got {world} ranks and cores {cpus}")
+    cpus = sorted(cpus)
+    if world > len(cpus):
+        groups = [[cpus[i % len(cpus)]] for i in range(world)]
+    else:
+        size, extra = divmod(len(cpus), world)
+        groups, start = [], 0
+        for i in range(world):
+            end = start + size + (i < extra)
+            groups.append(cpus[start:end])
+            start = end
+
+    def fmt(g: list[int]) -> str:
+        if len(g) > 1 and g[-1] - g[0] == len(g) - 1:
+            return f"{g[0]}-{g[-1]}"
+        return ",".join(map(str, g))
+    return "|".join(fmt(g) for g in groups)
 
 
 def build_server_args(cfg: SlimConfig, sglang_argv: list[str], *, cpu: bool):
@@ -256,6 +280,13 @@ def main(argv: list[str] | None = None) -> None:
     HookRegistry.apply_hooks()
 
     server_args = build_server_args(cfg, sglang_argv, cpu=cpu)
+    world = server_args.tp_size * server_args.dp_size * server_args.pp_size
+    if cpu and world > 1 and not os.environ.get("SGLANG_CPU_OMP_THREADS_BIND"):
+        # SGLang's CPU engine binds each rank to a NUMA node and refuses more ranks than nodes unless told
+        # which cores each rank gets: split this process's cores among the ranks.
+        os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(world, sorted(os.sched_getaffinity(0)))
+        logger.info("sgl_slim: %d CPU ranks: SGLANG_CPU_OMP_THREADS_BIND=%s", world,
+                    os.environ["SGLANG_CPU_OMP_THREADS_BIND"])
     logger.info("sgl_slim: features on: %s", ", ".join(cfg.enabled_features()) or "none")
     from sglang.launch_server import run_server  # noqa: PLC0415
     from sglang.srt.utils import kill_process_tree  # noqa: PLC0415

@@ -98,3 +98,24 @@ def test_recipes_exist_for_the_models_users_serve():
     names = {p.stem for p in RECIPE_DIR.glob("*.toml")}
     assert {"demo", "demo-audio", "qwen2.5-vl-7b-instruct", "qwen2-audio-7b-instruct",
             "llama-3.1-8b-instruct-128k", "qwen3-8b"} <= names
+
+
+@pytest.mark.parametrize("world, cpus, expected", [
+    (2, [0, 1], "0|1"),                         # this 2-core machine, --tp-size 2
+    (3, [0, 1], "0|1|0"),                       # more ranks than cores: shared round robin
+    (2, list(range(8)), "0-3|4-7"),
+    (3, list(range(8)), "0-2|3-5|6-7"),         # uneven split: the first groups get the extra core
+    (2, [5, 0, 3, 2], "0,2|3,5"),               # sorted; non-contiguous groups listed
+    (1, [0, 1], "0-1"),
+])
+def test_cpu_thread_binding(world, cpus, expected):
+    from sgl_slim.launch import cpu_thread_binding
+
+    assert cpu_thread_binding(world, cpus) == expected
+
+
+def test_cpu_thread_binding_rejects_nonsense():
+    from sgl_slim.launch import cpu_thread_binding
+
+    with pytest.raises(ValueError, match="at least one rank"):
+        cpu_thread_binding(0, [0, 1])
