@@ -34,7 +34,8 @@ Prometheus series (tokenizer process; SGLang's multiprocess collector serves the
 SGLang's ``model_name`` label: ``sgl_slim_requests_total{feature}`` (feature = s2o | vision | audio | draft),
 ``sgl_slim_s2o_density{mode}`` (histogram, mode = sparse | dense), ``sgl_slim_vision_tokens_total{kind}``,
 ``sgl_slim_audio_tokens_total{kind}`` (kind = kept | original), ``sgl_slim_draft_tokens_total{kind}``
-(kind = proposed | accepted).
+(kind = proposed | accepted); from the scheduler, ``sgl_slim_s2o_pending_requests`` (S2O numbers held for
+unfinished requests, updated as requests finish: 0 when idle).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ HOOKED_SYMBOLS: list[str] = [
     "sglang.srt.managers.schedule_batch.MultimodalDataItem.is_image",
     "sglang.srt.managers.schedule_batch.MultimodalDataItem.is_audio",
     "sglang.srt.plugins.hook_registry.HookRegistry.register",
+    "sglang.srt.runtime_context.get_serving",
 ]
 
 S2O_DENSITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -107,6 +109,7 @@ class S2OTable:
     def __init__(self, max_rids: int = 1 << 16):
         self.enabled = False
         self.max_rids = max_rids
+        self.evicted = 0
         self._data: OrderedDict[str, list] = OrderedDict()   # rid -> [sum density * pairs, sum pairs, sparse?]
         self._lock = threading.Lock()
 
@@ -119,7 +122,11 @@ class S2OTable:
             if entry is None:
                 entry = self._data[rid] = [0.0, 0.0, False]
                 while len(self._data) > self.max_rids:
-                    self._data.popitem(last=False)
+                    old, _ = self._data.popitem(last=False)
+                    if not self.evicted:
+                        logger.warning("sgl_slim: S2O numbers of request %s dropped: %d requests hold S2O numbers "
+                                       "but none finished (a request left the scheduler unseen?)", old, self.max_rids)
+                    self.evicted += 1
             entry[0] += density * pairs
             entry[1] += pairs
             entry[2] = entry[2] or sparse
@@ -234,6 +241,8 @@ def streamer_class(base: type) -> type:
                 numbers = request_numbers(req, _CFG, per_draft) if req.finished() else None
                 values.append([numbers] if numbers else [])
                 any_numbers = any_numbers or bool(numbers)
+            if any_numbers and getattr(self.server_args, "enable_metrics", False):
+                PROMETHEUS.set_s2o_pending(len(S2O_TABLE), _served_model_name(self.server_args))
             if any_numbers:
                 if KEY in extra:
                     raise ValueError(f"customized_info key {KEY!r} is already used by {base.__name__}")
@@ -280,8 +289,18 @@ def _update_request_meta_info_around(original, self, meta_info, state, customize
 
 
 def _model_name(tokenizer_manager) -> str:
-    args = getattr(tokenizer_manager, "server_args", None)
-    return str(getattr(args, "served_model_name", None) or getattr(args, "model_path", "") or "")
+    return _served_model_name(getattr(tokenizer_manager, "server_args", None))
+
+
+def _served_model_name(server_args) -> str:
+    """SGLang's ``model_name`` label: the served model name from its runtime context (as its own collectors)."""
+    try:
+        from sglang.srt.runtime_context import get_serving  # noqa: PLC0415
+        name = get_serving().served_model_name
+    except Exception:      # context not published (unit tests): the server arguments
+        name = None
+    return str(name or getattr(server_args, "served_model_name", None) or getattr(server_args, "model_path", "")
+               or "")
 
 
 def _endpoint_metadata_after(result, meta_info, *args, **kwargs):
@@ -296,7 +315,18 @@ class PrometheusSeries:
 
     def __init__(self):
         self._made = None
+        self._pending = None
         self._lock = threading.Lock()
+
+    def set_s2o_pending(self, n: int, model_name: str) -> None:
+        """Scheduler process: S2O entries held for requests not finished yet (0 when idle; a leak shows here)."""
+        with self._lock:
+            if self._pending is None:
+                from prometheus_client import Gauge  # noqa: PLC0415
+                self._pending = Gauge("sgl_slim_s2o_pending_requests", "Requests whose S2O numbers the scheduler "
+                                      "holds until they finish (0 when idle).", ["model_name"],
+                                      multiprocess_mode="livesum")
+        self._pending.labels(model_name).set(n)
 
     def _series(self):
         with self._lock:

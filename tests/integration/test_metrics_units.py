@@ -62,6 +62,7 @@ def test_s2o_short_request_reports_dense_and_table_is_bounded(s2o_table):
     for i in range(10):                                                 # never finished: oldest evicted
         metrics.record_s2o(f"r{i}", 4, 4, 1.0, False)
     assert len(s2o_table) == 3 and s2o_table.pop("r0") is None and s2o_table.pop("r9") is not None
+    assert s2o_table.evicted == 7
     metrics.record_s2o(None, 4, 4, 1.0, False)                          # no rid: ignored
     s2o_table.enabled = False
     metrics.record_s2o("off", 4, 4, 1.0, False)                         # S2O not on through sgl_slim: ignored

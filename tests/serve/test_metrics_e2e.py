@@ -169,6 +169,10 @@ def test_prometheus_counts_each_finished_request_once(spec_server):
     s2o_count = sum(delta(after, before, "sgl_slim_s2o_density_count", mode=m) for m in ("sparse", "dense"))
     assert s2o_count == n
     assert ("sgl_slim_audio_tokens_total", frozenset({("kind", "kept")})) not in after   # no audio on this server
+    text = requests.get(f"{spec_server.base_url}/metrics", timeout=60).text           # SGLang's model_name label
+    (sglang_name,) = set(re.findall(r'^sglang:context_len\{.*?model_name="([^"]*)"', text, re.M))
+    ours = set(re.findall(r'^sgl_slim_\w+\{.*?model_name="([^"]*)"', text, re.M))
+    assert ours == {sglang_name}, (ours, sglang_name)
 
 
 def test_completions_endpoint_metadata(spec_server):
@@ -198,3 +202,25 @@ def test_audio_numbers_are_what_samp_kept(audio_server):
     assert got[2.0][0] - got[1.0][0] == got[2.0][1] - got[1.0][1]
     text_only = chat(audio_server, audio_message("What is said?", None), max_tokens=2)
     assert "sgl_slim" not in text_only["metadata"]                            # nothing applies: no key
+
+
+def test_no_s2o_numbers_left_behind_after_aborted_requests(spec_server):
+    """Streams cut off mid-generation are aborted by SGLang; the scheduler's per-request S2O table must still end
+    empty (sgl_slim_s2o_pending_requests, updated as requests finish, is 0 once the server is idle)."""
+    import concurrent.futures as cf
+    from sgl_slim.bench.probes import wait_until_idle
+
+    def cut_off(i):
+        body = {"text": " ".join(f"abort{i}x{j}" for j in range(90)), "stream": True,
+                "sampling_params": {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}}
+        with requests.post(f"{spec_server.base_url}/generate", json=body, stream=True, timeout=600) as r:
+            for n, _ in enumerate(r.iter_lines()):
+                if n >= 3:
+                    break                                   # closing the connection aborts the request
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        list(ex.map(cut_off, range(4)))
+    wait_until_idle(spec_server.base_url, timeout_s=120)
+    generate(spec_server, " ".join(f"after{j}" for j in range(90)), max_new=2)     # one more finish: gauge update
+    pending = scrape(spec_server).get(("sgl_slim_s2o_pending_requests", frozenset()))
+    assert pending == 0.0, f"S2O numbers held for {pending} requests after the server went idle"
