@@ -111,7 +111,7 @@ class Eagle3Draft(nn.Module):
         ids = draft_to_target.long()
         if ids.numel() != self.cfg.draft_vocab_size or ids.unique().numel() != ids.numel():
             raise ValueError(f"need {self.cfg.draft_vocab_size} distinct target ids, got {ids.numel()}")
-        self.d2t.copy_(ids - torch.arange(ids.numel()))
+        self.d2t.copy_(ids - torch.arange(ids.numel(), device=ids.device))
         self.t2d.zero_()
         self.t2d[ids] = True
 
@@ -201,6 +201,36 @@ class Eagle3Draft(nn.Module):
         return k0, v0, g, logits
 
     @torch.no_grad()
+    def extend(self, aux: torch.Tensor, next_tokens: torch.Tensor, start: int, cache: tuple | None):
+        """Incremental step0: columns start..start+S-1 from aux [B, S, A*Ht] (target features at those
+        positions) and next_tokens [B, S] (the tokens one position later). ``cache`` = (k0, v0) of columns
+        0..start-1 or None (start must be 0). Returns ((k0, v0) of columns 0..start+S-1, g, logits), g and
+        logits for the new columns only; equal to step0() over the whole sequence, column by column.
+        """
+        b, s, _ = aux.shape
+        have = 0 if cache is None else cache[0].shape[2]
+        if have != start:
+            raise ValueError(f"draft cache holds {have} columns, extend starts at column {start}")
+        cols = torch.arange(start, start + s, device=aux.device)
+        hidden = self.fc(aux)
+        q, k, v = self._qkv(next_tokens, hidden, cols[None].expand(b, -1))
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        g, logits = self._finish(hidden, self._attend(q, k, v, [], [], cols))
+        return (k, v), g, logits
+
+    def chain_step(self, tok: torch.Tensor, hidden: torch.Tensor, k0, v0, diag_k: list, diag_v: list,
+                   qcol: torch.Tensor, pos: torch.Tensor):
+        """One chain draft step (a draft decode step): tok [B] target ids at positions pos [B, 1], hidden
+        [B, 1, H] the previous step's pre-norm output; appends this step's key/value to diag_k/diag_v.
+        Returns (g [B, 1, H], next token [B] as target ids)."""
+        q, k, v = self._qkv(tok[:, None], hidden, pos)
+        diag_k.append(k)
+        diag_v.append(v)
+        g, lg = self._finish(hidden, self._attend(q, k0, v0, diag_k, diag_v, qcol))
+        return g, self.target_ids(lg[:, 0].argmax(-1))
+
+    @torch.no_grad()
     def propose(self, k0, v0, g, logits, col: int, steps: int) -> torch.Tensor:
         """Chain of ``steps`` draft tokens (target ids) [B, steps] from column ``col`` of a step0() result.
 
@@ -214,11 +244,7 @@ class Eagle3Draft(nn.Module):
         diag_k, diag_v = [], []
         for i in range(1, steps):
             pos = torch.full((b, 1), col + i, device=k0.device)
-            q, k, v = self._qkv(tok[:, None], hidden, pos)
-            diag_k.append(k)
-            diag_v.append(v)
-            hidden, lg = self._finish(hidden, self._attend(q, k0, v0, diag_k, diag_v, qcol))
-            tok = self.target_ids(lg[:, 0].argmax(-1))
+            hidden, tok = self.chain_step(tok, hidden, k0, v0, diag_k, diag_v, qcol, pos)
             out.append(tok)
         return torch.stack(out, dim=1)
 
@@ -228,12 +254,13 @@ def fuse_aux(hiddens: list[torch.Tensor], layer_ids: tuple[int, ...]) -> torch.T
     return torch.cat([hiddens[k + 1] for k in layer_ids], dim=-1)
 
 
-def ttt_loss(logits: list[torch.Tensor], labels: torch.Tensor, decay: float = 0.8):
+def ttt_loss(logits: list[torch.Tensor], labels: torch.Tensor, decay: float = 0.8, with_acc: bool = True):
     """Weighted training-time-test loss.
 
     logits[i]: [B, T-1, V_draft] from forward_ttt; labels: [B, T] draft ids of the target's greedy next token
     at each position (labels[:, j] = what the target predicts after token j; -100 = not in the draft vocab).
-    Step i column t predicts the token after position t+1+i. Returns (loss, per-step accuracies).
+    Step i column t predicts the token after position t+1+i. Returns (loss, per-step accuracies); the
+    accuracies (a host sync each) are skipped (empty list) when ``with_acc`` is false.
     """
     total = logits[0].new_zeros(())
     accs = []
@@ -242,6 +269,8 @@ def ttt_loss(logits: list[torch.Tensor], labels: torch.Tensor, decay: float = 0.
         lab = labels[:, 1 + i:]                                       # [B, T-1-i]
         lab = F.pad(lab, (0, t1 - lab.shape[1]), value=-100)
         total = total + (decay ** i) * F.cross_entropy(lg.flatten(0, 1).float(), lab.flatten(), ignore_index=-100)
+        if not with_acc:
+            continue
         valid = lab != -100
         accs.append(((lg.argmax(-1) == lab) & valid).sum().item() / max(1, valid.sum().item()))
     return total, accs

@@ -39,10 +39,34 @@ def lm_loss(model: TextLM, batch: torch.Tensor, active: torch.Tensor | None = No
         logits = model.logits(hidden)
     else:
         logits = hidden @ model.lm_head.weight[active].t()
-        lookup = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long)
-        lookup[active] = torch.arange(active.numel())
+        lookup = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=batch.device)
+        lookup[active] = torch.arange(active.numel(), device=batch.device)
         labels = lookup[labels]
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def make_lm_optimizer(model: TextLM, steps: int, lr: float):
+    """AdamW (betas 0.9/0.95, weight decay 0.01), linear warm-up over steps/20, cosine decay -> (params, opt, sched)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    return params, opt, sched
+
+
+def lm_train_step(model: TextLM, params: list, opt, sched, batch: torch.Tensor, active: torch.Tensor | None = None,
+                  amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One optimizer step on ``batch`` [B, S+1] (on the model's device); ``amp_dtype`` (e.g. torch.bfloat16)
+    runs the forward under autocast on the batch's device. Returns the detached loss (no host sync)."""
+    with torch.autocast(batch.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss = lm_loss(model, batch, active)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.detach()
 
 
 def train_language_model(model_dir: str | Path, *, steps: int = 300, seed: int = 0, batch: int = 16,
@@ -62,19 +86,10 @@ def train_language_model(model_dir: str | Path, *, steps: int = 300, seed: int =
     active = None
     if model.cfg.vocab_size > 32768:
         active = torch.unique(stream)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    params, opt, sched = make_lm_optimizer(model, steps, lr)
     losses = []
     for step in range(steps):
-        loss = lm_loss(model, windows[step * batch: (step + 1) * batch], active)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        loss = lm_train_step(model, params, opt, sched, windows[step * batch: (step + 1) * batch], active)
         losses.append(loss.item())
         if progress and (step % 10 == 0 or step + 1 == steps):
             print(f"target lm step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)",

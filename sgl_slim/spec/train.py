@@ -34,9 +34,10 @@ DATA_FILE = "train_data.pt"
 
 def build_dataset(target: TextLM, target_dir: Path, *, sequences: int, prompt_len: int, gen_len: int,
                   aux_layer_ids: tuple[int, ...], seed: int, batch: int = 32) -> dict:
-    """Prompts continued by the target -> tokens [N, P+G], aux features [N, P+G, A*H], labels [N, P+G]."""
+    """Prompts continued by the target -> tokens [N, P+G], aux features [N, P+G, A*H], labels [N, P+G],
+    on the target's device (aux in the target's dtype). ``target_dir`` only provides the tokenizer."""
     stream = token_stream(target_dir, "draft", max_tokens=400_000)
-    prompts = sample_windows(stream, sequences, prompt_len, seed)
+    prompts = sample_windows(stream, sequences, prompt_len, seed).to(target.embed_tokens.weight.device)
     tokens, aux, labels = [], [], []
     with torch.no_grad():
         for i in range(0, sequences, batch):
@@ -52,8 +53,33 @@ def build_dataset(target: TextLM, target_dir: Path, *, sequences: int, prompt_le
 def choose_draft_vocab(labels: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
     """The ``size`` most frequent target next tokens (ties: lower id first), padded with low ids -> [size]."""
     counts = torch.bincount(labels.flatten(), minlength=vocab_size).float()
-    counts = counts - torch.arange(vocab_size) * 1e-9                      # deterministic tie break
+    counts = counts - torch.arange(vocab_size, device=counts.device) * 1e-9   # deterministic tie break
     return counts.topk(size).indices.sort().values
+
+
+def make_draft_optimizer(draft: Eagle3Draft, steps: int, lr: float):
+    """AdamW, 20-step warm-up, linear decay to 5% -> (params, opt, sched)."""
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    return params, opt, sched
+
+
+def draft_train_step(draft: Eagle3Draft, params: list, opt, sched, aux: torch.Tensor, tokens: torch.Tensor,
+                     labels: torch.Tensor, ttt_steps: int, amp_dtype: torch.dtype | None = None,
+                     with_acc: bool = True):
+    """One training-time-test step (loss weights 0.8^i) -> (detached loss, per-step accuracies or []).
+
+    aux [B, T, A*Ht], tokens [B, T], labels [B, T] draft ids; ``amp_dtype`` runs the forward under autocast."""
+    with torch.autocast(aux.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = draft.forward_ttt(aux, tokens, ttt_steps)
+        loss, accs = ttt_loss(logits, labels, with_acc=with_acc)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.detach(), accs
 
 
 def train_draft(target_dir: str | Path, out_dir: str | Path, *, steps: int = 400, ttt_steps: int = 4,
@@ -86,9 +112,7 @@ def train_draft(target_dir: str | Path, out_dir: str | Path, *, steps: int = 400
     draft.embed_tokens.weight.data.copy_(target.embed_tokens.weight)
     draft.set_vocab(choose_draft_vocab(data["labels"], cfg.draft_vocab_size, cfg.vocab_size))
     labels = draft.draft_ids(data["labels"])
-    params = [p for p in draft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    params, opt, sched = make_draft_optimizer(draft, steps, lr)
     start, history = 0, []
     state_path = out / STATE_FILE
     if state_path.is_file():
@@ -104,13 +128,8 @@ def train_draft(target_dir: str | Path, out_dir: str | Path, *, steps: int = 400
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="draft", unit="step")
     for step in bar:
         idx = torch.randint(0, n, (batch,))
-        logits = draft.forward_ttt(data["aux"][idx], data["tokens"][idx], ttt_steps)
-        loss, accs = ttt_loss(logits, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        loss, accs = draft_train_step(draft, params, opt, sched, data["aux"][idx], data["tokens"][idx], labels[idx],
+                                      ttt_steps)
         history.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=" ".join(f"{a:.2f}" for a in accs))
         if (step + 1) % save_every == 0 or step + 1 == steps:
