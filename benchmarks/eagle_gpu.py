@@ -425,8 +425,9 @@ def end_to_end(c, target_inf, draft_inf, target32, draft32, prompts, dev, res: R
 def run(args) -> Path:
     c = TINY if args.tiny else FULL
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    amp = torch.bfloat16 if dev.type == "cuda" else None
-    inf_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    bf16 = dev.type == "cuda" or args.bf16
+    amp = torch.bfloat16 if bf16 else None
+    inf_dtype = torch.bfloat16 if bf16 else torch.float32
     if dev.type == "cpu":
         torch.set_num_threads(1)        # tiny CPU check on a shared, loaded machine
     out = Path(args.out)
@@ -568,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results", help="directory for eagle_gpu.jsonl")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes: a quick check of the whole path")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is there")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast/inference on the CPU too (CUDA: always)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--e2e-deadline-s", type=float, default=440.0,
                     help="skip the end-to-end phase if this many seconds have passed before it")

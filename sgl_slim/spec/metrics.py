@@ -71,7 +71,9 @@ def simulate_chain(target, draft, prompts: torch.Tensor, max_new_tokens: int, st
     from sgl_slim.spec.draft import fuse_aux  # noqa: PLC0415 (avoid a cycle at import time)
 
     stats = AcceptanceStats()
-    prompts = prompts.to(target.embed_tokens.weight.device)
+    weight = getattr(getattr(target, "embed_tokens", None), "weight", None)
+    if weight is not None:                                      # a TextLM: prompts go to its device
+        prompts = prompts.to(weight.device)
     # ``steps`` extra tokens: the last verify may accept drafts past max_new_tokens (SGLang counts them too,
     # then cuts the output), so the truth must reach that far.
     gen = target.generate_greedy(prompts, max_new_tokens + steps)
