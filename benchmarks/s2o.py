@@ -83,7 +83,7 @@ def run_method(q, k, v, *, method, knob, block_size, segment_size, q_tile=128, g
     out, _, comp, caus = s2o_triton.s2o_paged(q, k, v, qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=tau,
                                               block_size=block_size, segment_size=segment_size, q_tile=q_tile,
                                               sm_scale=scale, rank=rank, rank_len=rank_len,
-                                              num_warps=num_warps, num_stages=num_stages)
+                                              num_warps=num_warps, num_stages=num_stages, kv_contiguous=True)
     return out, (comp.sum() / caus.sum()).item()
 
 
@@ -118,7 +118,7 @@ def quality(lengths, rows, log):
         torch.cuda.empty_cache()
 
 
-def speed(lengths, rows, log, taus, gammas, tune):
+def speed(lengths, rows, log, taus, gammas, tune, configs=None):
     scale = 1.0 / math.sqrt(D)
     for L in lengths:
         q, k, v = make_qkv(L, HQ, HKV, D, seed=1, dtype=torch.bfloat16, device="cuda")
@@ -134,7 +134,8 @@ def speed(lengths, rows, log, taus, gammas, tune):
             log(r)
         ind = torch.tensor([0, L], dtype=torch.int32, device="cuda")
         idx = torch.arange(L, dtype=torch.int32, device="cuda")
-        configs = [(64, 512, 128, None, None), (64, 2048, 128, None, None), (128, 2048, 128, None, None)]
+        configs = list(configs or [(64, 512, 128, None, None), (64, 2048, 128, None, None),
+                                   (128, 2048, 128, None, None)])
         if tune and L == 32768:
             configs += [(64, 512, 128, 4, 1), (64, 512, 128, 8, 1), (64, 512, 128, 4, 3), (128, 512, 128, 8, 2),
                         (64, 512, 64, 4, 2)]
@@ -147,7 +148,7 @@ def speed(lengths, rows, log, taus, gammas, tune):
                 def fn():
                     return s2o_triton.s2o_paged(q, k, v, qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=tau,
                                                 block_size=bs, segment_size=ss, q_tile=qt, sm_scale=scale,
-                                                num_warps=nw, num_stages=ns)
+                                                num_warps=nw, num_stages=ns, kv_contiguous=True)
                 t = time_ms(fn, warmup=2, iters=iters)
                 out, _, comp, caus = fn()
                 r = {"bench": "s2o_speed", "L": L, "method": "s2o", "knob": tau, "block_size": bs, "segment_size": ss,
@@ -165,7 +166,7 @@ def speed(lengths, rows, log, taus, gammas, tune):
                 def fn():
                     return s2o_triton.s2o_paged(q, k, v, qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=0.0,
                                                 block_size=64, segment_size=512, q_tile=128, sm_scale=scale,
-                                                rank=rank, rank_len=rank_len)
+                                                rank=rank, rank_len=rank_len, kv_contiguous=True)
                 t = time_ms(fn, warmup=2, iters=iters)
                 out, _, comp, caus = fn()
                 r = {"bench": "s2o_speed", "L": L, "method": method, "knob": g, "block_size": 64,
@@ -207,6 +208,7 @@ def main():
     ap.add_argument("--taus", default="0,1e-3,3e-3,1e-2,3e-2")
     ap.add_argument("--gammas", default="0.9,0.95,0.99")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--configs", default="", help="block/segment pairs for --speed, e.g. 128/2048,64/2048")
     ap.add_argument("--profile", type=int, default=0, help="profile index building at this length")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -222,7 +224,9 @@ def main():
                      ("s2o_quality", lambda rows: quality([int(x) for x in args.quality.split(",") if x], rows, log)),
                      ("s2o_speed", lambda rows: speed([int(x) for x in args.speed.split(",") if x], rows, log,
                                                       [float(x) for x in args.taus.split(",")],
-                                                      [float(x) for x in args.gammas.split(",")], args.tune))]:
+                                                      [float(x) for x in args.gammas.split(",")], args.tune,
+                                                      [(int(c.split("/")[0]), int(c.split("/")[1]), 128, None, None)
+                                                       for c in args.configs.split(",") if c]))]:
         rows = []
         try:
             fn(rows)

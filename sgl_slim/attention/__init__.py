@@ -68,6 +68,14 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     stats dict if return_stats: density (float), density_per_seq [B], density_per_head [Hq].
     CUDA -> Triton kernel; otherwise the fp32 reference (exact semantics, slow).
     """
+    return _paged(q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
+                  block_size=block_size, segment_size=segment_size, sm_scale=sm_scale, return_lse=return_lse,
+                  return_stats=return_stats, kv_contiguous=False)
+
+
+def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, sm_scale,
+           return_lse, return_stats, kv_contiguous):
+    # kv_contiguous: kv_indices == arange (one sequence stored in order): the kernel computes the slots
     _validate(q, k_pool, v_pool, tau, block_size, segment_size)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[2])
     if q.is_cuda:
@@ -75,7 +83,7 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
         out, lse, computed, causal = s2o_triton.s2o_paged(
             q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
             block_size=block_size, segment_size=segment_size, q_tile=_q_tile(segment_size), sm_scale=scale,
-            return_lse=return_lse)
+            return_lse=return_lse, kv_contiguous=kv_contiguous)
     else:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
@@ -118,10 +126,10 @@ def s2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: flo
     T = q.shape[0]
     dev = q.device
     indptr = torch.tensor([0, T], dtype=torch.int32, device=dev)
-    res = s2o_attention_paged(q, k, v, qo_indptr=indptr, kv_indptr=indptr,
-                              kv_indices=torch.arange(T, dtype=torch.int32, device=dev), tau=tau,
-                              block_size=block_size, segment_size=segment_size, sm_scale=sm_scale,
-                              return_stats=return_stats)
+    res = _paged(q, k, v, qo_indptr=indptr, kv_indptr=indptr,
+                 kv_indices=torch.arange(T, dtype=torch.int32, device=dev), tau=tau,
+                 block_size=block_size, segment_size=segment_size, sm_scale=sm_scale, return_lse=False,
+                 return_stats=return_stats, kv_contiguous=True)
     if not return_stats:
         return res
     out, stats = res

@@ -1,8 +1,16 @@
 """S2O Triton kernel (same semantics as ``s2o_ref``) and the GPU index building.
 
-One program = one (query head, query tile of BLOCK_M rows).  K/V are read from a token-slot pool through
-``kv_indices`` (page size 1), and in the ranked pass additionally through the rank array (virtual ->
-physical position), so neither the batch nor the permutation is ever copied.
+One program = one (query head, query tile of BLOCK_M rows).  K/V are read from a token-slot pool (page
+size 1); the rank array (virtual -> physical position) is composed with ``kv_indices`` on the host into
+token SLOTS, so the ranked pass needs one indirection and neither the batch nor the permutation is ever
+copied.  The ranking is per TOKEN, so the ranked pass gathers K/V rows (each row is HEAD_DIM contiguous
+elements, one 256-byte line in bf16 at d 128: a gather costs the memory transactions of a block load).
+
+Speed (H200, benchmarks/s2o.md): every loop is a ``tl.range`` loop Triton software-pipelines
+(num_stages 3).  The early-stop pass runs in chunks of CHUNK blocks: the stop is still decided after
+every block, and the blocks of a chunk after the stop are masked out (bit-identical output and visited
+count to a check-and-break loop, at the cost of at most CHUNK - 1 wasted block products per (tile, head)).
+tau = 0 without a rank skips the ranking and reads the earlier keys in position order (dense attention).
 """
 
 from __future__ import annotations
@@ -39,6 +47,15 @@ def _attend_block(q, k, v, m_i, l_i, acc, qk_mask, qk_scale, IEEE: tl.constexpr)
 
 
 @triton.jit
+def _kv_block(K, V, slot, ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d):
+    # gathered K columns [HEAD_DIM, BLOCK_N] and V rows [BLOCK_N, HEAD_DIM]; each row is HEAD_DIM contiguous
+    # elements (one 128/256-byte line), so a row gather costs the same memory transactions as a block load
+    k = tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None], mask=ok[None, :], other=0.0)
+    v = tl.load(V + slot[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=ok[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _s2o_fwd(Q, K, V, O, LSE, VISITED,
              KV_IDX, QO_INDPTR, KV_INDPTR, TILE_SEQ, TILE_START, TILE_ROW, RANK, RANK_LEN,
              qk_scale, tau,
@@ -46,7 +63,14 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
              stride_lt, stride_lh, stride_rr, stride_rh, stride_nr,
              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              SEGMENT: tl.constexpr, HAS_RANK_LEN: tl.constexpr, RETURN_LSE: tl.constexpr,
-             IEEE: tl.constexpr):
+             IEEE: tl.constexpr, KV_CONTIG: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
+             STAGES: tl.constexpr):
+    """MODE 0: ranked pass with early stop (tau > 0), checked after every block, run in chunks of CHUNK
+    blocks whose inner loop is software-pipelined (blocks after the stop inside a chunk are masked out,
+    so the result and the visited count are exactly those of a check-and-break loop).
+    MODE 1: tau = 0 with a rank array: all ``n_rank`` ranked keys, one pipelined loop.
+    MODE 2: tau = 0 without a rank: the earlier keys in position order (dense attention).
+    RANK holds token SLOTS (the rank composed with kv_indices on the host); KV_CONTIG: slot = kv_beg + pos."""
     h = tl.program_id(0)              # query head (fastest: the heads of one tile share K/V in L2)
     tile = tl.program_id(1)
     n_heads = tl.num_programs(0)
@@ -65,7 +89,7 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     offs_b = tl.arange(0, BLOCK_N)
     row_ok = (offs_m >= prefix) & (offs_m < L)
     q_rows = q_beg + offs_m - prefix
-    # q stays in registers/SRAM for both passes
+    # q stays on chip for both passes
     q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
 
@@ -76,48 +100,69 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     seg_start = (t0 // SEGMENT) * SEGMENT
     last = tl.minimum(t0 + BLOCK_M, L)  # exclusive
     # 1. intra-segment pass: dense causal over keys [seg_start, last)
-    for start_n in range(seg_start, last, BLOCK_N):
+    for start_n in tl.range(seg_start, last, BLOCK_N, num_stages=STAGES):
         offs_n = start_n + offs_b
         n_ok = offs_n < last
-        slot = tl.load(KV_IDX + kv_beg + offs_n, mask=n_ok, other=0).to(tl.int64)
-        k = tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None], mask=n_ok[None, :], other=0.0)
-        v = tl.load(V + slot[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        if KV_CONTIG:
+            slot = (kv_beg + offs_n).to(tl.int64)
+        else:
+            slot = tl.load(KV_IDX + kv_beg + offs_n, mask=n_ok, other=0).to(tl.int64)
+        k, v = _kv_block(K, V, slot, n_ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d)
         mask = (offs_m[:, None] >= offs_n[None, :]) & n_ok[None, :]
         m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, mask, qk_scale, IEEE)
 
-    # 2. ranked pass over the earlier keys, early stop per (tile, head).  Software-pipelined by hand
-    # (a while loop is not pipelined by Triton): K/V of block i+1 and the slots of block i+2 are
-    # loaded while block i is computed.
+    # 2. ranked pass over the earlier keys
     if HAS_RANK_LEN:
         n_rank = tl.load(RANK_LEN + row * stride_nr + hk)
     else:
         n_rank = seg_start
+    n_blk = (n_rank + BLOCK_N - 1) // BLOCK_N
     rank_ptr = RANK + row.to(tl.int64) * stride_rr + hk * stride_rh
-    i = seg_start * 0
-    n_vis = seg_start * 0
-    c_ok = offs_b < n_rank
-    slot = tl.load(KV_IDX + kv_beg + tl.load(rank_ptr + offs_b, mask=c_ok, other=0), mask=c_ok, other=0).to(tl.int64)
-    k = tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None], mask=c_ok[None, :], other=0.0)
-    v = tl.load(V + slot[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=c_ok[:, None], other=0.0)
-    n_ok = (BLOCK_N + offs_b) < n_rank
-    slot_n = tl.load(KV_IDX + kv_beg + tl.load(rank_ptr + BLOCK_N + offs_b, mask=n_ok, other=0), mask=n_ok,
-                     other=0).to(tl.int64)
-    go = i < n_rank
-    while go:
-        k_n = tl.load(K + slot_n[None, :] * stride_kt + hk * stride_kh + offs_d[:, None], mask=n_ok[None, :],
-                      other=0.0)
-        v_n = tl.load(V + slot_n[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=n_ok[:, None],
-                      other=0.0)
-        nn_ok = (i + 2 * BLOCK_N + offs_b) < n_rank
-        slot_nn = tl.load(KV_IDX + kv_beg + tl.load(rank_ptr + i + 2 * BLOCK_N + offs_b, mask=nn_ok, other=0),
-                          mask=nn_ok, other=0).to(tl.int64)
-        m_i, l_i, acc, block_mass, prev_mass = _attend_block(q, k, v, m_i, l_i, acc, c_ok[None, :], qk_scale, IEEE)
-        n_vis += 1
-        i += BLOCK_N
-        small = (block_mass < tau * prev_mass) | (row_ok == 0)
-        go = (i < n_rank) & (tl.min(small.to(tl.int32), 0) == 0)
-        k, v, c_ok = k_n, v_n, n_ok
-        slot_n, n_ok = slot_nn, nn_ok
+    # virtual position -> slot: the rank row (MODE 0, 1) or kv_indices in position order (MODE 2)
+    if MODE == 2:
+        idx_ptr = KV_IDX + kv_beg
+    else:
+        idx_ptr = rank_ptr
+    if MODE == 2 and KV_CONTIG:
+        for start_n in tl.range(0, n_rank, BLOCK_N, num_stages=STAGES):
+            offs_n = start_n + offs_b
+            c_ok = offs_n < n_rank
+            k, v = _kv_block(K, V, (kv_beg + offs_n).to(tl.int64), c_ok, hk, stride_kt, stride_kh, stride_vt,
+                             stride_vh, offs_d)
+            m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, c_ok[None, :], qk_scale, IEEE)
+        n_vis = n_blk
+    elif MODE != 0:
+        # the slots are loaded two blocks ahead (loop-carried), so the K/V gathers of a block depend on no
+        # load of the same iteration and the loop pipelines like one over contiguous blocks
+        s0 = tl.load(idx_ptr + offs_b, mask=offs_b < n_rank, other=0)
+        s1 = tl.load(idx_ptr + BLOCK_N + offs_b, mask=BLOCK_N + offs_b < n_rank, other=0)
+        for j in tl.range(0, n_blk, num_stages=STAGES):
+            offs_n = j * BLOCK_N + offs_b
+            c_ok = offs_n < n_rank
+            k, v = _kv_block(K, V, s0.to(tl.int64), c_ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d)
+            nxt = offs_n + 2 * BLOCK_N
+            s2 = tl.load(idx_ptr + nxt, mask=nxt < n_rank, other=0)
+            m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, c_ok[None, :], qk_scale, IEEE)
+            s0, s1 = s1, s2
+        n_vis = n_blk
+    else:
+        n_vis = n_blk * 0
+        go = n_blk > 0
+        blk = n_blk * 0
+        # (loading the slots ahead here, as in the loops above, measured slower: 457 vs 377 ms at 128K)
+        while go:
+            for j in tl.range(blk, tl.minimum(blk + CHUNK, n_blk), num_stages=STAGES):
+                offs_n = j * BLOCK_N + offs_b
+                c_ok = offs_n < n_rank
+                slot = tl.load(idx_ptr + offs_n, mask=c_ok, other=0).to(tl.int64)
+                k, v = _kv_block(K, V, slot, c_ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d)
+                # after the stop (go false) the block is fully masked: m, l, acc stay unchanged
+                m_i, l_i, acc, block_mass, prev_mass = _attend_block(q, k, v, m_i, l_i, acc,
+                                                                     (c_ok & go)[None, :], qk_scale, IEEE)
+                n_vis += go.to(tl.int32)
+                small = (block_mass < tau * prev_mass) | (row_ok == 0)
+                go = go & (j + 1 < n_blk) & (tl.min(small.to(tl.int32), 0) == 0)
+            blk += CHUNK
 
     out = acc / l_i[:, None]
     tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -178,10 +223,36 @@ def build_rank(q: torch.Tensor, k_pool: torch.Tensor, *, qo_indptr: list[int], k
     return rank
 
 
+def _compose_rank(rank, rows, kvp, kv_indices, kv_contiguous):
+    """Position-level rank rows -> token SLOTS (the kernel then needs one indirection, not two)."""
+    if rank.shape[0] != len(rows):
+        raise ValueError(f"rank has {rank.shape[0]} rows, the launch has {len(rows)} (sequence, segment) rows")
+    beg = [kvp[b] for b, _ in rows]
+    if kv_contiguous and not any(beg):
+        return rank
+    off = torch.tensor(beg, dtype=torch.int64, device=rank.device)[:, None, None]
+    if kv_contiguous:
+        return (rank + off).to(torch.int32)
+    return kv_indices[rank.long() + off].to(torch.int32)
+
+
+def default_config(dtype, head_dim: int, q_tile: int, block_size: int):
+    """(num_warps, num_stages, chunk) measured on an H200 (benchmarks/s2o.md, kernel tuning)."""
+    if dtype == torch.float32:
+        return 8 if q_tile >= 128 else 4, 1, 8
+    if head_dim >= 128 and q_tile >= 128:
+        return 8, 3, 8
+    return 4, 3, 8
+
+
 def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, q_tile,
-              sm_scale, return_lse=False, rank=None, rank_len=None, num_warps=None, num_stages=None):
+              sm_scale, return_lse=False, rank=None, rank_len=None, num_warps=None, num_stages=None,
+              kv_contiguous=False, chunk=None):
     """Launch the kernel.  Returns out, lse (or None), computed [B, Hq], causal [B, Hq] block counts.
-    rank / rank_len override the S2O ranking (baselines use this to run on the same kernel)."""
+    rank / rank_len override the S2O ranking (baselines use this to run on the same kernel).
+    kv_contiguous: the caller guarantees kv_indices == arange(total) (one sequence stored in order), so
+    the kernel computes slots instead of loading them.  tau = 0 without a rank skips the ranking (dense
+    attention in position order; the same result up to summation order)."""
     Tq, Hq, D = q.shape
     Hkv = k_pool.shape[1]
     if D not in (64, 128):
@@ -203,27 +274,42 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     causal = torch.zeros_like(computed)
     if not tile_seq:
         return out, (lse if return_lse else None), computed, causal
-    if rank is None:
+    if tau > 0:
+        mode = 0
+    else:
+        mode = 1 if rank is not None else 2
+    if rank is None and mode != 2:
         rank = build_rank(q, k_pool, qo_indptr=qo, kv_indptr=kvp, kv_indices=kv_indices,
                           segment_size=segment_size, sm_scale=sm_scale, n_rows=len(rows))
+    if rank is None:
+        rank = torch.zeros(1, 1, 1, dtype=torch.int32, device=dev)
+    else:
+        rank = _compose_rank(rank, rows, kvp, kv_indices, kv_contiguous)
     n_tiles = len(tile_seq)
     meta = torch.tensor([tile_seq, tile_start, tile_row], dtype=torch.int32).to(dev)
     visited = torch.empty(n_tiles, Hq, dtype=torch.int32, device=dev)
     rl = rank_len if rank_len is not None else rank.new_zeros(1, 1)
-    if num_warps is None:
-        num_warps = 8 if (q_tile >= 128 and D >= 128) else 4
-    if num_stages is None:
-        num_stages = 2
-    _s2o_fwd[(Hq, n_tiles)](
-        q, k_pool, v_pool, out, lse, visited,
-        kv_indices, qo_indptr.to(torch.int32), kv_indptr.to(torch.int32), meta[0], meta[1], meta[2], rank, rl,
-        sm_scale * LOG2E, float(tau),
-        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
-        rank.stride(0), rank.stride(1), rl.stride(0),
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=q_tile, BLOCK_N=block_size, SEGMENT=segment_size,
-        HAS_RANK_LEN=rank_len is not None, RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages)
+    nw, ns, ch = default_config(q.dtype, D, q_tile, block_size)
+    num_warps = num_warps or nw
+    num_stages = num_stages or ns
+    chunk = chunk or ch
+    args = (q, k_pool, v_pool, out, lse, visited,
+            kv_indices, qo_indptr.to(torch.int32), kv_indptr.to(torch.int32), meta[0], meta[1], meta[2], rank, rl,
+            sm_scale * LOG2E, float(tau),
+            q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+            rank.stride(0), rank.stride(1), rl.stride(0))
+    kw = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=q_tile, BLOCK_N=block_size, SEGMENT=segment_size,
+              HAS_RANK_LEN=rank_len is not None, RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32)
+    while True:
+        try:
+            _s2o_fwd[(Hq, n_tiles)](*args, **kw, KV_CONTIG=kv_contiguous, MODE=mode, CHUNK=chunk, STAGES=num_stages,
+                                    num_warps=num_warps, num_stages=num_stages)
+            break
+        except triton.runtime.errors.OutOfResources:
+            if num_stages <= 1:
+                raise
+            num_stages -= 1      # e.g. fp32 K/V blocks: fewer pipeline buffers fit in shared memory
     # block counts on the (tile x block) grid, per sequence and head
     ts = torch.tensor(tile_start, dtype=torch.int64)
     seq = torch.tensor(tile_seq, dtype=torch.int64)
