@@ -118,8 +118,8 @@ def windows_at(stream: torch.Tensor, starts: torch.Tensor, length: int) -> torch
 
 
 class Results:
-    def __init__(self, out: Path, env: dict):
-        self.path = out / f"{NAME}.jsonl"
+    def __init__(self, out: Path, env: dict, name: str = NAME):
+        self.path = out / f"{name}.jsonl"
         self.env = env
         self.rows: list[dict] = []
 
@@ -421,6 +421,63 @@ def end_to_end(c, target_inf, draft_inf, target32, draft32, prompts, dev, res: R
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
+# ---- where the eager loop's time goes (random weights: per-verify cost does not depend on them) -------------
+def loop_profile(c, dev, seed, res: Results) -> None:
+    amp_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    vocab = 2048
+    target = make_target(c, vocab, seed, dev).to(amp_dtype).eval()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)
+    draft = Eagle3Draft(DraftConfig.for_target(target.cfg, vocab)).to(dev)
+    draft.set_vocab(torch.arange(vocab, device=dev))
+    draft = draft.to(amp_dtype).eval()
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, vocab, (4, c["prompt_len"]), generator=gen).to(dev)
+    n_new, k = c["e2e_tokens"], 4
+
+    def wall(fn):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        return time.perf_counter() - t0
+
+    def synced_greedy(prompt):
+        with torch.no_grad():
+            hidden, _, past = target(prompt)
+            tok = target.logits(hidden[:, -1]).argmax(-1)
+            for i in range(n_new - 1):
+                tok.item()                                  # a host sync per token, like the verify loop's
+                hidden, _, past = target(tok[:, None], past, start=prompt.shape[1] + i)
+                tok = target.logits(hidden[:, -1]).argmax(-1)
+
+    speculative_greedy(target, draft, prompts[:1], 8, k)
+    target.generate_greedy(prompts[:1], 8)
+    synced_greedy(prompts[:1])
+    row = {"phase": "loop_profile", "draft_tokens": k, "prompts": prompts.shape[0], "new_tokens": n_new,
+           "weights": "random (acceptance ~1)"}
+    plain = sum(wall(lambda: target.generate_greedy(prompts[i: i + 1], n_new)) for i in range(prompts.shape[0]))
+    synced = sum(wall(lambda: synced_greedy(prompts[i: i + 1])) for i in range(prompts.shape[0]))
+    row["plain_ms_per_token"] = plain * 1e3 / (prompts.shape[0] * n_new)
+    row["plain_synced_ms_per_token"] = synced * 1e3 / (prompts.shape[0] * n_new)
+    verifies, spec = 0, 0.0
+    for i in range(prompts.shape[0]):
+        box = {}
+        spec += wall(lambda: box.update(r=speculative_greedy(target, draft, prompts[i: i + 1], n_new, k)))
+        verifies += box["r"][1].verifies
+    row["spec_ms_per_verify"] = spec * 1e3 / verifies
+    prof: dict = {}
+    for i in range(prompts.shape[0]):
+        speculative_greedy(target, draft, prompts[i: i + 1], n_new, k, profile=prof)
+    for name in ("draft", "verify", "accept", "extend"):
+        row[f"profiled_{name}_ms_per_verify"] = prof[name] * 1e3 / prof["verifies"]
+    res.add(**row)
+    log("loop profile: " + ", ".join(f"{a}={b:.3f}" for a, b in row.items() if isinstance(b, float)))
+    step_cost(dict(c, batches=(1,), ctx=c["prompt_len"] + n_new // 2, verify_ks=(k,)), target, draft, dev,
+              {k: 1.0}, res)
+
+
 # ---- driver ----------------------------------------------------------------------------------------------
 def run(args) -> Path:
     c = TINY if args.tiny else FULL
@@ -573,10 +630,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--e2e-deadline-s", type=float, default=440.0,
                     help="skip the end-to-end phase if this many seconds have passed before it")
+    ap.add_argument("--loop-profile", action="store_true",
+                    help="only: where the eager speculative loop's time goes (random weights), to DIR/eagle_gpu_loop.jsonl")
     ap.add_argument("--sha", help="git SHA to record (the device's copy of the tree has no .git)")
     ap.add_argument("--report", help="print markdown tables from this JSONL (and write --png) instead of running")
     ap.add_argument("--png", help="with --report: write the plot here")
     args = ap.parse_args(argv)
+    if args.loop_profile:
+        c = TINY if args.tiny else FULL
+        dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+        env = dict(versions(), command="python -m benchmarks.eagle_gpu " + " ".join(sys.argv[1:]))
+        if args.sha:
+            env["git_sha"] = args.sha
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        loop_profile(c, dev, args.seed, Results(Path(args.out), env, name=f"{NAME}_loop"))
+        return 0
     if args.report:
         print(report(Path(args.report), Path(args.png) if args.png else None))
         return 0

@@ -10,6 +10,8 @@ is committed, both caches are cut back / extended with the accepted positions on
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from sgl_slim.spec.draft import Eagle3Draft, fuse_aux
@@ -19,12 +21,13 @@ from sgl_slim.spec.textlm import TextLM
 
 @torch.no_grad()
 def speculative_greedy(target: TextLM, draft: Eagle3Draft, prompt: torch.Tensor, max_new_tokens: int,
-                       steps: int) -> tuple[torch.Tensor, AcceptanceStats]:
+                       steps: int, profile: dict | None = None) -> tuple[torch.Tensor, AcceptanceStats]:
     """Greedy continuation of ``prompt`` [1, P] -> (new tokens [1, max_new_tokens], acceptance stats).
 
     Acceptance lengths are counted like :func:`sgl_slim.spec.metrics.simulate_chain` (one per verify,
     accepted drafts + 1, the last verify may run past ``max_new_tokens``), so the two agree exactly when
-    the arithmetic does.
+    the arithmetic does. ``profile`` (a dict) accumulates wall seconds per phase of the verify loop
+    ("draft", "verify", "accept", "extend"), synchronizing the device at each phase boundary.
     """
     if prompt.dim() != 2 or prompt.shape[0] != 1:
         raise ValueError(f"speculative_greedy decodes one sequence: prompt must be [1, P], got {tuple(prompt.shape)}")
@@ -43,7 +46,9 @@ def speculative_greedy(target: TextLM, draft: Eagle3Draft, prompt: torch.Tensor,
     dcache, g, logits = draft.extend(fuse_aux(hiddens, layers), next_tokens, 0, None)
     g_last, lg_last = g[:, -1:], logits[:, -1]
     n = p_len + 1                                                   # committed tokens
+    clock = _Clock(profile, dev)
     while n - p_len < max_new_tokens:
+        clock.start()
         col = n - 2                                                 # draft cache holds columns 0..col
         tok = draft.target_ids(lg_last.argmax(-1))
         drafts = [tok]
@@ -54,17 +59,44 @@ def speculative_greedy(target: TextLM, draft: Eagle3Draft, prompt: torch.Tensor,
             hidden_d, tok = draft.chain_step(tok, hidden_d, dcache[0], dcache[1], diag_k, diag_v, qcol, pos)
             drafts.append(tok)
         proposal = torch.stack(drafts, dim=1)                       # [1, steps]: guesses for x_n..x_{n+steps-1}
+        clock.lap("draft")
         feed = torch.cat([last[:, None], proposal], dim=1)          # positions n-1 .. n-1+steps
         vh, vhs, vpast = target(feed, past, start=n - 1)
         pred = target.logits(vh).argmax(-1)                         # [1, steps+1]: the target's x_n..x_{n+steps}
+        clock.lap("verify")
         accepted = accepted_prefix(proposal[0].tolist(), pred[0, :steps].tolist())
         stats.add(accepted + 1)
         keep = n + accepted                                         # target positions 0..n-1+accepted are right
         past = [(k[:, :, :keep], v[:, :, :keep]) for k, v in vpast]
         new = pred[:, : accepted + 1]                               # accepted drafts (== pred) + the bonus token
+        clock.lap("accept")
         dcache, g, logits = draft.extend(fuse_aux(vhs, layers)[:, : accepted + 1], new, n - 1, dcache)
         g_last, lg_last = g[:, -1:], logits[:, -1]
         last = pred[:, accepted]
         out.extend(new[:, j] for j in range(accepted + 1))
         n += accepted + 1
+        clock.lap("extend")
     return torch.stack(out, dim=1)[:, :max_new_tokens], stats
+
+
+class _Clock:
+    """Per-phase wall time into a dict (no-op without one); synchronizes CUDA at each boundary."""
+
+    def __init__(self, profile: dict | None, dev: torch.device):
+        self.profile, self.dev, self.t = profile, dev, 0.0
+
+    def _now(self) -> float:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        if self.profile is not None:
+            self.t = self._now()
+            self.profile["verifies"] = self.profile.get("verifies", 0) + 1
+
+    def lap(self, name: str) -> None:
+        if self.profile is not None:
+            now = self._now()
+            self.profile[name] = self.profile.get(name, 0.0) + now - self.t
+            self.t = now
