@@ -40,7 +40,7 @@ ALWAYS_MODULES = ("s2o_backend",)
 
 # Installed in every process of a server started by ``python -m sgl_slim.launch`` (the configuration variable
 # is set), whatever the toggles; a plain ``sglang.launch_server`` stays stock.
-LAUNCHED_MODULES = ("input_checks",)
+LAUNCHED_MODULES = ("input_checks", "cpu_parallel")
 
 _state: dict = {"installed": set(), "config": None, "announced": False}
 
@@ -64,13 +64,14 @@ def register() -> SlimConfig:
     if _state["config"] is not None and _state["config"] != cfg:
         logger.warning("sgl_slim: configuration changed within process %d; installing the new features", os.getpid())
     _state["config"] = cfg
+    new = []
     launched = ENV_VAR in os.environ
     for module in LAUNCHED_MODULES if launched else ():
         if module not in _state["installed"]:
             _install(importlib.import_module(f"sgl_slim.integration.{module}"), module, cfg)
             _state["installed"].add(module)
+            new.append(module)
     wanted = [m for m in ALWAYS_MODULES] + [FEATURE_MODULES[f] for f in cfg.enabled_features()]
-    new = []
     for module in wanted:
         if module in _state["installed"]:
             continue

@@ -25,7 +25,8 @@ CORE_SYMBOLS: list[str] = [
     "sgl_kernel.load_utils._load_architecture_specific_ops",          # ends with `import common_ops`
 ]
 
-FEATURE_MODULES = ("s2o_backend", "idpruner_hooks", "samp_hooks", "eagle_cpu", "input_checks", "metrics")
+FEATURE_MODULES = ("s2o_backend", "idpruner_hooks", "samp_hooks", "eagle_cpu", "input_checks", "metrics",
+                   "cpu_parallel")
 
 
 def all_symbols() -> dict[str, list[str]]:
