@@ -47,7 +47,7 @@ ones the same with ``seg_start / B`` replaced by the number of visited virtual b
 Sizes (measured, benchmarks/s2o.md): q_tile 128 (64 halves the density at equal tau but doubles the error:
 no better trade-off, and the kernel is slower per block).  block_size 128 is at least as good as 64 at
 equal density (32K: rel-L2 0.0104 at density 0.83 vs 64's 0.0063 at 0.91 / 0.031 at 0.69) and its
-kernel is faster (128K dense: 625 vs 697 ms); 32 is clearly worse.  segment_size 512, 1024, 2048 give
+kernel is faster (128K dense: 342 vs 372 ms); 32 is clearly worse.  segment_size 512, 1024, 2048 give
 the same quality curve within noise, and 2048 cuts the index building 3.5x at 128K (8.5 vs 29 ms).
 The API keeps block 64 / segment 512 as signature defaults; the recommended serving setting is
 block 128, segment 2048.

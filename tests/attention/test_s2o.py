@@ -185,3 +185,38 @@ def test_kernel_varlen_prefix_pool():
         assert (out[qo[b]:qo[b + 1]] - ref).abs().max() < 1e-4, f"sequence {b} output"
         assert (lse[qo[b]:qo[b + 1]] - ref_lse).abs().max() < 1e-4, f"sequence {b} lse"
         assert comp[b].tolist() == cnt["computed"].tolist() and caus[b].tolist() == cnt["causal"].tolist()
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_kernel_early_stop_chunks_match_reference(chunk):
+    # chunks smaller than the ranked pass: the stop must land on the same block whatever the chunk
+    # (blocks after the stop inside a chunk are masked out), over a shuffled pool (slots via the rank)
+    L, Hq, Hkv, D = 900, 2, 1, 64
+    q, k, v = make_qkv(L, Hq, Hkv, D, seed=6, dtype=torch.float32)
+    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:L].int()
+    k_pool, v_pool = torch.zeros(1000, Hkv, D), torch.zeros(1000, Hkv, D)
+    k_pool[perm.long()], v_pool[perm.long()] = k, v
+    from sgl_slim.attention import s2o_triton
+    out, lse, comp, _ = s2o_triton.s2o_paged(q, k_pool, v_pool, qo_indptr=torch.tensor([0, L]),
+                                             kv_indptr=torch.tensor([0, L]), kv_indices=perm, tau=0.05,
+                                             block_size=64, segment_size=128, q_tile=64, sm_scale=D ** -0.5,
+                                             return_lse=True, chunk=chunk)
+    ref, ref_lse, cnt = s2o_attention_ref(q, k, v, tau=0.05, block_size=64, segment_size=128, q_tile=64)
+    assert comp.sum(0).tolist() == cnt["computed"].tolist(), f"chunk {chunk}: visited blocks differ"
+    assert (out - ref).abs().max() < 1e-4 and (lse - ref_lse).abs().max() < 1e-4, f"chunk {chunk}: output"
+
+
+def test_kernel_baseline_rank_on_shuffled_pool():
+    # tau = 0 with a given rank and per-row lengths (the baselines' path), slots through kv_indices
+    L, Hq, Hkv, D = 640, 2, 1, 64
+    q, k, v = make_qkv(L, Hq, Hkv, D, seed=7, dtype=torch.float32)
+    rank, rank_len = select_pbs(q, k, gamma=0.9, block_size=64, segment_size=128, sm_scale=D ** -0.5)
+    perm = torch.randperm(700, generator=torch.Generator().manual_seed(1))[:L].int()
+    k_pool, v_pool = torch.zeros(700, Hkv, D), torch.zeros(700, Hkv, D)
+    k_pool[perm.long()], v_pool[perm.long()] = k, v
+    out, lse, comp, _ = _kernel(q, k_pool, v_pool, [0, L], [0, L], perm, 0.0, 64, 128, 64, rank=rank,
+                                rank_len=rank_len)
+    ref, ref_lse, cnt = s2o_attention_ref(q, k, v, tau=0.0, block_size=64, segment_size=128, q_tile=64,
+                                          rank=rank, rank_len=rank_len)
+    assert comp.sum(0).tolist() == cnt["computed"].tolist(), "visited blocks differ from the reference"
+    assert (out - ref).abs().max() < 1e-4 and (lse - ref_lse).abs().max() < 1e-4
