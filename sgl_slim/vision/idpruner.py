@@ -9,7 +9,11 @@ index. The result is the kept indices, sorted ascending, exactly ``keep`` of the
 Three implementations that pick the same tokens (up to exact ties in floating point):
 - :func:`idpruner_select_ref`: plain Python loops in fp32, the oracle;
 - the torch path (CPU, or any device): one vectorised step per pick, no host sync per step;
-- the Triton path (CUDA): one single-program kernel runs the whole greedy loop (``idpruner_triton``).
+- the Triton path (CUDA): one single-program kernel runs the whole greedy loop (``idpruner_triton``). Up to
+  ``FUSED_MAX_TOKENS`` tokens it is the fused path: Gram GEMM + a row-statistics kernel + the greedy kernel
+  (importance normalisation, first pick, loop and the sorted result in one program), with the NaN/inf input
+  check done on the device and read back as one status word after all the work is queued (no host sync
+  before the GPU work, so the GPU never idles waiting for the host).
 """
 
 from __future__ import annotations
@@ -180,24 +184,46 @@ def _use_triton(features: torch.Tensor) -> bool:
     return features.shape[0] <= GRAM_MAX_TOKENS
 
 
+def _triton_fused(features: torch.Tensor, importance: torch.Tensor | None, keep: int, mmr_lambda: float):
+    """(order, kept ascending) through the fused Triton path; raises on NaN/inf input after reading the
+    device-side status word (one 4-byte read once everything is queued)."""
+    from .idpruner_triton import mmr_select_fused  # noqa: PLC0415 (lazy: triton is optional)
+    order, sel, status = mmr_select_fused(features, importance, keep, mmr_lambda, eps=_NORM_EPS)
+    bits = int(status.item())
+    if bits & 1:
+        raise ValueError("idpruner: features contains NaN or inf")
+    if bits & 2:
+        raise ValueError("idpruner: importance contains NaN or inf")
+    return order, sel
+
+
+def _order_and_sel(features, importance, keep, mmr_lambda, backend):
+    """(order, kept ascending or None)."""
+    _check_inputs(features, importance, keep, mmr_lambda)
+    features = features.detach()
+    if backend == "auto":
+        backend = "triton" if _use_triton(features) else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"idpruner: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "triton":
+        from .idpruner_triton import FUSED_MAX_TOKENS  # noqa: PLC0415
+        if features.shape[0] <= FUSED_MAX_TOKENS:
+            return _triton_fused(features, importance, keep, mmr_lambda)
+    _check_finite("features", features)
+    imp = _resolve_importance(features, importance)
+    if backend == "triton":
+        from .idpruner_triton import mmr_order_triton  # noqa: PLC0415 (lazy: triton is optional)
+        return mmr_order_triton(cosine_gram(features), imp, keep, mmr_lambda).long(), None
+    return _order_torch(features, imp, keep, mmr_lambda), None
+
+
 def idpruner_order(features: torch.Tensor, importance: torch.Tensor | None, keep: int, *,
                    mmr_lambda: float = 0.5, backend: str = "auto") -> torch.Tensor:
     """Greedy pick order (LongTensor [keep], first pick first) on the features' device.
 
     backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
     """
-    _check_inputs(features, importance, keep, mmr_lambda)
-    _check_finite("features", features)
-    imp = _resolve_importance(features, importance)
-    features = features.detach()
-    if backend == "auto":
-        backend = "triton" if _use_triton(features) else "torch"
-    if backend == "triton":
-        from .idpruner_triton import mmr_order_triton  # noqa: PLC0415 (lazy: triton is optional)
-        return mmr_order_triton(cosine_gram(features), imp, keep, mmr_lambda).long()
-    if backend == "torch":
-        return _order_torch(features, imp, keep, mmr_lambda)
-    raise ValueError(f"idpruner: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    return _order_and_sel(features, importance, keep, mmr_lambda, backend)[0]
 
 
 def idpruner_select(features: torch.Tensor, importance: torch.Tensor | None, keep: int, *,
@@ -209,6 +235,7 @@ def idpruner_select(features: torch.Tensor, importance: torch.Tensor | None, kee
                 training-free default (:data:`sgl_slim.vision.importance.DEFAULT_IMPORTANCE`).
     keep:       1 <= keep <= N.
     mmr_lambda: 1 = pure importance (top-k), 0 = pure diversity after the first pick.
+    NaN/inf in features or importance raise ValueError (on CUDA after the work is queued: one status read).
     """
-    order = idpruner_order(features, importance, keep, mmr_lambda=mmr_lambda, backend=backend)
-    return torch.sort(order).values
+    order, sel = _order_and_sel(features, importance, keep, mmr_lambda, backend)
+    return sel if sel is not None else torch.sort(order).values

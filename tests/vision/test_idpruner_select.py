@@ -198,6 +198,80 @@ def test_triton_kernel_matches_reference_under_interpreter():
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
 
 
+_INTERPRET_FUSED_SCRIPT = textwrap.dedent("""
+    import pytest, torch
+    from sgl_slim.vision import idpruner_order, idpruner_order_ref, idpruner_select
+    from sgl_slim.vision import idpruner_triton as it
+    cases = [(37, 8, 10, 0.5, True), (97, 16, 30, 0.0, True), (130, 8, 40, 1.0, False), (200, 24, 50, 0.3, False)]
+    for packed in (True, False):                     # both argmax reductions
+        it.FUSED_LAUNCH["packed"] = packed
+        for n, d, keep, lam, with_imp in cases[: (4 if packed else 2)]:
+            gen = torch.Generator().manual_seed(n)
+            f = torch.randn(n, d, generator=gen) * torch.rand(n, 1, generator=gen)
+            imp = torch.randn(n, generator=gen) if with_imp else None
+            want = idpruner_order_ref(f, imp, keep, mmr_lambda=lam)
+            assert idpruner_order(f, imp, keep, mmr_lambda=lam, backend="triton").tolist() == want, (n, packed)
+            assert idpruner_select(f, imp, keep, mmr_lambda=lam, backend="triton").tolist() == sorted(want)
+    it.FUSED_LAUNCH["packed"] = True
+    # strided rows (a column slice, as the Qwen3-VL hook passes), a zero row, constant importance
+    wide = torch.randn(60, 20, generator=torch.Generator().manual_seed(9))
+    wide[5] = 0.0
+    f = wide[:, :12]
+    assert idpruner_order(f, torch.full((60,), 2.0), 15, backend="triton").tolist() == \
+        idpruner_order_ref(f, torch.full((60,), 2.0), 15)
+    assert idpruner_order(f, None, 15, backend="triton").tolist() == idpruner_order_ref(f, None, 15)
+    # exact ties go to the lower index; -0.0 and +0.0 scores tie
+    assert idpruner_order(torch.ones(50, 4), torch.zeros(50), 4, backend="triton").tolist() == [0, 1, 2, 3]
+    imp = torch.tensor([0.0, 1.0, 1.0, 0.5, 0.5, 0.0])
+    assert idpruner_order(torch.eye(6), imp, 6, backend="triton").tolist() == [1, 2, 3, 4, 0, 5]
+    # NaN / inf found on the device, reported by name
+    bad = torch.randn(40, 6)
+    bad[7, 2] = float("nan")
+    with pytest.raises(ValueError, match="features contains NaN"):
+        idpruner_select(bad, None, 5, backend="triton")
+    bad[7, 2] = float("-inf")
+    with pytest.raises(ValueError, match="features contains NaN"):
+        idpruner_select(bad, torch.rand(40), 5, backend="triton")
+    imp = torch.rand(40)
+    imp[3] = float("inf")
+    with pytest.raises(ValueError, match="importance contains NaN"):
+        idpruner_select(torch.randn(40, 6), imp, 5, backend="triton")
+    print("OK")
+""")
+
+
+def test_fused_triton_path_matches_reference_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", _INTERPRET_FUSED_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_path_on_gpu_equals_old_kernel_and_raises_on_nan():
+    from sgl_slim.vision.idpruner import cosine_gram
+    from sgl_slim.vision.idpruner_triton import mmr_order_triton
+
+    gen = torch.Generator().manual_seed(7)
+    features = torch.randn(4096, 512, generator=gen).to(torch.bfloat16).cuda()
+    importance = torch.rand(4096, generator=gen).cuda()
+    for imp in (importance, None):
+        old = mmr_order_triton(cosine_gram(features), normalize_importance(
+            imp if imp is not None else compute_importance(features)), 1024, 0.5)
+        new = idpruner_order(features, imp, 1024, backend="triton")
+        # the norms are summed in another order than torch's: equal up to floating-point ties
+        assert_same_up_to_ties(features.cpu(), None if imp is None else imp.cpu(), new.tolist(), old.tolist(), 0.5)
+        assert torch.equal(idpruner_select(features, imp, 1024), torch.sort(new).values)
+    bad = features.clone()
+    bad[100, 3] = float("nan")
+    with pytest.raises(ValueError, match="features contains NaN"):
+        idpruner_select(bad, None, 10)
+    importance[5] = float("inf")
+    with pytest.raises(ValueError, match="importance contains NaN"):
+        idpruner_select(features, importance, 10)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n,keep", [(1024, 256), (4096, 1024)])
