@@ -66,7 +66,8 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
 
     Returns out [Tq, Hq, D] (q's dtype); plus lse [Tq, Hq] fp32 (natural log) if return_lse; plus
     stats dict if return_stats: density (float), density_per_seq [B], density_per_head [Hq].
-    CUDA -> Triton kernel; otherwise the fp32 reference (exact semantics, slow).
+    CUDA -> Triton kernel; otherwise the fp32 reference (exact semantics, slow), except that tau 0 (dense) runs
+    as batched fp32 matmuls (the same result, fast enough for CPU serving of short prompts).
     """
     return _paged(q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
                   block_size=block_size, segment_size=segment_size, sm_scale=sm_scale, return_lse=return_lse,
@@ -94,12 +95,18 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
             if qo[b + 1] == qo[b]:
                 continue
             slots = kv_indices[kvp[b]:kvp[b + 1]].long()
-            o, l_, cnt = s2o_attention_ref(q[qo[b]:qo[b + 1]], k_pool[slots], v_pool[slots], tau=tau,
-                                           block_size=block_size, segment_size=segment_size,
-                                           q_tile=_q_tile(segment_size), sm_scale=scale)
+            if tau == 0:
+                # every causal block is visited: plain dense attention (fp32, batched matmuls) is the same
+                # computation as the block-by-block reference, without its Python loop over blocks
+                o, l_ = _dense_chunked(q[qo[b]:qo[b + 1]], k_pool[slots], v_pool[slots], scale, return_lse)
+                computed[b] = causal[b] = 1
+            else:
+                o, l_, cnt = s2o_attention_ref(q[qo[b]:qo[b + 1]], k_pool[slots], v_pool[slots], tau=tau,
+                                               block_size=block_size, segment_size=segment_size,
+                                               q_tile=_q_tile(segment_size), sm_scale=scale)
+                computed[b], causal[b] = cnt["computed"].cpu(), cnt["causal"].cpu()
             out[qo[b]:qo[b + 1]] = o.to(q.dtype)
             lse[qo[b]:qo[b + 1]] = l_
-            computed[b], causal[b] = cnt["computed"].cpu(), cnt["causal"].cpu()
     result = (out,)
     if return_lse:
         result += (lse,)
@@ -111,6 +118,33 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
             "density_per_head": (computed.sum(0) / causal.sum(0).clamp(min=1)).tolist(),
         },)
     return result[0] if len(result) == 1 else result
+
+
+DENSE_Q_CHUNK = 1024  # query rows per dense fp32 matmul on the CPU (bounds the [Hq, rows, kv_len] scores)
+
+
+def _dense_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, need_lse: bool):
+    """Causal fp32 attention of one sequence's last Tq positions, DENSE_Q_CHUNK query rows at a time.
+    Without ``need_lse``, torch's SDPA (about 3.5x faster on the CPU); else the explicit fp32 softmax, which
+    also gives the log-sum-exp (lse is NaN when not needed)."""
+    tq, length, hq = q.shape[0], k.shape[0], q.shape[1]
+    group = hq // k.shape[1]
+    outs, lses = [], []
+    for i in range(0, tq, DENSE_Q_CHUNK):
+        rows = q[i:i + DENSE_Q_CHUNK]
+        end = length - tq + i + rows.shape[0]          # keys up to the chunk's last query position
+        if need_lse:
+            o, l_ = dense_attention_ref(rows, k[:end], v[:end], sm_scale=scale)
+        else:
+            kh = k[:end].float().repeat_interleave(group, 1).transpose(0, 1)
+            vh = v[:end].float().repeat_interleave(group, 1).transpose(0, 1)
+            mask = torch.ones(rows.shape[0], end, dtype=torch.bool, device=q.device).tril(end - rows.shape[0])
+            o = torch.nn.functional.scaled_dot_product_attention(
+                rows.float().transpose(0, 1), kh, vh, attn_mask=mask, scale=scale).transpose(0, 1)
+            l_ = torch.full(rows.shape[:2], math.nan, dtype=torch.float32, device=q.device)
+        outs.append(o)
+        lses.append(l_)
+    return torch.cat(outs), torch.cat(lses)
 
 
 def s2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: float, block_size: int = 64,
