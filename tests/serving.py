@@ -25,6 +25,8 @@ class SlimServer(LaunchedServer):
 
     def __init__(self, args: list[str], *, port: int, plain: bool = False, env: dict | None = None):
         super().__init__(args, port, plain=plain, env=env)
+        self.port = port   # exactly this port (LaunchedServer would move to a free one): tests may attach to
+        #                    a server already running there (SGL_SLIM_SERVE_PORTS in tests/serve/conftest.py)
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> "SlimServer":
         return super().wait_ready(timeout)
