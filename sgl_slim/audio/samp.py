@@ -69,6 +69,8 @@ def _check_args(tokens: Tensor, attn, keep: int, merge_threshold: float) -> Samp
         raise ValueError(f"keep must be an int (tokens to keep), got {type(keep).__name__}")
     if not (1 <= keep <= n):
         raise ValueError(f"keep must be in [1, N={n}], got {keep}")
+    if not bool(torch.isfinite(tokens).all()):
+        raise ValueError("tokens must be finite (the audio encoder returned NaN or inf)")
     if not isinstance(merge_threshold, (int, float)) or merge_threshold != merge_threshold:
         raise ValueError(f"merge_threshold must be a number, got {merge_threshold!r}")
     stats = attn if isinstance(attn, SampAttention) else None

@@ -34,6 +34,7 @@ from collections import OrderedDict
 import torch
 
 from sgl_slim.config import IDPrunerConfig, SlimConfig
+from sgl_slim.integration.containment import contain, contain_output, evenly_spaced, valid_keep
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ async def _process_mm_data_around(original, self, *args, **kwargs):
     out = await original(self, *args, **kwargs)
     if not _active(_CFG):
         return out
-    return shrink_placeholders(out, _CFG)
+    return contain_output("vision", out, lambda o: shrink_placeholders(o, _CFG))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -234,6 +235,14 @@ def select_rows(rows: torch.Tensor, keep: int, cfg: IDPrunerConfig, *, feature_w
 def _get_image_feature_after(result, self, items, *args, **kwargs):
     if not _active(_CFG) or not any(N_KEY in item.model_specific_data for item in items):
         return None                                     # AFTER hook: None keeps the original result
+    # A failure outside the per-image selection (shapes that do not line up) keeps the unpruned rows: SGLang
+    # then fits them to the placeholders (with its own warning) instead of the scheduler dying.
+    return contain("vision", f"{len(items)} images", lambda: prune_rows(result, self, items), lambda: None,
+                   instead="the unpruned rows")
+
+
+def prune_rows(result, self, items) -> torch.Tensor:
+    """The kept rows of ``result`` (get_image_feature's [sum N, W]) for ``items``, in item order."""
     if not isinstance(result, torch.Tensor) or result.dim() != 2:
         raise RuntimeError(f"idpruner: get_image_feature returned {type(result).__name__} "
                            f"{getattr(result, 'shape', '')}; expected one [tokens, dim] tensor")
@@ -254,7 +263,10 @@ def _get_image_feature_after(result, self, items, *args, **kwargs):
             raise RuntimeError(f"idpruner: image has {rows.shape[0]} vision tokens but its placeholders were "
                                f"sized for {n}")
         k = sum(end - start + 1 for start, end in item.offsets)
-        keep = select_rows(rows, k, _CFG, feature_width=width)
+        keep = contain("vision", f"image of {n} tokens (keep {k})",
+                       lambda rows=rows, k=k: select_rows(rows, k, _CFG, feature_width=width),
+                       lambda n=n, k=k: evenly_spaced(n, k), data=rows,
+                       valid=lambda kp, n=n, k=k: valid_keep(kp, n, k))
         item.model_specific_data[KEEP_KEY] = keep
         _KEEP.put(item.hash, keep)
         pieces.append(rows.index_select(0, keep.to(rows.device)))
@@ -295,7 +307,10 @@ def _prepare_mm_inputs_around(original, input_ids, forward_batch, *args, **kwarg
             offset += extend
     result = original(input_ids, forward_batch, *args, **kwargs)
     for offset, prefix, extend, mm in pending:
-        _fix_chunk_positions(forward_batch.mrope_positions, offset, prefix, extend, mm)
+        contain("vision", "kept-token positions",
+                lambda offset=offset, prefix=prefix, extend=extend, mm=mm: _fix_chunk_positions(
+                    forward_batch.mrope_positions, offset, prefix, extend, mm),
+                lambda: None, instead="the provisional positions")
     return result
 
 

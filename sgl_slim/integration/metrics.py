@@ -35,7 +35,8 @@ SGLang's ``model_name`` label: ``sgl_slim_requests_total{feature}`` (feature = s
 ``sgl_slim_s2o_density{mode}`` (histogram, mode = sparse | dense), ``sgl_slim_vision_tokens_total{kind}``,
 ``sgl_slim_audio_tokens_total{kind}`` (kind = kept | original), ``sgl_slim_draft_tokens_total{kind}``
 (kind = proposed | accepted); from the scheduler, ``sgl_slim_s2o_pending_requests`` (S2O numbers held for
-unfinished requests, updated as requests finish: 0 when idle).
+unfinished requests, updated as requests finish: 0 when idle); from either, ``sgl_slim_fallbacks_total{feature,
+reason}`` (items served by a fallback, see sgl_slim/integration/containment.py).
 """
 
 from __future__ import annotations
@@ -316,6 +317,7 @@ class PrometheusSeries:
     def __init__(self):
         self._made = None
         self._pending = None
+        self._fallbacks = None
         self._lock = threading.Lock()
 
     def set_s2o_pending(self, n: int, model_name: str) -> None:
@@ -327,6 +329,17 @@ class PrometheusSeries:
                                       "holds until they finish (0 when idle).", ["model_name"],
                                       multiprocess_mode="livesum")
         self._pending.labels(model_name).set(n)
+
+    def count_fallback(self, feature: str, reason: str, model_name: str) -> None:
+        """Any process: one item served without its feature's selection (sgl_slim/integration/containment.py)."""
+        with self._lock:
+            if self._fallbacks is None:
+                from prometheus_client import Counter  # noqa: PLC0415
+                self._fallbacks = Counter("sgl_slim_fallbacks", "Items (an image, an audio clip) whose sgl_slim "
+                                          "processing failed and that were served by the fallback, by feature "
+                                          "(vision, audio) and reason (nonfinite, empty, error).",
+                                          ["model_name", "feature", "reason"])
+        self._fallbacks.labels(model_name, feature, reason).inc()
 
     def _series(self):
         with self._lock:

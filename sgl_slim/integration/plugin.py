@@ -40,7 +40,7 @@ ALWAYS_MODULES = ("s2o_backend",)
 
 # Installed in every process of a server started by ``python -m sgl_slim.launch`` (the configuration variable
 # is set), whatever the toggles; a plain ``sglang.launch_server`` stays stock.
-LAUNCHED_MODULES = ("input_checks", "cpu_parallel")
+LAUNCHED_MODULES = ("input_checks", "containment", "cpu_parallel")
 
 _state: dict = {"installed": set(), "config": None, "announced": False}
 

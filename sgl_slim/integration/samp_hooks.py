@@ -31,6 +31,7 @@ import logging
 import torch
 
 from sgl_slim.config import SampConfig, SlimConfig
+from sgl_slim.integration.containment import contain, contain_output, evenly_spaced, prepare_audio_output
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +145,10 @@ def shrink_placeholders(out, samp: SampConfig):
 
 
 async def _process_mm_data_around(original, self, *args, **kwargs):
-    out = await original(self, *args, **kwargs)
+    out = prepare_audio_output(await original(self, *args, **kwargs))   # bad clips: 400 here
     if _SAMP is None or not _SAMP.enabled:
         return out
-    return shrink_placeholders(out, _SAMP)
+    return contain_output("audio", out, lambda o: shrink_placeholders(o, _SAMP))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -184,21 +185,35 @@ def compress_audio_feature(original, model, items, samp: SampConfig) -> torch.Te
     if sum(lens) != tokens.shape[0]:
         raise RuntimeError(f"Samp: encoder returned {tokens.shape[0]} tokens for clips of {lens}")
     todo = [c for c, (n, k) in enumerate(zip(lens, keeps)) if k is not None and k != n]
-    stats = {}
-    if todo:   # statistics over the 2N frames that pool into each clip's N tokens
+    for c in todo:
+        if not 1 <= keeps[c] <= lens[c]:
+            raise RuntimeError(f"Samp: tokenizer kept {keeps[c]} of {lens[c]} tokens of clip {c}")
+        if keeps[c] != samp.keep_count(lens[c]):
+            raise RuntimeError(f"Samp: tokenizer kept {keeps[c]} of {lens[c]} tokens but this scheduler's settings "
+                               f"keep {samp.keep_count(lens[c])}: all processes must share --samp-* flags")
+
+    def _stats() -> dict:   # statistics over the 2N frames that pool into each clip's N tokens
         per_clip = encoder_attention_stats(layer, captured[0][todo], valid_frames=[2 * lens[c] for c in todo],
                                            n_tokens=[lens[c] for c in todo])
-        stats = dict(zip(todo, per_clip))
+        return dict(zip(todo, per_clip))
+
+    stats = contain("audio", f"encoder attention statistics of {len(todo)} clips", _stats, dict,
+                    data=captured[0][todo]) if todo else {}
     out = []
     for c, (clip_tokens, n, k) in enumerate(zip(torch.split(tokens, lens), lens, keeps)):
-        if c not in stats:
+        if c not in todo:
             out.append(clip_tokens)
             continue
-        if k != samp.keep_count(n):
-            raise RuntimeError(f"Samp: tokenizer kept {k} of {n} tokens but this scheduler's settings keep "
-                               f"{samp.keep_count(n)}: all processes must share --samp-* flags")
-        kept, _groups = samp_compress(clip_tokens, stats[c], keep=k, merge_threshold=samp.merge_threshold)
-        out.append(kept)
+        uniform = lambda clip_tokens=clip_tokens, n=n, k=k: clip_tokens[evenly_spaced(n, k).to(clip_tokens.device)]
+        if c not in stats:     # the statistics failed (already logged and counted once)
+            out.append(uniform())
+            continue
+        out.append(contain(
+            "audio", f"clip {c} ({n} tokens, keep {k})",
+            lambda clip_tokens=clip_tokens, c=c, k=k: samp_compress(clip_tokens, stats[c], keep=k,
+                                                                    merge_threshold=samp.merge_threshold)[0],
+            uniform, data=clip_tokens,
+            valid=lambda kept, k=k, clip_tokens=clip_tokens: kept.shape == (k, clip_tokens.shape[1])))
     return torch.cat(out, dim=0)
 
 

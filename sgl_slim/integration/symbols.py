@@ -26,7 +26,7 @@ CORE_SYMBOLS: list[str] = [
 ]
 
 FEATURE_MODULES = ("s2o_backend", "idpruner_hooks", "samp_hooks", "eagle_cpu", "input_checks", "metrics",
-                   "cpu_parallel")
+                   "cpu_parallel", "containment")
 
 
 def all_symbols() -> dict[str, list[str]]:
