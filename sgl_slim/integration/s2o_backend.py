@@ -1,24 +1,38 @@
 """SGLang glue for S2O sparse prefill: an attention backend registered as ``"s2o"``.
 
 The launcher maps ``--s2o`` onto ``--prefill-attention-backend s2o`` (see :func:`adjust_server_args`);
-SGLang then builds its ``HybridAttnBackend``: EXTEND / MIXED batches come here, DECODE goes to a stock
-backend (torch_native on CPU, the user's or SGLang's default on GPU).
+SGLang then builds its ``HybridAttnBackend``: EXTEND / MIXED batches come to the S2O backend, DECODE goes to
+a stock backend (torch_native on CPU, the user's or SGLang's default on GPU; decode CUDA graphs untouched).
 
-Per forward batch (:meth:`S2OAttnBackend.init_forward_metadata`) the K/V token slots of every sequence
-are gathered from ``req_to_token`` into one flat index array (indices only, never K/V); every layer then
-makes one ``sgl_slim.attention.s2o_attention_paged`` call per launch group: sequences of at least
-``--s2o-min-length`` tokens run S2O with ``--s2o-tau``, shorter ones run the same kernel with tau = 0,
-which is dense attention. The density each request achieved (mean over layers) is logged per forward
-and accumulated in :data:`STATS`.
+The backend class itself lives in :mod:`sgl_slim.integration.s2o_attn_backend`, imported only when SGLang
+builds it. This module holds what needs no SGLang object: the flag mapping, the registration, the per-batch
+plan (:func:`plan_batch`), the statistics and the checks.
+
+Routing, decided once per forward batch (:func:`plan_batch`):
+
+* **stock** — the batch is dense: ``--s2o-tau 0`` (and no calibration with a non-zero tau), or every sequence
+  is shorter than ``--s2o-min-length``. The whole batch runs through the stock backend the same server would
+  use for prefill without ``--s2o`` (held by the S2O backend), so its outputs are bit-identical to that server.
+* **s2o** — some sequence reaches ``--s2o-min-length``: the WHOLE batch runs through
+  ``sgl_slim.attention.s2o_attention_paged`` in at most two launches: the long sequences with their tau, the
+  short ones with tau 0 (dense attention, equal to the stock backend up to summation order: stock backends
+  plan whole batches, so a short sequence sharing a batch with a long one is not split off to them).
+  A layer whose calibrated taus are all 0 runs through the stock backend even in such a batch.
+
+Per batch the host work (lengths, index arrays, indptr lists) is done once in ``init_forward_metadata``;
+layers only launch kernels. The density each request achieved (mean over layers) is logged per forward and
+accumulated in :data:`STATS`.
 
 Anything S2O cannot serve exactly (head dim, dtype, sliding windows, cross-attention, encoder-only,
-logit capping, attention sinks, speculative verification) raises :class:`ConfigError` naming the flag to
-change, at startup where the model config tells, otherwise at the first forward of the layer.
+logit capping, attention sinks, speculative verification, prefill CUDA graphs) raises :class:`ConfigError`
+naming the flag to change, at startup where the model config tells, otherwise at the first forward of the
+layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import logging
 import threading
 from collections import deque
@@ -27,7 +41,6 @@ from dataclasses import dataclass, field
 import torch
 
 from sgl_slim.config import ConfigError, S2OConfig, SlimConfig
-from sgl_slim.integration.metrics import record_s2o
 
 logger = logging.getLogger("sgl_slim.s2o")
 
@@ -40,6 +53,7 @@ HOOKED_SYMBOLS: list[str] = [
     "sglang.srt.layers.attention.attention_registry.ATTENTION_BACKENDS",
     "sglang.srt.arg_groups.choices.ATTENTION_BACKEND_CHOICES",
     "sglang.srt.layers.attention.base_attn_backend.AttentionBackend",
+    "sglang.srt.layers.attention.base_attn_backend.AttentionBackend.init_cuda_graph_state",
     "sglang.srt.layers.attention.hybrid_attn_backend.HybridAttnBackend",
     "sglang.srt.layers.radix_attention.AttentionType",
     "sglang.srt.mem_cache.memory_pool.KVWriteLoc",
@@ -48,8 +62,56 @@ HOOKED_SYMBOLS: list[str] = [
     "sglang.srt.runtime_context.get_exec",
 ]
 
-_state: dict = {"config": S2OConfig(), "backend_class": None}
+# Forward modes (ForwardMode names) the S2O backend computes; DECODE / IDLE go to the decode backend.
+SERVED_MODES = ("EXTEND", "MIXED")
+
+# Keyword arguments RadixAttention may pass to forward_extend that S2O can honour (none of them change the
+# math). Anything else with a value (attention sinks, ...) is refused by check_kwargs.
+HARMLESS_KWARGS: frozenset[str] = frozenset()
+
+# Messages shared by the launcher and the backend (each refusal is written once).
+MSG_PREFILL_ONLY = (f"'{BACKEND_NAME}' serves prefill only; choose a stock decode backend (torch_native on CPU; "
+                 f"flashinfer, fa3 or triton on GPU)")
+MSG_NO_VERIFY = "S2O cannot run speculative target verification (tree masks); pass --speculative-attention-mode decode"
+MSG_NO_DLLM = "S2O serves causal prefill only; drop --s2o or --dllm-algorithm"
+MSG_NO_PREFILL_GRAPH = ("S2O decides its sparsity on the fly and cannot run inside a captured prefill CUDA graph; "
+                     "drop --cuda-graph-backend-prefill (the launcher passes --disable-prefill-cuda-graph)")
+
+_state: dict = {"config": S2OConfig()}
 _lock = threading.Lock()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks of the serving mode, shared by the launcher (flags) and the backend (resolved arguments)
+# ----------------------------------------------------------------------------------------------------
+
+def check_serving_mode(*, decode_backend: str | None, speculative: bool, speculative_attention_mode: str | None,
+                       dllm_algorithm: str | None) -> None:
+    """Refuse the serving modes S2O cannot take part in. The single place these rules are written."""
+    if decode_backend == BACKEND_NAME:
+        raise ConfigError("--decode-attention-backend", MSG_PREFILL_ONLY)
+    if speculative and speculative_attention_mode != "decode":
+        raise ConfigError("--speculative-attention-mode", MSG_NO_VERIFY)
+    if dllm_algorithm:
+        raise ConfigError("--dllm-algorithm", MSG_NO_DLLM)
+
+
+def check_forward_mode(mode) -> None:
+    """A batch mode (SGLang's ForwardMode) reaching the S2O backend: EXTEND / MIXED only."""
+    if mode.is_decode_or_idle():
+        raise ConfigError("--decode-attention-backend", MSG_PREFILL_ONLY)
+    if mode.is_target_verify():
+        raise ConfigError("--speculative-attention-mode", MSG_NO_VERIFY)
+    if mode.name not in SERVED_MODES:
+        raise ConfigError("--s2o", f"S2O serves {' / '.join(SERVED_MODES)} batches, got {mode.name}; drop --s2o "
+                                   f"for this serving mode")
+
+
+def check_kwargs(layer_id: int, kwargs: dict) -> None:
+    unknown = {key for key, val in kwargs.items() if val is not None} - HARMLESS_KWARGS
+    if unknown:
+        raise ConfigError("--s2o", f"layer {layer_id} passes {sorted(unknown)} (e.g. attention sinks), which S2O "
+                                   f"does not implement; drop --s2o")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,9 +122,10 @@ def adjust_server_args(cfg: SlimConfig, args: argparse.Namespace, *, cpu: bool) 
     """Map ``--s2o`` onto SGLang's flags (launcher process, after parsing, before ServerArgs).
 
     prefill backend -> "s2o"; decode backend -> torch_native on CPU unless the user chose one (on GPU the
-    user's ``--decode-attention-backend`` / ``--attention-backend`` or SGLang's default); with speculative
-    decoding, ``--speculative-attention-mode decode`` (verification runs on the stock decode backend); prefill
-    CUDA graphs off on GPU (S2O's early stop is data dependent). Explicit conflicting flags raise ConfigError.
+    user's ``--decode-attention-backend`` / ``--attention-backend`` or SGLang's default, with its decode CUDA
+    graphs); with speculative decoding, ``--speculative-attention-mode decode`` (verification runs on the stock
+    decode backend); prefill CUDA graphs off on GPU (S2O's early stop is data dependent). Explicit conflicting
+    flags raise ConfigError.
     """
     if not cfg.s2o.enabled:
         return
@@ -75,26 +138,21 @@ def adjust_server_args(cfg: SlimConfig, args: argparse.Namespace, *, cpu: bool) 
     if getattr(args, "attention_backend", None) == BACKEND_NAME and not getattr(args, "decode_attention_backend", None):
         raise ConfigError("--attention-backend", f"'{BACKEND_NAME}' serves prefill only; use --s2o (or "
                           f"--prefill-attention-backend {BACKEND_NAME}) and keep a stock decode backend")
-    if getattr(args, "decode_attention_backend", None) == BACKEND_NAME:
-        raise ConfigError("--decode-attention-backend", f"'{BACKEND_NAME}' serves prefill only; choose a "
-                          f"stock decode backend (torch_native on CPU; flashinfer, fa3 or triton on GPU)")
     speculative = bool(getattr(args, "speculative_algorithm", None)) or cfg.eagle.enabled
     if speculative and getattr(args, "speculative_attention_mode", "prefill") != "decode":
-        # S2O cannot verify draft trees; SGLang's other mode hands verify and draft extend to the decode backend.
         logger.info("sgl_slim: --s2o with speculative decoding: --speculative-attention-mode decode (target "
                     "verification and draft extends run on the stock decode backend)")
         args.speculative_attention_mode = "decode"
-    if getattr(args, "dllm_algorithm", None):
-        raise ConfigError("--dllm-algorithm", "--s2o serves causal prefill only; drop --s2o or --dllm-algorithm")
+    check_serving_mode(decode_backend=getattr(args, "decode_attention_backend", None), speculative=speculative,
+                       speculative_attention_mode=getattr(args, "speculative_attention_mode", None),
+                       dllm_algorithm=getattr(args, "dllm_algorithm", None))
     args.prefill_attention_backend = BACKEND_NAME
     if cpu and not getattr(args, "decode_attention_backend", None) and not getattr(args, "attention_backend", None):
         args.decode_attention_backend = "torch_native"
     if not cpu:
         chosen = getattr(args, "cuda_graph_backend_prefill", None)
         if chosen not in (None, "disabled"):
-            raise ConfigError("--cuda-graph-backend-prefill",
-                              f"--s2o decides its sparsity on the fly and cannot run inside a captured prefill "
-                              f"CUDA graph; drop --cuda-graph-backend-prefill {chosen}")
+            raise ConfigError("--cuda-graph-backend-prefill", f"{MSG_NO_PREFILL_GRAPH}; got {chosen}")
         args.disable_prefill_cuda_graph = True
 
 
@@ -119,34 +177,102 @@ def _register_backend_name() -> None:
 
 
 def _create_s2o_backend(runner):
-    cls = _state["backend_class"]
-    if cls is None:
-        cls = _state["backend_class"] = _make_backend_class()
-    return cls(runner, _state["config"])
+    from sgl_slim.integration.s2o_attn_backend import S2OAttnBackend  # noqa: PLC0415 (imports SGLang)
+    return S2OAttnBackend.from_runner(runner, _state["config"])
 
 
 # ----------------------------------------------------------------------------------------------------
-# Metadata: which rows and which token slots each launch reads (pure torch, unit-tested without SGLang)
+# Taus: one float per layer, or calibrated per layer and KV head
 # ----------------------------------------------------------------------------------------------------
+
+def check_calibration(calibration, cfg: S2OConfig, *, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+    """The ``--s2o-calibration`` file must fit the served model (its block / segment size were checked against
+    the flags when the configuration was validated: S2OConfig.load_calibration)."""
+    try:
+        calibration.check_model(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    except ValueError as exc:
+        raise ConfigError("--s2o-calibration", f"{cfg.calibration}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class LayerTaus:
+    """The tau each attention layer runs with: ``--s2o-tau`` everywhere, or a calibration's per-layer values.
+
+    Until ``s2o_attention_paged`` takes one tau per KV head, a layer whose heads differ runs with the
+    SMALLEST of its heads' taus: every head then stays within the error budget it was calibrated for
+    (a smaller tau stops later), at some loss of sparsity on the other heads.
+    """
+    default: float
+    per_layer: tuple[float, ...] | None = None     # [num_layers]; None: ``default`` for every layer
+
+    @classmethod
+    def from_config(cls, cfg: S2OConfig, calibration=None) -> "LayerTaus":
+        if calibration is None:
+            return cls(default=cfg.tau)
+        return cls(default=cfg.tau, per_layer=tuple(min(calibration.layer_tau(i))
+                                                     for i in range(calibration.num_layers)))
+
+    def tau(self, layer_id: int) -> float:
+        return self.default if self.per_layer is None else self.per_layer[layer_id]
+
+    @property
+    def all_dense(self) -> bool:
+        """Every layer has tau 0: S2O would compute exactly dense attention, so the stock backend does."""
+        return self.default == 0 if self.per_layer is None else all(t == 0 for t in self.per_layer)
+
+    @property
+    def any_dense_layer(self) -> bool:
+        return self.default == 0 if self.per_layer is None else any(t == 0 for t in self.per_layer)
+
+    def describe(self) -> str:
+        if self.per_layer is None:
+            return f"tau={self.default:g}"
+        return f"tau=calibrated ({min(self.per_layer):g}..{max(self.per_layer):g})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The per-batch plan: which backend, which rows and which token slots each launch reads
+# (pure torch, unit-tested without SGLang)
+# ----------------------------------------------------------------------------------------------------
+
+class Route(enum.Enum):
+    STOCK = "stock"     # the whole batch through the stock prefill backend (dense, bit-identical to no --s2o)
+    S2O = "s2o"         # the whole batch through s2o_attention_paged
+
+
+class DenseReason(enum.Enum):
+    """Why a sequence got dense attention (the wording of its log line)."""
+    NONE = ""
+    TAU_ZERO = "dense (--s2o-tau 0)"
+    SHORT = "dense (kv_len < --s2o-min-length {min_length})"
+
 
 @dataclass(frozen=True)
 class LaunchGroup:
     """One ``s2o_attention_paged`` call: a subset of the batch's sequences sharing one tau."""
-    tau: float
     sparse: bool                    # False: tau = 0 because every sequence is shorter than min_length
     seq_ids: tuple[int, ...]        # positions in the forward batch
     q_rows: torch.Tensor | None     # [Tq_group] int64 rows of the batch's q (None: all rows, in order)
-    qo_indptr: torch.Tensor         # [n+1] int32
-    kv_indptr: torch.Tensor         # [n+1] int32
+    qo_indptr: torch.Tensor         # [n+1] int32, on the pool's device
+    kv_indptr: torch.Tensor         # [n+1] int32, on the pool's device
     kv_indices: torch.Tensor        # [sum kv_len] token slots, per sequence in position order
+    qo_indptr_host: tuple[int, ...]   # the same offsets on the host (read once per batch, never per layer)
+    kv_indptr_host: tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class S2OForwardMetadata:
-    groups: tuple[LaunchGroup, ...]
-    seq_lens: tuple[int, ...]       # kv length per sequence (prefix + new)
-    extend_lens: tuple[int, ...]    # new (query) tokens per sequence
+class S2OBatchPlan:
+    """Everything shape-only about one forward batch, built once in init_forward_metadata."""
+    route: Route
+    groups: tuple[LaunchGroup, ...]     # empty for Route.STOCK
+    seq_lens: tuple[int, ...]           # kv length per sequence (prefix + new)
+    extend_lens: tuple[int, ...]        # new (query) tokens per sequence
+    reasons: tuple[DenseReason, ...]    # per sequence: why it is dense (NONE: served sparse)
     rids: tuple[str, ...] | None
+
+    @property
+    def sparse(self) -> tuple[bool, ...]:
+        return tuple(r is DenseReason.NONE for r in self.reasons)
 
 
 def _ranges(starts: torch.Tensor, lens: list[int], total: int) -> torch.Tensor:
@@ -157,15 +283,15 @@ def _ranges(starts: torch.Tensor, lens: list[int], total: int) -> torch.Tensor:
     return base + torch.arange(total, dtype=torch.int64, device=starts.device)
 
 
-def _indptr(lens: list[int], device) -> torch.Tensor:
+def _offsets(lens: list[int]) -> tuple[int, ...]:
     out = [0]
     for n in lens:
         out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32, device=device)
+    return tuple(out)
 
 
 def build_launch_groups(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: list[int],
-                        extend_lens: list[int], *, tau: float, min_length: int) -> tuple[LaunchGroup, ...]:
+                        extend_lens: list[int], *, min_length: int) -> tuple[LaunchGroup, ...]:
     """Split a batch into at most two launches (sparse: kv_len >= min_length; dense: shorter, tau = 0).
 
     req_to_token:     [max_reqs, max_context] token slot of position p of request row r.
@@ -174,16 +300,9 @@ def build_launch_groups(req_to_token: torch.Tensor, req_pool_indices: torch.Tens
     extend_lens:      [B] new tokens of each sequence; they are its LAST positions and sit packed in q
                       in batch order.
     """
-    if len(seq_lens) != len(extend_lens) or len(seq_lens) != req_pool_indices.shape[0]:
-        raise ValueError(f"batch of {req_pool_indices.shape[0]} requests but {len(seq_lens)} seq lens and "
-                         f"{len(extend_lens)} extend lens")
-    for b, (kv_len, q_len) in enumerate(zip(seq_lens, extend_lens)):
-        if not 0 <= q_len <= kv_len:
-            raise ValueError(f"sequence {b}: {q_len} new tokens but kv length {kv_len}")
+    _check_lengths(req_pool_indices, seq_lens, extend_lens)
     device = req_to_token.device
-    q_starts = [0]
-    for n in extend_lens[:-1]:
-        q_starts.append(q_starts[-1] + n)
+    q_starts = _offsets(extend_lens)[:-1]
     sparse_ids = [b for b, n in enumerate(seq_lens) if n >= min_length]
     dense_ids = [b for b, n in enumerate(seq_lens) if n < min_length]
     groups = []
@@ -202,10 +321,66 @@ def build_launch_groups(req_to_token: torch.Tensor, req_pool_indices: torch.Tens
         whole = len(ids) == len(seq_lens)
         q_rows = None if whole else _ranges(torch.tensor([q_starts[b] for b in ids], device=device), q_lens,
                                             sum(q_lens))
-        groups.append(LaunchGroup(tau=tau if sparse else 0.0, sparse=sparse, seq_ids=tuple(ids), q_rows=q_rows,
-                                  qo_indptr=_indptr(q_lens, device), kv_indptr=_indptr(kv_lens, device),
-                                  kv_indices=kv_indices))
+        qo_host, kv_host = _offsets(q_lens), _offsets(kv_lens)
+        groups.append(LaunchGroup(sparse=sparse, seq_ids=tuple(ids), q_rows=q_rows,
+                                  qo_indptr=torch.tensor(qo_host, dtype=torch.int32, device=device),
+                                  kv_indptr=torch.tensor(kv_host, dtype=torch.int32, device=device),
+                                  kv_indices=kv_indices, qo_indptr_host=qo_host, kv_indptr_host=kv_host))
     return tuple(groups)
+
+
+def _check_lengths(req_pool_indices: torch.Tensor, seq_lens: list[int], extend_lens: list[int]) -> None:
+    if len(seq_lens) != len(extend_lens) or len(seq_lens) != req_pool_indices.shape[0]:
+        raise ValueError(f"batch of {req_pool_indices.shape[0]} requests but {len(seq_lens)} seq lens and "
+                         f"{len(extend_lens)} extend lens")
+    for b, (kv_len, q_len) in enumerate(zip(seq_lens, extend_lens)):
+        if not 0 <= q_len <= kv_len:
+            raise ValueError(f"sequence {b}: {q_len} new tokens but kv length {kv_len}")
+
+
+def plan_batch(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: list[int],
+               extend_lens: list[int], *, taus: LayerTaus, min_length: int,
+               rids: tuple[str, ...] | None = None) -> S2OBatchPlan:
+    """Route a batch (see the module docstring) and, for S2O, build its launch groups. Host lists in, once."""
+    _check_lengths(req_pool_indices, seq_lens, extend_lens)
+    short = [n < min_length for n in seq_lens]
+    if taus.all_dense:
+        reasons = tuple(DenseReason.TAU_ZERO for _ in seq_lens)
+    else:
+        reasons = tuple(DenseReason.SHORT if s else DenseReason.NONE for s in short)
+    if all(r is not DenseReason.NONE for r in reasons):
+        return S2OBatchPlan(route=Route.STOCK, groups=(), seq_lens=tuple(seq_lens),
+                            extend_lens=tuple(extend_lens), reasons=reasons, rids=rids)
+    groups = build_launch_groups(req_to_token, req_pool_indices, seq_lens, extend_lens, min_length=min_length)
+    return S2OBatchPlan(route=Route.S2O, groups=groups, seq_lens=tuple(seq_lens), extend_lens=tuple(extend_lens),
+                        reasons=reasons, rids=rids)
+
+
+def run_s2o_layer(plan: S2OBatchPlan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *,
+                  tau: float, block_size: int, segment_size: int, sm_scale: float
+                  ) -> tuple[torch.Tensor, list[float]]:
+    """One layer of a Route.S2O batch: one ``s2o_attention_paged`` launch per group.
+
+    q: [T, Hq, D] the batch's queries; k_pool, v_pool: [slots, Hkv, D] (the new tokens already written).
+    Returns out [T, Hq, D] and the density of each sequence of the batch (1.0 for the dense group).
+    """
+    from sgl_slim.attention import s2o_attention_paged  # noqa: PLC0415 (keeps this module's import light)
+
+    out = None if len(plan.groups) == 1 and plan.groups[0].q_rows is None else torch.empty_like(q)
+    densities = [1.0] * len(plan.seq_lens)
+    for g in plan.groups:
+        q_g = q if g.q_rows is None else q.index_select(0, g.q_rows)
+        o_g, stats = s2o_attention_paged(
+            q_g, k_pool, v_pool, qo_indptr=g.qo_indptr, kv_indptr=g.kv_indptr, kv_indices=g.kv_indices,
+            tau=tau if g.sparse else 0.0, block_size=block_size, segment_size=segment_size, sm_scale=sm_scale,
+            return_stats=True)
+        if g.q_rows is None:
+            out = o_g
+        else:
+            out.index_copy_(0, g.q_rows, o_g)
+        for b, density in zip(g.seq_ids, stats["density_per_seq"]):
+            densities[b] = density
+    return out, densities
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,7 +392,7 @@ class S2OStats:
     """Achieved densities in this process. ``density`` is weighted by causal (query, key) pairs."""
     forwards: int = 0
     sparse_chunks: int = 0          # (request, forward) pairs served sparse
-    dense_chunks: int = 0           # ... served dense because kv_len < min_length
+    dense_chunks: int = 0           # ... served dense (tau 0, or kv_len < min_length)
     weighted_density: float = 0.0   # sum of density * causal pairs over sparse chunks
     causal_pairs: float = 0.0
     recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (rid, kv_len, q_len, density, sparse)
@@ -246,7 +421,7 @@ STATS = S2OStats()
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checks: refuse what S2O cannot serve exactly, naming the flag to change
+# Startup and first-use checks: refuse what S2O cannot serve exactly, naming the flag to change
 # ----------------------------------------------------------------------------------------------------
 
 def check_runner(runner) -> None:
@@ -276,15 +451,11 @@ def check_runner(runner) -> None:
     if not cpu and head_dim not in GPU_HEAD_DIMS:
         raise ConfigError("--s2o", f"the Triton kernel supports head dims {GPU_HEAD_DIMS}, this model has "
                                    f"{head_dim}; drop --s2o")
-    if getattr(runner, "decode_attention_backend_str", None) == BACKEND_NAME:
-        raise ConfigError("--decode-attention-backend", f"'{BACKEND_NAME}' serves prefill only; choose a stock "
-                                                        f"decode backend (torch_native on CPU)")
     spec = get_spec()
-    if spec.speculative_algorithm is not None and spec.speculative_attention_mode != "decode":
-        raise ConfigError("--speculative-attention-mode", "S2O cannot run target verification (tree masks); "
-                                                          "pass --speculative-attention-mode decode")
-    if get_exec().dllm.dllm_algorithm is not None:
-        raise ConfigError("--dllm-algorithm", "S2O serves causal prefill only; drop --s2o or --dllm-algorithm")
+    check_serving_mode(decode_backend=getattr(runner, "decode_attention_backend_str", None),
+                       speculative=spec.speculative_algorithm is not None,
+                       speculative_attention_mode=spec.speculative_attention_mode,
+                       dllm_algorithm=get_exec().dllm.dllm_algorithm)
 
 
 def check_layer(layer, *, cpu: bool) -> None:
@@ -313,144 +484,3 @@ def check_layer(layer, *, cpu: bool) -> None:
     if layer.k_scale is not None or layer.v_scale is not None:
         raise ConfigError("--kv-cache-dtype", f"{where} has a quantised KV cache (k/v scales); S2O reads "
                                               f"K/V in the model dtype; use --kv-cache-dtype auto")
-
-
-# Keyword arguments RadixAttention may pass that S2O can honour (none change the math).
-_HARMLESS_KWARGS = frozenset()
-
-
-# ----------------------------------------------------------------------------------------------------
-# The backend
-# ----------------------------------------------------------------------------------------------------
-
-def _make_backend_class():
-    from sglang.srt.layers.attention.base_attn_backend import AttentionBackend  # noqa: PLC0415
-    from sglang.srt.mem_cache.memory_pool import KVWriteLoc  # noqa: PLC0415
-    from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: PLC0415
-
-    from sgl_slim.attention import s2o_attention_paged  # noqa: PLC0415
-
-    class S2OAttnBackend(AttentionBackend):
-        """S2O for EXTEND / MIXED batches. DECODE belongs to the stock backend of the hybrid wrapper."""
-
-        def __init__(self, model_runner, cfg: S2OConfig):
-            super().__init__()
-            check_runner(model_runner)
-            self.cfg = cfg
-            self.cpu = str(model_runner.device) == "cpu"
-            self.req_to_token_pool = model_runner.req_to_token_pool
-            self.token_to_kv_pool = model_runner.token_to_kv_pool
-            # layers per forward on this rank: the pool holds one K/V buffer per attention layer
-            self.num_layers = getattr(self.token_to_kv_pool, "layer_num", None) or \
-                model_runner.model_config.num_hidden_layers
-            self.forward_metadata = None
-            self._metadata_batch = None     # the ForwardBatch forward_metadata was built for
-            self._density_sum = None        # [B] sum over layers of per-sequence density
-            self._layers_seen = 0
-            self._checked_layers: set[int] = set()
-            logger.info("S2O prefill backend: tau=%g block_size=%d segment_size=%d min_length=%d (%s)",
-                        cfg.tau, cfg.block_size, cfg.segment_size, cfg.min_length,
-                        "fp32 reference on CPU" if self.cpu else "Triton kernel")
-
-        # -- metadata ---------------------------------------------------------------------------------
-        def init_forward_metadata(self, forward_batch):
-            self._build_metadata(forward_batch)
-
-        def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-            if in_capture:
-                raise ConfigError("--cuda-graph-backend-prefill", "S2O cannot be captured in a prefill CUDA "
-                                                                  "graph; pass --disable-prefill-cuda-graph")
-            self._build_metadata(forward_batch)
-
-        def _build_metadata(self, fb):
-            self._flush_stats()
-            mode = fb.forward_mode
-            if mode.is_decode_or_idle():
-                self.forward_metadata, self._metadata_batch = None, fb
-                return
-            self._check_mode(mode)
-            seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
-            extend_lens = (list(fb.extend_seq_lens_cpu) if fb.extend_seq_lens_cpu is not None
-                           else fb.extend_seq_lens.tolist())
-            groups = build_launch_groups(self.req_to_token_pool.req_to_token, fb.req_pool_indices, seq_lens,
-                                         extend_lens, tau=self.cfg.tau, min_length=self.cfg.min_length)
-            rids = tuple(fb.rids) if getattr(fb, "rids", None) else None
-            self.forward_metadata = S2OForwardMetadata(groups=groups, seq_lens=tuple(seq_lens),
-                                                       extend_lens=tuple(extend_lens), rids=rids)
-            self._metadata_batch = fb
-            self._density_sum = [0.0] * len(seq_lens)
-            self._layers_seen = 0
-            STATS.forwards += 1
-
-        @staticmethod
-        def _check_mode(mode):
-            if mode.is_target_verify():
-                raise ConfigError("--speculative-attention-mode", "S2O cannot run speculative target "
-                                  "verification (tree masks); pass --speculative-attention-mode decode")
-            if mode not in (ForwardMode.EXTEND, ForwardMode.MIXED):
-                raise ConfigError("--s2o", f"S2O serves EXTEND / MIXED batches, got {mode.name}; drop --s2o "
-                                           f"for this serving mode")
-
-        # -- forward ----------------------------------------------------------------------------------
-        def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-            unknown = {key for key, val in kwargs.items() if val is not None} - _HARMLESS_KWARGS
-            if unknown:
-                raise ConfigError("--s2o", f"layer {layer.layer_id} passes {sorted(unknown)} (e.g. attention "
-                                           f"sinks), which S2O does not implement; drop --s2o")
-            if layer.layer_id not in self._checked_layers:
-                check_layer(layer, cpu=self.cpu)
-                self._checked_layers.add(layer.layer_id)
-            if self._metadata_batch is not forward_batch or self.forward_metadata is None:
-                self._build_metadata(forward_batch)
-            meta = self.forward_metadata
-
-            if save_kv_cache and k is not None and v is not None:
-                self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
-
-            hq, d = layer.tp_q_head_num, layer.qk_head_dim
-            q3 = q.reshape(-1, hq, d)                                   # [T, Hq, D]
-            out = torch.empty_like(q3)
-            k_pool = self.token_to_kv_pool.get_key_buffer(layer.layer_id)   # [slots, Hkv, D]
-            v_pool = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-            for g in meta.groups:
-                q_g = q3 if g.q_rows is None else q3.index_select(0, g.q_rows)
-                o_g, stats = s2o_attention_paged(
-                    q_g, k_pool, v_pool, qo_indptr=g.qo_indptr, kv_indptr=g.kv_indptr, kv_indices=g.kv_indices,
-                    tau=g.tau, block_size=self.cfg.block_size, segment_size=self.cfg.segment_size,
-                    sm_scale=layer.scaling, return_stats=True)
-                if g.q_rows is None:
-                    out = o_g
-                else:
-                    out.index_copy_(0, g.q_rows, o_g)
-                for b, dens in zip(g.seq_ids, stats["density_per_seq"]):
-                    self._density_sum[b] += dens
-            self._layers_seen += 1
-            if self._layers_seen == self.num_layers:
-                self._flush_stats()
-            return out.reshape(q.shape[0], hq * layer.v_head_dim)
-
-        def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-            raise ConfigError("--decode-attention-backend", f"'{BACKEND_NAME}' serves prefill only; choose a "
-                                                            f"stock decode backend")
-
-        def support_triton(self):
-            return False
-
-        # -- stats ------------------------------------------------------------------------------------
-        def _flush_stats(self):
-            meta, layers = self.forward_metadata, self._layers_seen
-            if meta is None or not layers:
-                return
-            sparse_of = {b: g.sparse for g in meta.groups for b in g.seq_ids}
-            for b, (kv_len, q_len) in enumerate(zip(meta.seq_lens, meta.extend_lens)):
-                density = self._density_sum[b] / layers
-                rid = meta.rids[b] if meta.rids else None
-                STATS.record(rid, kv_len, q_len, density, sparse_of[b])
-                record_s2o(rid, kv_len, q_len, density, sparse_of[b])     # per-request numbers (metrics.py)
-                logger.info("S2O prefill rid=%s kv_len=%d new=%d density=%.4f %s (mean of %d layers)", rid,
-                            kv_len, q_len, density,
-                            f"tau={self.cfg.tau:g}" if sparse_of[b]
-                            else f"dense (kv_len < --s2o-min-length {self.cfg.min_length})", layers)
-            self._layers_seen = 0
-
-    return S2OAttnBackend

@@ -1,5 +1,6 @@
-"""The S2O attention backend's SGLang glue, without a server: launch-group metadata, the backend's forward
-against SGLang's own torch_native backend, the checks that refuse unsupported layers, the flag mapping."""
+"""The S2O attention backend's SGLang glue, without a server: the per-batch plan (routing and launch groups),
+the backend's forward against SGLang's own torch_native backend (bit-identical where it delegates to it),
+calibrated taus, the checks that refuse unsupported layers and modes, the flag mapping."""
 
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ def test_groups_gather_each_sequences_slots_in_position_order():
     r2t = _pool()
     rows = torch.tensor([4, 1, 3])
     seq_lens, ext = [40, 7, 23], [9, 7, 1]        # prefix hit, fresh prompt, decode-like row of a MIXED batch
-    (g,) = sb.build_launch_groups(r2t, rows, seq_lens, ext, tau=0.1, min_length=0)
-    assert g.sparse and g.tau == 0.1 and g.seq_ids == (0, 1, 2) and g.q_rows is None
-    assert g.qo_indptr.tolist() == [0, 9, 16, 17]
-    assert g.kv_indptr.tolist() == [0, 40, 47, 70]
+    (g,) = sb.build_launch_groups(r2t, rows, seq_lens, ext, min_length=0)
+    assert g.sparse and g.seq_ids == (0, 1, 2) and g.q_rows is None
+    assert g.qo_indptr.tolist() == list(g.qo_indptr_host) == [0, 9, 16, 17]
+    assert g.kv_indptr.tolist() == list(g.kv_indptr_host) == [0, 40, 47, 70]
     expect = torch.cat([r2t[4, :40], r2t[1, :7], r2t[3, :23]])
     assert torch.equal(g.kv_indices, expect)
 
@@ -39,10 +40,10 @@ def test_short_sequences_go_to_a_dense_group_with_their_own_rows():
     r2t = _pool(seed=1)
     rows = torch.tensor([0, 5, 2, 1])
     seq_lens, ext = [50, 10, 33, 12], [5, 10, 3, 2]
-    groups = sb.build_launch_groups(r2t, rows, seq_lens, ext, tau=0.2, min_length=30)
+    groups = sb.build_launch_groups(r2t, rows, seq_lens, ext, min_length=30)
     sparse, dense = groups
-    assert sparse.sparse and sparse.tau == 0.2 and sparse.seq_ids == (0, 2)
-    assert not dense.sparse and dense.tau == 0.0 and dense.seq_ids == (1, 3)
+    assert sparse.sparse and sparse.seq_ids == (0, 2)
+    assert not dense.sparse and dense.seq_ids == (1, 3)
     # q rows: seq 0 -> 0..4, seq 1 -> 5..14, seq 2 -> 15..17, seq 3 -> 18..19
     assert sparse.q_rows.tolist() == [0, 1, 2, 3, 4, 15, 16, 17]
     assert dense.q_rows.tolist() == list(range(5, 15)) + [18, 19]
@@ -54,15 +55,54 @@ def test_short_sequences_go_to_a_dense_group_with_their_own_rows():
 
 
 def test_all_short_batch_is_one_dense_group_without_row_gather():
-    (g,) = sb.build_launch_groups(_pool(), torch.tensor([2, 3]), [8, 9], [8, 2], tau=0.5, min_length=4096)
-    assert not g.sparse and g.tau == 0.0 and g.q_rows is None
+    (g,) = sb.build_launch_groups(_pool(), torch.tensor([2, 3]), [8, 9], [8, 2], min_length=4096)
+    assert not g.sparse and g.q_rows is None
 
 
 def test_bad_lengths_are_refused():
+    taus = sb.LayerTaus(default=0.1)
     with pytest.raises(ValueError, match="sequence 1: 5 new tokens but kv length 3"):
-        sb.build_launch_groups(_pool(), torch.tensor([0, 1]), [8, 3], [2, 5], tau=0.0, min_length=0)
+        sb.plan_batch(_pool(), torch.tensor([0, 1]), [8, 3], [2, 5], taus=taus, min_length=0)
     with pytest.raises(ValueError, match="batch of 2 requests"):
-        sb.build_launch_groups(_pool(), torch.tensor([0, 1]), [8], [2], tau=0.0, min_length=0)
+        sb.build_launch_groups(_pool(), torch.tensor([0, 1]), [8], [2], min_length=0)
+
+
+@pytest.mark.parametrize("tau, min_length, seq_lens, route, reasons", [
+    (0.0, 0, [40, 7], sb.Route.STOCK, ["TAU_ZERO", "TAU_ZERO"]),          # tau 0: dense everywhere -> stock
+    (0.1, 50, [40, 7], sb.Route.STOCK, ["SHORT", "SHORT"]),               # all below --s2o-min-length
+    (0.1, 30, [40, 7], sb.Route.S2O, ["NONE", "SHORT"]),                  # mixed: whole batch through S2O
+    (0.1, 0, [40, 7], sb.Route.S2O, ["NONE", "NONE"]),
+])
+def test_plan_routes_dense_batches_to_the_stock_backend(tau, min_length, seq_lens, route, reasons):
+    plan = sb.plan_batch(_pool(), torch.tensor([1, 2]), seq_lens, [5, 7], taus=sb.LayerTaus(default=tau),
+                         min_length=min_length, rids=("a", "b"))
+    assert plan.route is route and [r.name for r in plan.reasons] == reasons
+    assert plan.sparse == tuple(r == "NONE" for r in reasons) and plan.rids == ("a", "b")
+    assert (plan.groups == ()) == (route is sb.Route.STOCK)
+    if route is sb.Route.S2O:
+        assert sorted(b for g in plan.groups for b in g.seq_ids) == [0, 1]
+
+
+def _calibration(taus, **kw):
+    from sgl_slim.attention.calibration import S2OCalibration
+    base = dict(model="fake", num_layers=len(taus), num_kv_heads=len(taus[0]), head_dim=16, error_budget=0.05,
+                block_size=16, segment_size=32, variant="v1", taus=taus)
+    base.update(kw)
+    return S2OCalibration(**base)
+
+
+def test_layer_taus_take_the_smallest_head_tau_of_each_layer():
+    cfg = S2OConfig(enabled=True, tau=0.7)
+    plain = sb.LayerTaus.from_config(cfg)
+    assert plain.tau(0) == plain.tau(31) == 0.7 and not plain.all_dense and not plain.any_dense_layer
+    assert plain.describe() == "tau=0.7"
+    cal = sb.LayerTaus.from_config(cfg, _calibration(((0.3, 0.1), (0.0, 0.2), (0.5, 0.5))))
+    assert [cal.tau(i) for i in range(3)] == [0.1, 0.0, 0.5]     # min over heads: each head within budget
+    assert cal.any_dense_layer and not cal.all_dense and cal.describe() == "tau=calibrated (0..0.5)"
+    zero = sb.LayerTaus.from_config(cfg, _calibration(((0.0, 0.0), (0.0, 0.0))))
+    assert zero.all_dense
+    plan = sb.plan_batch(_pool(), torch.tensor([1]), [60], [60], taus=zero, min_length=0)
+    assert plan.route is sb.Route.STOCK and plan.reasons == (sb.DenseReason.TAU_ZERO,)
 
 
 def test_stats_weight_density_by_causal_pairs_and_count_dense_chunks():
@@ -80,7 +120,7 @@ def test_stats_weight_density_by_causal_pairs_and_count_dense_chunks():
 def _args(**kw):
     base = dict(prefill_attention_backend=None, decode_attention_backend=None, attention_backend=None,
                 speculative_algorithm=None, speculative_attention_mode="prefill", dllm_algorithm=None,
-                cuda_graph_backend_prefill=None, disable_prefill_cuda_graph=False)
+                cuda_graph_backend_prefill=None, disable_prefill_cuda_graph=False, disable_cuda_graph=False)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -99,7 +139,7 @@ def test_adjust_server_args_gpu_keeps_the_users_decode_backend_and_disables_pref
     a = _args()
     sb.adjust_server_args(ON, a, cpu=False)
     assert a.prefill_attention_backend == "s2o" and a.decode_attention_backend is None  # SGLang's default
-    assert a.disable_prefill_cuda_graph
+    assert a.disable_prefill_cuda_graph and not a.disable_cuda_graph, "decode CUDA graphs must stay on"
     b = _args(attention_backend="fa3")
     sb.adjust_server_args(ON, b, cpu=False)
     assert b.attention_backend == "fa3" and b.prefill_attention_backend == "s2o"
@@ -131,6 +171,68 @@ def test_adjust_server_args_refuses_a_prefill_cuda_graph_on_gpu():
         sb.adjust_server_args(ON, _args(cuda_graph_backend_prefill="breakable"), cpu=False)
 
 
+@pytest.mark.parametrize("kw, flag", [
+    (dict(decode_backend="s2o", speculative=False, speculative_attention_mode=None, dllm_algorithm=None),
+     "--decode-attention-backend"),
+    (dict(decode_backend="fa3", speculative=True, speculative_attention_mode="prefill", dllm_algorithm=None),
+     "--speculative-attention-mode"),
+    (dict(decode_backend="fa3", speculative=False, speculative_attention_mode=None, dllm_algorithm="LowConf"),
+     "--dllm-algorithm"),
+])
+def test_serving_mode_checks_name_the_flag(kw, flag):
+    with pytest.raises(ConfigError) as exc:
+        sb.check_serving_mode(**kw)
+    assert exc.value.flag == flag
+    sb.check_serving_mode(decode_backend="fa3", speculative=True, speculative_attention_mode="decode",
+                          dllm_algorithm=None)
+
+
+def _write_calibration(path, **kw):
+    cal = _calibration(((1e-3, 2e-3), (0.0, 0.0)), **kw)
+    cal.save(path)
+    return str(path)
+
+
+def test_calibration_flag_checks_the_file_and_the_block_sizes(tmp_path):
+    good = _write_calibration(tmp_path / "c.json")
+    cfg = S2OConfig(enabled=True, block_size=16, segment_size=32, calibration=good)
+    cfg.validate()
+    assert cfg.load_calibration().layer_tau(0) == (1e-3, 2e-3)
+    with pytest.raises(ConfigError, match="pass --s2o-block-size 16 --s2o-segment-size 32") as exc:
+        S2OConfig(enabled=True, block_size=32, segment_size=64, calibration=good).validate()
+    assert exc.value.flag == "--s2o-calibration"
+    (tmp_path / "bad.json").write_text('{"format": "sgl_slim.s2o_calibration/1"}')
+    with pytest.raises(ConfigError, match=r"bad.json: model: missing") as exc:
+        S2OConfig(enabled=True, calibration=str(tmp_path / "bad.json")).validate()
+    assert exc.value.flag == "--s2o-calibration"
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "not a readable JSON file"),                        # no such file
+    ("[]", "must be a JSON object"),
+    ('{"format": "other"}', "format: must be"),
+])
+def test_launcher_exits_2_on_a_bad_calibration_file(tmp_path, capsys, content, match):
+    from sgl_slim.launch import parse_slim_args
+    path = tmp_path / "cal.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        parse_slim_args(["--s2o", "--s2o-calibration", str(path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--s2o-calibration" in err and match in err
+
+
+def test_launcher_passes_a_good_calibration_file_to_the_config(tmp_path):
+    from sgl_slim.launch import parse_slim_args
+    path = _write_calibration(tmp_path / "c.json")
+    cfg, argv, _ = parse_slim_args(["--s2o", "--s2o-block-size", "16", "--s2o-segment-size", "32",
+                                    "--s2o-calibration", path, "--port", "1"])
+    assert cfg.s2o.calibration == path and "--s2o-calibration" not in argv and path not in argv
+    assert SlimConfig.from_json(cfg.to_json()).s2o.calibration == path
+
+
 def test_adjust_server_args_is_a_no_op_when_s2o_is_off():
     a = _args()
     sb.adjust_server_args(SlimConfig(), a, cpu=True)
@@ -142,7 +244,18 @@ def test_adjust_server_args_is_a_no_op_when_s2o_is_off():
 @pytest.fixture(scope="module")
 def backend_cls():
     pytest.importorskip("sglang")
-    return sb._make_backend_class()
+    from sgl_slim.integration.s2o_attn_backend import S2OAttnBackend
+    return S2OAttnBackend
+
+
+def test_the_backend_module_is_imported_lazily():
+    # Registering the backend (every SGLang process) must not import the class module: only building it does.
+    import subprocess
+    import sys
+    code = ("import sys\nfrom sgl_slim.integration import s2o_backend\n"
+            "print('LOADED' if 'sgl_slim.integration.s2o_attn_backend' in sys.modules else 'LAZY')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "LAZY", proc.stderr[-2000:]
 
 
 def test_install_is_idempotent_and_registers_the_name():
@@ -161,16 +274,21 @@ def test_hooked_symbols_exist_in_the_pinned_sglang():
     pytest.importorskip("sglang")
     for path in sb.HOOKED_SYMBOLS:
         module, _, name = path.rpartition(".")
-        assert hasattr(importlib.import_module(module), name), f"{path} is gone from this SGLang"
+        try:
+            obj = importlib.import_module(module)
+        except ImportError:          # Class.method: import the class's module, walk the attribute
+            module, _, cls = module.rpartition(".")
+            obj = getattr(importlib.import_module(module), cls)
+        assert hasattr(obj, name), f"{path} is gone from this SGLang"
 
 
 class _Pool:
-    """Token-slot KV pool with SGLang's MHA interface (one layer)."""
+    """Token-slot KV pool with SGLang's MHA interface (every layer shares one buffer here)."""
 
-    def __init__(self, slots, hkv, d, dtype):
+    def __init__(self, slots, hkv, d, dtype, layers=1):
         self.k = torch.zeros(slots, hkv, d, dtype=dtype)
         self.v = torch.zeros(slots, hkv, d, dtype=dtype)
-        self.layer_num = 1
+        self.layer_num = layers
 
     def get_key_buffer(self, layer_id):
         return self.k
@@ -178,35 +296,43 @@ class _Pool:
     def get_value_buffer(self, layer_id):
         return self.v
 
-    def set_kv_buffer(self, layer, loc, k, v):
-        self.k[loc.loc] = k
-        self.v[loc.loc] = v
+    def set_kv_buffer(self, layer, loc, k, v, *args, **kwargs):
+        self.k[loc.loc if hasattr(loc, "loc") else loc] = k
+        self.v[loc.loc if hasattr(loc, "loc") else loc] = v
 
 
 def _layer(hq=4, hkv=2, d=16, **kw):
     from sglang.srt.layers.radix_attention import AttentionType
-    base = dict(layer_id=0, tp_q_head_num=hq, tp_k_head_num=hkv, qk_head_dim=d, v_head_dim=d, scaling=d ** -0.5,
-                is_cross_attention=False, attn_type=AttentionType.DECODER, sliding_window_size=-1,
-                use_irope=False, logit_cap=0.0, k_scale=None, v_scale=None)
+    base = dict(layer_id=0, tp_q_head_num=hq, tp_k_head_num=hkv, tp_v_head_num=hkv, qk_head_dim=d, v_head_dim=d,
+                head_dim=d, scaling=d ** -0.5, is_cross_attention=False, attn_type=AttentionType.DECODER,
+                sliding_window_size=-1, use_irope=False, logit_cap=0.0, k_scale=None, v_scale=None)
     base.update(kw)
     return SimpleNamespace(**base)
 
 
-def _batch_and_backend(backend_cls, monkeypatch, cfg, seq_lens, ext, hq=4, hkv=2, d=16, seed=0):
-    """A batch whose prefixes are already in the pool (radix hits / earlier chunks) plus new tokens."""
+def _runner(pool, r2t, layers=1, hkv=2, d=16):
+    mc = SimpleNamespace(num_hidden_layers=layers, head_dim=d, get_total_num_kv_heads=lambda: hkv)
+    return SimpleNamespace(device="cpu", req_to_token_pool=SimpleNamespace(req_to_token=r2t), token_to_kv_pool=pool,
+                           model_config=mc, decode_attention_backend_str="torch_native")
+
+
+def _batch_and_backend(backend_cls, monkeypatch, cfg, seq_lens, ext, hq=4, hkv=2, d=16, seed=0, layers=1):
+    """A batch whose prefixes are already in the pool (radix hits / earlier chunks) plus new tokens; the
+    backend built by SGLang's factory path with torch_native as the stock backend."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sgl_slim.integration import s2o_attn_backend
     monkeypatch.setattr(sb, "check_runner", lambda runner: None)
+    monkeypatch.setattr(s2o_attn_backend, "stock_backend_name", lambda runner: "torch_native")
     g = torch.Generator().manual_seed(seed)
     slots = 512
-    pool = _Pool(slots, hkv, d, torch.float32)
+    pool = _Pool(slots, hkv, d, torch.float32, layers)
     pool.k.copy_(torch.randn(slots, hkv, d, generator=g))
     pool.v.copy_(torch.randn(slots, hkv, d, generator=g))
     r2t = torch.randperm(slots, generator=g)[: 4 * 100].view(4, 100).to(torch.int32)
     rows = torch.tensor([2, 0, 3][: len(seq_lens)])
     out_loc = torch.cat([r2t[r, s - n:s] for r, s, n in zip(rows.tolist(), seq_lens, ext)]).long()
-    runner = SimpleNamespace(device="cpu", req_to_token_pool=SimpleNamespace(req_to_token=r2t),
-                             token_to_kv_pool=pool, model_config=SimpleNamespace(num_hidden_layers=1))
-    backend = backend_cls(runner, cfg)
+    backend = backend_cls.from_runner(_runner(pool, r2t, layers, hkv, d), cfg)
     fb = SimpleNamespace(
         forward_mode=ForwardMode.EXTEND, req_pool_indices=rows, seq_lens=torch.tensor(seq_lens),
         seq_lens_cpu=torch.tensor(seq_lens), extend_seq_lens=torch.tensor(ext), extend_seq_lens_cpu=ext,
@@ -220,6 +346,7 @@ def _batch_and_backend(backend_cls, monkeypatch, cfg, seq_lens, ext, hq=4, hkv=2
 
 
 def _torch_native(pool, r2t, fb, layer, q):
+    """SGLang's torch_native extend on the pool as it is (the new K/V already written)."""
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
     out = torch.empty(q.shape[0], layer.tp_q_head_num, layer.v_head_dim)
     TorchNativeAttnBackend._run_sdpa_forward_extend(
@@ -228,37 +355,86 @@ def _torch_native(pool, r2t, fb, layer, q):
     return out.view(q.shape[0], -1)
 
 
-def test_tau0_equals_sglang_torch_native_on_a_mixed_batch(backend_cls, monkeypatch, caplog):
-    # prefix hit (70 cached + 20 new), fresh prompt (37), one-token extension; min_length splits the batch
-    cfg = S2OConfig(enabled=True, tau=0.0, block_size=16, segment_size=32, min_length=40)
+def _log_lines(caplog):
+    return [r.getMessage() for r in caplog.records if "S2O prefill rid=" in r.getMessage()]
+
+
+@pytest.mark.parametrize("tau, min_length, reason", [
+    (0.0, 0, "dense (--s2o-tau 0)"),
+    (0.5, 1000, "dense (kv_len < --s2o-min-length 1000)"),
+])
+def test_dense_batches_run_on_the_stock_backend_bit_identically(backend_cls, monkeypatch, caplog, tau, min_length,
+                                                                reason):
+    # prefix hit (70 cached + 20 new), fresh prompt (37), one-token extension
+    cfg = S2OConfig(enabled=True, tau=tau, block_size=16, segment_size=32, min_length=min_length)
     backend, fb, pool, r2t, q, k, v = _batch_and_backend(backend_cls, monkeypatch, cfg, [90, 37, 61], [20, 37, 1])
     layer = _layer()
     backend.init_forward_metadata(fb)
-    assert [g.seq_ids for g in backend.forward_metadata.groups] == [(0, 2), (1,)]
+    assert backend.plan.route is sb.Route.STOCK
+    dense_before = sb.STATS.dense_chunks
     with caplog.at_level(logging.INFO, logger="sgl_slim.s2o"):
         out = backend.forward_extend(q, k, v, layer, fb)
+    assert torch.equal(pool.k[fb.out_cache_loc], k), "the stock backend must write the new K to the pool"
+    assert torch.equal(out, _torch_native(pool, r2t, fb, layer, q)), "dense batches must equal the stock backend"
+    assert sb.STATS.dense_chunks == dense_before + 3
+    lines = _log_lines(caplog)
+    assert len(lines) == 3 and all("density=1.0000" in line and reason in line for line in lines)
+
+
+def test_mixed_batch_runs_whole_through_s2o_short_rows_dense(backend_cls, monkeypatch, caplog):
+    # seqs 0 and 2 reach min_length (sparse, tau 1), seq 1 is short (S2O's dense group, tau 0)
+    cfg = S2OConfig(enabled=True, tau=1.0, block_size=16, segment_size=32, min_length=60)
+    backend, fb, pool, r2t, q, k, v = _batch_and_backend(backend_cls, monkeypatch, cfg, [96, 37, 80], [64, 37, 16])
+    layer = _layer()
+    with caplog.at_level(logging.INFO, logger="sgl_slim.s2o"):
+        out = backend.forward_extend(q, k, v, layer, fb)                  # plan built lazily
+    assert backend.plan.route is sb.Route.S2O
+    assert [g.seq_ids for g in backend.plan.groups] == [(0, 2), (1,)]
     assert torch.equal(pool.k[fb.out_cache_loc], k), "new K must be written to the pool before attention"
     ref = _torch_native(pool, r2t, fb, layer, q)
-    assert out.shape == q.shape
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    lines = [r.getMessage() for r in caplog.records if "S2O prefill" in r.getMessage()]
-    assert len(lines) == 3 and "rid=r1" in lines[1] and "dense (kv_len < --s2o-min-length 40)" in lines[1]
-    assert all("density=1.0000" in line for line in lines)
-
-
-def test_tau_positive_is_sparse_close_and_logged(backend_cls, monkeypatch, caplog):
-    cfg = S2OConfig(enabled=True, tau=1.0, block_size=16, segment_size=32, min_length=0)
-    backend, fb, pool, r2t, q, k, v = _batch_and_backend(backend_cls, monkeypatch, cfg, [96, 80], [64, 80])
-    before = sb.STATS.sparse_chunks
-    with caplog.at_level(logging.INFO, logger="sgl_slim.s2o"):
-        out = backend.forward_extend(q, k, v, _layer(), fb)     # metadata built lazily
-    ref = _torch_native(pool, r2t, fb, _layer(), q)
-    assert sb.STATS.sparse_chunks == before + 2
-    dens = [rec[3] for rec in list(sb.STATS.recent)[-2:]]
+    short = slice(64, 64 + 37)
+    # the short sequence: dense fp32 attention, equal to SDPA up to summation order (~1e-6 on unit-scale data)
+    torch.testing.assert_close(out[short], ref[short], rtol=1e-5, atol=1e-5)
+    lines = _log_lines(caplog)
+    assert len(lines) == 3
+    assert "rid=r1" in lines[1] and "density=1.0000 dense (kv_len < --s2o-min-length 60)" in lines[1]
+    dens = [float(line.split("density=")[1].split()[0]) for line in (lines[0], lines[2])]
     assert all(0 < x < 1 for x in dens), f"tau=1 on random keys should skip blocks, got densities {dens}"
-    assert not torch.equal(out, ref)
-    assert (out - ref).norm() / ref.norm() < 0.5
-    assert any("tau=1" in r.getMessage() for r in caplog.records)
+    assert all("tau=1 " in line for line in (lines[0], lines[2]))
+    long_rows = torch.cat([out[:64], out[101:]])
+    long_ref = torch.cat([ref[:64], ref[101:]])
+    assert not torch.equal(long_rows, long_ref) and (long_rows - long_ref).norm() / long_ref.norm() < 0.5
+
+
+def test_calibrated_taus_per_layer_and_dense_layers_on_the_stock_backend(backend_cls, monkeypatch, tmp_path, caplog):
+    path = _write_calibration(tmp_path / "c.json")          # layer 0: taus (1e-3, 2e-3), layer 1: all 0
+    cfg = S2OConfig(enabled=True, tau=0.9, block_size=16, segment_size=32, min_length=0, calibration=path)
+    backend, fb, pool, r2t, q, k, v = _batch_and_backend(backend_cls, monkeypatch, cfg, [96], [96], layers=2)
+    assert [backend.taus.tau(i) for i in (0, 1)] == [1e-3, 0.0]
+    calls = []
+    monkeypatch.setattr(sb, "run_s2o_layer", lambda plan, *a, **kw: calls.append(kw["tau"]) or
+                        (torch.zeros(q.shape[0], 4, 16), [0.5]))
+    backend.init_forward_metadata(fb)
+    assert backend.plan.route is sb.Route.S2O
+    with caplog.at_level(logging.INFO, logger="sgl_slim.s2o"):
+        backend.forward_extend(q, k, v, _layer(layer_id=0), fb)
+        out1 = backend.forward_extend(q, k, v, _layer(layer_id=1), fb)
+    assert calls == [1e-3], "layer 0 runs S2O with its smallest head tau; layer 1 (tau 0) does not run S2O"
+    assert torch.equal(out1, _torch_native(pool, r2t, fb, _layer(), q)), "a tau-0 layer is the stock backend's"
+    (line,) = _log_lines(caplog)
+    assert "density=0.7500" in line and "tau=calibrated (0..0.001)" in line      # mean of 0.5 and 1.0
+
+
+def test_a_calibration_for_another_model_fails_at_startup(backend_cls, monkeypatch, tmp_path):
+    path = _write_calibration(tmp_path / "c.json", head_dim=128)
+    cfg = S2OConfig(enabled=True, block_size=16, segment_size=32, calibration=path)
+    with pytest.raises(ConfigError, match="head_dim 128 in the file, 16 in the model") as exc:
+        _batch_and_backend(backend_cls, monkeypatch, cfg, [20], [20], layers=2)
+    assert exc.value.flag == "--s2o-calibration"
+    with pytest.raises(ConfigError, match="num_layers 2 in the file, 3 in the model"):
+        _batch_and_backend(backend_cls, monkeypatch, S2OConfig(enabled=True, block_size=16, segment_size=32,
+                                                                calibration=_write_calibration(tmp_path / "d.json")),
+                           [20], [20], layers=3)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -275,19 +451,31 @@ def test_unsupported_layers_fail_at_first_use_naming_the_flag(backend_cls, monke
     assert exc.value.flag == "--s2o"
 
 
-def test_encoder_only_layers_and_target_verify_are_refused(backend_cls, monkeypatch):
+def test_encoder_only_layers_verify_decode_sinks_and_graphs_are_refused(backend_cls, monkeypatch):
     from sglang.srt.layers.radix_attention import AttentionType
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
     cfg = S2OConfig(enabled=True, tau=0.0, block_size=16, segment_size=32, min_length=0)
     backend, fb, *_ , q, k, v = _batch_and_backend(backend_cls, monkeypatch, cfg, [20], [20])
     with pytest.raises(ConfigError, match="encoder_only"):
         backend.forward_extend(q, k, v, _layer(attn_type=AttentionType.ENCODER_ONLY), fb)
-    fb.forward_mode = ForwardMode.TARGET_VERIFY
-    with pytest.raises(ConfigError) as exc:
-        backend.forward_extend(q, k, v, _layer(), fb)
-    assert exc.value.flag == "--speculative-attention-mode"
     with pytest.raises(ConfigError, match="sinks"):
         backend.forward_extend(q, k, v, _layer(), fb, sinks=torch.zeros(4))
+    for mode, flag in ((ForwardMode.TARGET_VERIFY, "--speculative-attention-mode"),
+                       (ForwardMode.DECODE, "--decode-attention-backend"),
+                       (ForwardMode.DLLM_EXTEND, "--s2o")):
+        fb.forward_mode = mode
+        with pytest.raises(ConfigError) as exc:
+            backend.init_forward_metadata(fb)
+        assert exc.value.flag == flag, mode
+    with pytest.raises(ConfigError) as exc:
+        backend.forward_decode(q, k, v, _layer(), fb)
+    assert exc.value.flag == "--decode-attention-backend"
+    with pytest.raises(ConfigError) as exc:
+        backend.init_forward_metadata_out_graph(fb, in_capture=True)
+    assert exc.value.flag == "--cuda-graph-backend-prefill"
+    with pytest.raises(ConfigError) as exc:
+        backend.init_cuda_graph_state(8, 64)
+    assert exc.value.flag == "--speculative-attention-mode"
 
 
 def test_startup_checks_refuse_gpu_head_dims_and_dtypes():
@@ -309,3 +497,30 @@ def test_startup_checks_refuse_gpu_head_dims_and_dtypes():
         sb.check_runner(runner(is_hybrid_swa=True))
     with pytest.raises(ConfigError, match="encoder-only"):
         sb.check_runner(runner(is_generation=False))
+
+
+# ---------------------------------------------------------------- GPU: no host sync inside a layer
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.xfail(strict=True, reason="s2o_attention_paged reads qo/kv_indptr and its stats to the host in "
+                   "every call until it takes the batch plan (plan=) and returns block counts on the device")
+def test_a_layer_forward_does_not_sync_with_the_host():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hq, hkv, d, slots = 8, 2, 64, 4096
+    k_pool = torch.randn(slots, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v_pool = torch.randn_like(k_pool)
+    r2t = torch.randperm(slots, device="cuda", generator=g)[:2 * 1024].view(2, 1024).to(torch.int32)
+    seq_lens, ext = [1024, 700], [512, 700]
+    plan = sb.plan_batch(r2t, torch.tensor([1, 0], device="cuda"), seq_lens, ext, taus=sb.LayerTaus(default=1e-3),
+                         min_length=800)                     # one sparse, one dense group
+    q = torch.randn(sum(ext), hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    kw = dict(tau=1e-3, block_size=64, segment_size=256, sm_scale=d ** -0.5)
+    sb.run_s2o_layer(plan, q, k_pool, v_pool, **kw)         # warm-up: Triton compiles outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = sb.run_s2o_layer(plan, q, k_pool, v_pool, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == q.shape
