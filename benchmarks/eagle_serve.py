@@ -65,13 +65,13 @@ def run_batch(base_url: str, prompts: list[list[int]], max_new: int) -> tuple[fl
 
 
 def serve(kind: str, target_dir: Path, draft_dir: Path, prompts: list[list[int]], max_new: int, repeats: int):
-    from tests.serving import SlimServer  # noqa: PLC0415
+    from sgl_slim.bench.runner import LaunchedServer  # noqa: PLC0415
 
     args = ["--model-path", str(target_dir), "--dtype", "float32", "--max-total-tokens", "32768"]
     if kind == "eagle":
         args += ["--eagle-draft", str(draft_dir), "--eagle-steps", "3", "--eagle-draft-tokens", "4"]
     results = {}
-    with SlimServer(args, port=PORTS[kind]) as srv:
+    with LaunchedServer(args, port=PORTS[kind]) as srv:
         run_batch(srv.base_url, prompts[:2], 8)                                      # warm-up
         for bs in BATCHES:
             times, outs = [], None
