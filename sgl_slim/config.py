@@ -38,7 +38,6 @@ class S2OConfig:
     block_size: int = 128        # keys per virtual block (a run of the importance order)
     segment_size: int = 2048     # queries that share one ranking
     min_length: int = 4096       # shorter prefills run dense attention
-    calibration: str | None = None  # JSON file of per-layer, per-KV-head taus (sgl_slim.attention.calibration)
 
     def validate(self) -> None:
         if self.tau < 0:
@@ -51,25 +50,6 @@ class S2OConfig:
                               f"got {self.segment_size}")
         if self.min_length < 0:
             raise ConfigError("--s2o-min-length", f"must be >= 0, got {self.min_length}")
-        if self.calibration is not None:
-            self.load_calibration()
-
-    def load_calibration(self):
-        """The ``--s2o-calibration`` file, read and checked against the block / segment size flags (they must
-        equal the file's: the taus hold for those settings only); None without a file."""
-        if self.calibration is None:
-            return None
-        from sgl_slim.attention.calibration import S2OCalibration  # noqa: PLC0415 (only with a file)
-        try:
-            cal = S2OCalibration.load(self.calibration)
-        except ValueError as exc:
-            raise ConfigError("--s2o-calibration", str(exc)) from exc
-        if (cal.block_size, cal.segment_size) != (self.block_size, self.segment_size):
-            raise ConfigError("--s2o-calibration",
-                              f"{self.calibration} was measured with block size {cal.block_size} and segment size "
-                              f"{cal.segment_size}; pass --s2o-block-size {cal.block_size} --s2o-segment-size "
-                              f"{cal.segment_size} (got {self.block_size} and {self.segment_size})")
-        return cal
 
 
 @dataclass(frozen=True)
@@ -135,14 +115,26 @@ class EagleConfig:
 
 
 @dataclass(frozen=True)
+class MediaConfig:
+    """Where clients may point the server at media on its own disk (``file://`` URLs and plain paths)."""
+    allowed_local_media_path: str | None = None   # None: every local path is refused with a 400
+
+    def validate(self) -> None:
+        path = self.allowed_local_media_path
+        if path is not None and not (os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK)):
+            raise ConfigError("--allowed-local-media-path", f"not a readable directory: {path}")
+
+
+@dataclass(frozen=True)
 class SlimConfig:
     s2o: S2OConfig = field(default_factory=S2OConfig)
     idpruner: IDPrunerConfig = field(default_factory=IDPrunerConfig)
     samp: SampConfig = field(default_factory=SampConfig)
     eagle: EagleConfig = field(default_factory=EagleConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
 
     def validate(self) -> "SlimConfig":
-        for part in (self.s2o, self.idpruner, self.samp, self.eagle):
+        for part in (self.s2o, self.idpruner, self.samp, self.eagle, self.media):
             part.validate()
         return self
 
@@ -156,7 +148,8 @@ class SlimConfig:
     def from_json(cls, text: str) -> "SlimConfig":
         data = json.loads(text)
         parts = {f.name: f.type for f in fields(cls)}
-        kinds = {"s2o": S2OConfig, "idpruner": IDPrunerConfig, "samp": SampConfig, "eagle": EagleConfig}
+        kinds = {"s2o": S2OConfig, "idpruner": IDPrunerConfig, "samp": SampConfig, "eagle": EagleConfig,
+                 "media": MediaConfig}
         unknown = set(data) - set(parts)
         if unknown:
             raise ValueError(f"{ENV_VAR}: unknown sections {sorted(unknown)}")

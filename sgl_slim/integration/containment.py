@@ -200,8 +200,9 @@ def check_audio_items(out) -> None:
             bad = (~torch.isfinite(per_clip)).any(dim=1)
             if bool(bad.any()):
                 first = clip + int(bad.nonzero()[0, 0])
-                raise ValueError(f"audio clip {first} has samples that are not finite numbers (NaN or inf); "
-                                 f"send finite PCM or float samples")
+                raise ValueError(f"audio clip {first} gives non-finite audio features: its samples hold NaN or inf, "
+                                 f"or values so large that the spectrum overflows; send PCM, or float samples "
+                                 f"in [-1, 1]")
             clip += per_clip.shape[0]
 
 

@@ -14,11 +14,26 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
    (called for every request that carries media): reject it, naming the modalities the model accepts.
 3. ``top_logprobs`` outside OpenAI's 0..20 (stock accepts -1 and answers with empty lists). AFTER hook on
    ``OpenAIServingChat._validate_request``.
+4. Media on the server's own disk. Stock SGLang reads ``file://`` URLs and plain paths for any client. In the
+   same AROUND hook as (1), before anything is read: refused with a 400 unless ``--allowed-local-media-path
+   DIR`` is set and the path, with every symlink and ``..`` resolved, lies inside DIR (the resolved path is what
+   SGLang then opens).
+5. The audio decoder is chosen once, at the first audio item: stock SGLang tries torchcodec for every clip and,
+   where torchcodec cannot decode (no FFmpeg libraries), logs a multi-page traceback per request before
+   falling back to soundfile. One probe decodes a tiny WAV with torchcodec; if that fails, SGLang's audio
+   loader goes straight to soundfile and one line says so.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+from urllib.parse import quote, unquote, urlparse
+
 from sgl_slim.config import SlimConfig
+
+logger = logging.getLogger("sgl_slim")
 
 _LOAD = "sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor._load_single_item"
 _MM_LIMITS = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_mm_limits"
@@ -29,17 +44,24 @@ HOOKED_SYMBOLS: list[str] = [
     _MM_LIMITS,
     _CHAT_VALIDATE,
     "sglang.srt.multimodal.processors.base_processor.MultimodalSpecialTokens",
+    "sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor._is_preprocessed_input",
+    "sglang.srt.utils.common.load_audio",
+    "sglang.srt.utils.common._BACKEND",          # load_audio tries torchcodec when this is "torchcodec"
 ]
 
 MODALITIES = ("image", "video", "audio")
 TOP_LOGPROBS_MAX = 20          # OpenAI's documented range for chat completions: 0..20
 
 _REGISTERED = False
+_ALLOWED_DIR: str | None = None          # realpath of --allowed-local-media-path, or None: no local media
+_DECODER = {"chosen": False, "lock": threading.Lock()}
 
 
-def install(cfg: SlimConfig) -> None:  # noqa: ARG001 (same signature as the feature modules)
-    """Register the three checks (idempotent; runs in every SGLang process)."""
-    global _REGISTERED
+def install(cfg: SlimConfig) -> None:
+    """Register the checks (idempotent; runs in every SGLang process)."""
+    global _REGISTERED, _ALLOWED_DIR
+    allowed = cfg.media.allowed_local_media_path
+    _ALLOWED_DIR = os.path.realpath(allowed) if allowed is not None else None
     if _REGISTERED:
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType  # noqa: PLC0415
@@ -58,7 +80,85 @@ def client_media_error(exc: BaseException) -> bool:
                             Image.DecompressionBombError))
 
 
+REFUSED_LOCAL = ("local media paths are refused by this server: file:// URLs and plain paths would be read from "
+                 "the server's disk; send the media inline (a data: URL) or over http(s), or start the server with "
+                 "--allowed-local-media-path DIR")
+
+
+def local_media_path(data, modality: str) -> str | None:
+    """The path on the server's disk that SGLang's loaders would read for ``data`` (as in
+    ``sglang.srt.utils.common.load_image/load_audio/load_video``), or None when it reads no local file."""
+    url = getattr(data, "url", data)
+    if not isinstance(url, str):
+        return None                                  # bytes, PIL images, arrays, preprocessed dicts
+    if url.startswith(("http://", "https://", "data:")):
+        return None
+    if url.startswith("file://"):
+        return unquote(urlparse(url).path)
+    if url.startswith("/") or modality == "AUDIO":   # images: other strings are base64; audio: always a path
+        return url
+    if modality == "VIDEO" and os.path.isfile(unquote(urlparse(url).path)):
+        return unquote(urlparse(url).path)
+    return None
+
+
+def check_local_media(data, modality: str, allowed_dir: str | None):
+    """``data`` unchanged when it names no local file; the resolved ``file://`` URL when it names one inside
+    ``allowed_dir``; else ValueError (HTTP 400)."""
+    path = local_media_path(data, modality)
+    if path is None:
+        return data
+    if allowed_dir is None:
+        raise ValueError(REFUSED_LOCAL)
+    real = os.path.realpath(path)                    # symlinks and '..' resolved before the comparison
+    if os.path.commonpath([real, allowed_dir]) != allowed_dir:
+        raise ValueError(f"local media path {path[:200]!r} is outside --allowed-local-media-path "
+                         f"(symlinks and '..' are resolved before the check)")
+    return "file://" + quote(real)
+
+
+def choose_audio_decoder() -> None:
+    """Once per process: keep SGLang's torchcodec audio path only if torchcodec can decode a WAV here."""
+    with _DECODER["lock"]:
+        if _DECODER["chosen"]:
+            return
+        import sglang.srt.utils.common as common  # noqa: PLC0415
+
+        if common._BACKEND != "torchcodec":
+            _DECODER["chosen"] = True
+            return
+        try:
+            import io  # noqa: PLC0415
+
+            import numpy as np  # noqa: PLC0415
+            import soundfile as sf  # noqa: PLC0415
+            from torchcodec.decoders import AudioDecoder  # noqa: PLC0415
+
+            buf = io.BytesIO()
+            sf.write(buf, np.zeros(160, dtype=np.float32), 16000, format="WAV", subtype="PCM_16")
+            AudioDecoder(buf.getvalue(), sample_rate=16000, num_channels=1).get_all_samples()
+        except Exception as exc:  # any failure means SGLang would fail (and log a traceback) on every clip
+            common._BACKEND = "soundfile"
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            logger.info("sgl_slim: torchcodec cannot decode audio in this environment (%s: %s); audio is decoded "
+                        "with soundfile", type(exc).__name__, first)
+        _DECODER["chosen"] = True     # only now: concurrent loads wait on the lock until the choice is made
+
+
 def _load_single_item_around(original, cls, *args, **kwargs):
+    args = list(args)
+    data = args[0] if args else kwargs.get("data")
+    modality = args[1] if len(args) > 1 else kwargs.get("modality")
+    name = getattr(modality, "name", str(modality))
+    preprocessed = getattr(cls, "_is_preprocessed_input", None)
+    if not (isinstance(data, dict) or (preprocessed is not None and preprocessed(data))):
+        data = check_local_media(data, name, _ALLOWED_DIR)
+        if args:
+            args[0] = data
+        else:
+            kwargs["data"] = data
+    if name == "AUDIO" and not _DECODER["chosen"]:
+        choose_audio_decoder()
     try:
         return original(cls, *args, **kwargs)
     except RuntimeError as exc:

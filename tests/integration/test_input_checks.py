@@ -117,10 +117,16 @@ def test_hooks_apply_to_sglangs_classes(monkeypatch):
     monkeypatch.setattr(HookRegistry, "_hooks", collections.defaultdict(list))
     monkeypatch.setattr(HookRegistry, "_patched", set(), raising=False)
     try:
-        ic.install(None)
+        from sgl_slim.config import MediaConfig, SlimConfig  # noqa: PLC0415
+
+        monkeypatch.setattr(ic, "_ALLOWED_DIR", None)
+        ic.install(SlimConfig(media=MediaConfig(allowed_local_media_path="/")))
         HookRegistry.apply_hooks()
         assert isinstance(BaseMultimodalProcessor.__dict__["_load_single_item"], classmethod)
         with pytest.raises(ValueError, match="No such file"):
+            BaseMultimodalProcessor._load_single_item("file:///nonexistent/sgl_slim.png", _image_modality())
+        ic.install(SlimConfig())                                  # default: no local media at all
+        with pytest.raises(ValueError, match="local media paths are refused"):
             BaseMultimodalProcessor._load_single_item("file:///nonexistent/sgl_slim.png", _image_modality())
         with pytest.raises(ValueError, match="does not accept image"):
             TokenizerManager._validate_mm_limits(_TMWith(MultimodalSpecialTokens(audio_token="<a>")), _Req(image=["a"]))
@@ -140,3 +146,75 @@ def _image_modality():
 class _TMWith:
     def __init__(self, tokens):
         self.mm_processor = type("P", (), {"mm_tokens": tokens})()
+
+
+# --- local media: refused unless inside --allowed-local-media-path --------------------------------------------
+
+def _reads(seen):
+    def original(cls, data, modality, *args):
+        seen.append(data)
+        return "loaded"
+    return original
+
+
+@pytest.mark.parametrize("data,modality", [("file:///etc/hostname", "IMAGE"), ("/etc/hostname", "IMAGE"),
+                                           ("/9j/4AAQSkZJRg==", "IMAGE"), ("speech.wav", "AUDIO"),
+                                           ("file:///tmp/a%20b.wav", "AUDIO"), ("/etc/hostname", "VIDEO")])
+def test_local_paths_are_refused_by_default(data, modality):
+    seen = []
+    with pytest.raises(ValueError, match="--allowed-local-media-path DIR"):
+        ic._load_single_item_around(_reads(seen), object, data, modality)
+    assert seen == [], "the loader must not run for a refused path"
+
+
+@pytest.mark.parametrize("data,modality", [("data:image/png;base64,iVBORw0KGgo=", "IMAGE"),
+                                           ("https://example.com/cat.png", "IMAGE"), ("iVBORw0KGgo=", "IMAGE"),
+                                           ("data:audio/wav;base64,UklGRg==", "AUDIO"), (b"\x89PNG", "IMAGE")])
+def test_inline_and_remote_media_pass_untouched(data, modality):
+    seen = []
+    assert ic._load_single_item_around(_reads(seen), object, data, modality) == "loaded"
+    assert seen == [data]
+
+
+def test_allowed_dir_admits_its_files_and_nothing_that_escapes(tmp_path):
+    root = tmp_path / "media"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "cat.png").write_bytes(b"x")
+    (tmp_path / "secret.png").write_bytes(b"s")
+    (root / "link.png").symlink_to(tmp_path / "secret.png")              # a symlink pointing out
+    (root / "dirlink").symlink_to(tmp_path)                                # a directory symlink pointing out
+    (tmp_path / "media-evil").mkdir()                                      # shares the prefix "media"
+    (tmp_path / "media-evil" / "x.png").write_bytes(b"e")
+    allowed = str(root.resolve())
+    inside = (root / "sub" / "cat.png").resolve()
+    for data in (f"file://{root}/sub/cat.png", f"{root}/sub/../sub/cat.png", f"file://{root}/sub/./cat.png"):
+        assert ic.check_local_media(data, "IMAGE", allowed) == f"file://{inside}"
+    for data in (f"file://{root}/../secret.png", f"{root}/sub/../../secret.png", f"file://{root}/link.png",
+                 f"{root}/dirlink/secret.png", f"file://{tmp_path}/media-evil/x.png", "file:///etc/passwd"):
+        with pytest.raises(ValueError, match="outside --allowed-local-media-path"):
+            ic.check_local_media(data, "IMAGE", allowed)
+
+
+def test_allowed_dir_reaches_the_hook_through_the_config(tmp_path, monkeypatch):
+    from sgl_slim.config import MediaConfig, SlimConfig  # noqa: PLC0415
+
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    monkeypatch.setattr(ic, "_REGISTERED", True)                           # no SGLang registration here
+    monkeypatch.setattr(ic, "_DECODER", {"chosen": True, "lock": None})
+    ic.install(SlimConfig(media=MediaConfig(allowed_local_media_path=str(tmp_path))))
+    try:
+        seen = []
+        ic._load_single_item_around(_reads(seen), object, str(tmp_path / "a.wav"), "AUDIO")
+        assert seen == [f"file://{(tmp_path / 'a.wav').resolve()}"]
+    finally:
+        ic.install(SlimConfig())
+    with pytest.raises(ValueError, match="refused"):
+        ic._load_single_item_around(_reads([]), object, str(tmp_path / "a.wav"), "AUDIO")
+
+
+def test_allowed_dir_must_be_a_readable_directory(tmp_path):
+    from sgl_slim.config import ConfigError, MediaConfig  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match="--allowed-local-media-path: not a readable directory"):
+        MediaConfig(allowed_local_media_path=str(tmp_path / "missing")).validate()
+    MediaConfig(allowed_local_media_path=str(tmp_path)).validate()
