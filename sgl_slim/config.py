@@ -38,6 +38,7 @@ class S2OConfig:
     block_size: int = 128        # keys per virtual block (a run of the importance order)
     segment_size: int = 2048     # queries that share one ranking
     min_length: int = 4096       # shorter prefills run dense attention
+    calibration: str | None = None  # JSON file of per-layer, per-KV-head taus (sgl_slim.attention.calibration)
 
     def validate(self) -> None:
         if self.tau < 0:
@@ -50,6 +51,25 @@ class S2OConfig:
                               f"got {self.segment_size}")
         if self.min_length < 0:
             raise ConfigError("--s2o-min-length", f"must be >= 0, got {self.min_length}")
+        if self.calibration is not None:
+            self.load_calibration()
+
+    def load_calibration(self):
+        """The ``--s2o-calibration`` file, read and checked against the block / segment size flags (they must
+        equal the file's: the taus hold for those settings only); None without a file."""
+        if self.calibration is None:
+            return None
+        from sgl_slim.attention.calibration import S2OCalibration  # noqa: PLC0415 (only with a file)
+        try:
+            cal = S2OCalibration.load(self.calibration)
+        except ValueError as exc:
+            raise ConfigError("--s2o-calibration", str(exc)) from exc
+        if (cal.block_size, cal.segment_size) != (self.block_size, self.segment_size):
+            raise ConfigError("--s2o-calibration",
+                              f"{self.calibration} was measured with block size {cal.block_size} and segment size "
+                              f"{cal.segment_size}; pass --s2o-block-size {cal.block_size} --s2o-segment-size "
+                              f"{cal.segment_size} (got {self.block_size} and {self.segment_size})")
+        return cal
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,12 @@ its own flags (``--help`` shows them in their own group). Order of work:
 1. parse sgl_slim's flags (and ``--recipe``) alone and validate them: a bad value exits with status 2 naming
    the flag, before SGLang is even imported;
 2. with no CUDA device, switch SGLang to its CPU engine (env set BEFORE sglang is imported);
-3. hand the configuration to every SGLang process through one env var, load the plugins, build SGLang's
-   arguments (demo model names resolved, CPU defaults applied where the user set nothing), and run the server.
+3. hand the configuration to every SGLang process through one env var, resolve demo model names and apply
+   the CPU defaults where the user set nothing;
+4. hand over to :mod:`sgl_slim.integration.server` (the only part that imports sglang): load the plugins,
+   build SGLang's arguments, run the server.
+
+This module never imports sglang (tests/test_walls.py checks it).
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ _FLAGS = [
     ("--s2o-block-size", "s2o", "block_size", int, "keys per virtual block: 16, 32, 64 or 128"),
     ("--s2o-segment-size", "s2o", "segment_size", int, "queries sharing one ranking; a multiple of the block size"),
     ("--s2o-min-length", "s2o", "min_length", int,
-     "sequences shorter than this (tokens) get exact dense attention (S2O with tau 0), >= 0"),
+     "sequences shorter than this (tokens) get exact dense attention, >= 0"),
+    ("--s2o-calibration", "s2o", "calibration", str,
+     "JSON file of per-layer, per-KV-head taus (replaces --s2o-tau; block/segment size must match the file)"),
     ("--idpruner", "idpruner", "enabled", bool, "IDPruner: prune vision tokens (MMR) before the LLM"),
     ("--idpruner-keep-ratio", "idpruner", "keep_ratio", float, "kept share of each image's tokens, in (0, 1]"),
     ("--idpruner-lambda", "idpruner", "mmr_lambda", float, "MMR trade-off in [0, 1]: 1 importance, 0 diversity"),
@@ -235,36 +241,15 @@ def cpu_thread_binding(world: int, cpus: list[int]) -> str:
     return "|".join(fmt(g) for g in groups)
 
 
-def build_server_args(cfg: SlimConfig, sglang_argv: list[str], *, cpu: bool):
-    """SGLang's parser with sgl_slim's group added (for --help), then each enabled feature's flag mapping."""
-    from sglang.srt.server_args import ServerArgs  # noqa: PLC0415
-
-    from sgl_slim.integration.plugin import feature_module  # noqa: PLC0415
-
-    parser = argparse.ArgumentParser(prog="python -m sgl_slim.launch")
-    ServerArgs.add_cli_args(parser)
-    add_slim_arguments(parser)
-    args = parser.parse_args(sglang_argv)
-    for feature in cfg.enabled_features():
-        try:
-            module = feature_module(feature)
-        except NotImplementedError as exc:
-            parser.error(str(exc))
-        if hasattr(module, "adjust_server_args"):
-            try:
-                module.adjust_server_args(cfg, args, cpu=cpu)
-            except ConfigError as exc:
-                parser.error(str(exc))
-    return ServerArgs.from_cli_args(args)
-
-
 def main(argv: list[str] | None = None) -> None:
+    from sgl_slim.integration import server  # noqa: PLC0415 (it imports sglang only when called)
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if _has_flag(argv, "-h", "--help"):
         cpu = not cuda_available()
         if cpu:
             enable_cpu_mode()
-        build_server_args(SlimConfig(), argv, cpu=cpu)  # argparse prints help (both groups) and exits
+        server.build_server_args(SlimConfig(), argv, cpu=cpu)  # argparse prints help (both groups) and exits
         return
     cfg, sglang_argv, _ = parse_slim_args(argv)
     cpu = not cuda_available()
@@ -276,29 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                     "KV pool capped at --max-total-tokens, torch.compile off)")
     sglang_argv = resolve_model(sglang_argv)
     cfg.to_env()  # the one hand-off to every SGLang process
-
-    from sglang.srt.plugins import load_plugins  # noqa: PLC0415 (after the env is set)
-    load_plugins()
-    from sgl_slim.integration import plugin  # noqa: PLC0415
-    plugin.register()  # explicit too: a missing entry point (not pip-installed) must not drop sgl_slim
-    from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: PLC0415
-    HookRegistry.apply_hooks()
-
-    server_args = build_server_args(cfg, sglang_argv, cpu=cpu)
-    world = server_args.tp_size * server_args.dp_size * server_args.pp_size
-    if cpu and world > 1 and not os.environ.get("SGLANG_CPU_OMP_THREADS_BIND"):
-        # SGLang's CPU engine binds each rank to a NUMA node and refuses more ranks than nodes unless told
-        # which cores each rank gets: split this process's cores among the ranks.
-        os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(world, sorted(os.sched_getaffinity(0)))
-        logger.info("sgl_slim: %d CPU ranks: SGLANG_CPU_OMP_THREADS_BIND=%s", world,
-                    os.environ["SGLANG_CPU_OMP_THREADS_BIND"])
-    logger.info("sgl_slim: features on: %s", ", ".join(cfg.enabled_features()) or "none")
-    from sglang.launch_server import run_server  # noqa: PLC0415
-    from sglang.srt.utils import kill_process_tree  # noqa: PLC0415
-    try:
-        run_server(server_args)
-    finally:
-        kill_process_tree(os.getpid(), include_parent=False)
+    server.serve(cfg, sglang_argv, cpu=cpu)
 
 
 if __name__ == "__main__":
