@@ -1,16 +1,19 @@
-"""End to end on the CPU demo server, float32 (rounding cannot flip a greedy token):
+"""End to end on the CPU demo server (image model, float32: rounding cannot flip a greedy token).
 
-* ``--s2o --s2o-tau 0 --s2o-min-length 0`` gives exactly the greedy tokens of the same server without
-  ``--s2o``: a chunked prompt, a radix-cache hit, a batch of several requests in one prefill, a short prompt;
-  and every one of those prefills went through S2O (its log line names the request);
-* with tau > 0 the server serves and logs densities below 1 for long prompts, and dense for prompts
-  shorter than ``--s2o-min-length``.
+* ``--s2o --s2o-tau 0`` gives exactly the greedy tokens of the same server without ``--s2o`` (32 tokens each):
+  text and image prompts, a chunked prompt, a radix-cache hit, a batch of several requests in one prefill,
+  concurrent clients; every prefill ran on the stock backend (its log line and ``meta_info`` say dense);
+* ``--s2o --s2o-tau 0.5 --s2o-min-length 100``: every prompt shorter than 100 tokens gives exactly the stock
+  server's tokens; a 256-token prompt is served sparse (density below 1) once its chunks reach 100 tokens.
 
-Servers are started once per module (two at a time at most), each in its own process group, killed after.
+Three servers, two at a time at most (the stock and tau-0 servers together, then the min-length one), each in
+its own process group, killed after; the stock server's answers are the reference for both.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import random
@@ -33,6 +36,7 @@ STARTUP_S = 1200           # the shared CPU machine can take minutes to import S
 REQUEST_S = 600
 COMMON = ["--model", "demo", "--dtype", "float32", "--chunked-prefill-size", "64", "--max-total-tokens", "8192",
           "--max-running-requests", "16"]
+MAX_NEW = 32               # the divergence this guards against showed at about the 25th token
 S2O_SMALL = ["--s2o-block-size", "16", "--s2o-segment-size", "32"]  # short prompts still have a prefix
 LOG_LINE = re.compile(r"S2O prefill rid=(\S+) kv_len=(\d+) new=(\d+) density=([0-9.]+) (.*)")
 
@@ -40,7 +44,7 @@ LOG_LINE = re.compile(r"S2O prefill rid=(\S+) kv_len=(\d+) new=(\d+) density=([0
 _TAKEN: set[int] = set()
 
 
-def _free_port(lo: int = 31000, hi: int = 31999) -> int:
+def _free_port(lo: int = 32000, hi: int = 32999) -> int:
     for port in random.Random(os.getpid()).sample(range(lo, hi + 1), hi - lo + 1):
         if port in _TAKEN:       # a server started here may not have bound its port yet
             continue
@@ -51,7 +55,7 @@ def _free_port(lo: int = 31000, hi: int = 31999) -> int:
                 continue
         _TAKEN.add(port)
         return port
-    raise RuntimeError("no free port in 31000-31999")
+    raise RuntimeError("no free port in 32000-32999")
 
 
 class Server:
@@ -85,9 +89,15 @@ class Server:
         if self.proc.poll() is not None or "address already in use" in self.log_text():
             raise RuntimeError(f"server on port {self.port} is not ours:\n{self.log_text()[-4000:]}")
 
-    def generate(self, input_ids, max_new_tokens: int = 8):
-        body = json.dumps({"input_ids": input_ids, "sampling_params": {
-            "temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}).encode()
+    def generate(self, input_ids=None, *, text=None, images=(), max_new_tokens: int = MAX_NEW):
+        body = {"sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}
+        if text is not None:
+            body["text"] = text
+        else:
+            body["input_ids"] = input_ids
+        if images:
+            body["image_data"] = [base64.b64encode(im).decode() for im in images]
+        body = json.dumps(body).encode()
         req = urllib.request.Request(self.url + "/generate", data=body, headers={"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=REQUEST_S) as r:
             return json.loads(r.read())
@@ -113,15 +123,40 @@ def _ids(n: int, seed: int) -> list[int]:
     return [rng.randrange(10, 2000) for _ in range(n)]
 
 
+def _image(width: int, height: int, seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 LONG = _ids(150, 1)                       # chunked: 150 tokens through --chunked-prefill-size 64
 RADIX = LONG[:96] + _ids(21, 2)           # shares 96 tokens with LONG -> radix-cache hit
 BATCH = [_ids(n, 10 + n) for n in (9, 13, 17, 20)]   # 59 tokens: one prefill batch of four
 SHORT = _ids(5, 3)
+IMAGE_PROMPTS = {                         # name -> (text, [(width, height, seed)]); all below 100 tokens
+    "img_one": (f"<|im_start|>user\n{IMAGE}What is in the picture?<|im_end|>\n<|im_start|>assistant\n",
+                [(112, 112, 1)]),
+    "img_wide": (f"<|im_start|>user\n{IMAGE}Describe it.<|im_end|>\n<|im_start|>assistant\n", [(168, 84, 2)]),
+    "img_two": (f"<|im_start|>user\nFirst {IMAGE} then {IMAGE} compare.<|im_end|>\n<|im_start|>assistant\n",
+                [(84, 84, 3), (112, 56, 4)]),
+    "img_tall": (f"<|im_start|>user\n{IMAGE}Count the colours.<|im_end|>\n<|im_start|>assistant\n",
+                 [(56, 140, 5)]),
+}
+SPARSE_MIN_LENGTH = 100
+LONG_SPARSE = _ids(256, 7)                # chunks of 64: kv 64 (dense), 128, 192, 256 (sparse)
 
 
 def _workload(server: Server) -> dict:
     """The same request sequence on every server (order matters for the radix cache)."""
     out = {"long": server.generate(LONG), "radix": server.generate(RADIX), "batch": server.generate(BATCH)}
+    for name, (text, images) in IMAGE_PROMPTS.items():
+        out[name] = server.generate(text=text, images=[_image(*spec) for spec in images])
     with ThreadPoolExecutor(3) as pool:   # concurrent clients too
         out["concurrent"] = list(pool.map(server.generate, [SHORT, BATCH[1], LONG[:40]]))
     return out
@@ -140,85 +175,93 @@ def _start_all(specs: dict[str, list[str]], tmp: Path) -> dict[str, Server]:
 
 
 @pytest.fixture(scope="module")
-def tau0_runs(tmp_path_factory):
+def runs(tmp_path_factory):
+    """{server: (workload results, S2O log lines)}; the min-length server also answers LONG_SPARSE."""
     tmp = tmp_path_factory.mktemp("s2o_e2e")
-    servers = _start_all({"dense": [], "s2o": ["--s2o", "--s2o-tau", "0", "--s2o-min-length", "0", *S2O_SMALL]},
-                         tmp)
-    try:
-        results = {name: _workload(s) for name, s in servers.items()}
-        for s in servers.values():
-            s.check_alive()
-        lines = servers["s2o"].s2o_lines()
-        assert not servers["dense"].s2o_lines(), "the server without --s2o must not run S2O"
-    finally:
-        for s in servers.values():
-            s.kill()
-    return results, lines
+    out = {}
+    phases = [{"stock": [], "tau0": ["--s2o", "--s2o-tau", "0", "--s2o-min-length", "0", *S2O_SMALL]},
+              {"min_length": ["--s2o", "--s2o-tau", "0.5", "--s2o-min-length", str(SPARSE_MIN_LENGTH),
+                              *S2O_SMALL]}]
+    for specs in phases:
+        servers = _start_all(specs, tmp)
+        try:
+            for name, server in servers.items():
+                results = _workload(server)
+                if name == "min_length":
+                    results["long_sparse"] = server.generate(LONG_SPARSE)
+                server.check_alive()
+                out[name] = (results, server.s2o_lines())
+        finally:
+            for server in servers.values():
+                server.kill()
+    assert not out["stock"][1], "the server without --s2o must not log S2O prefills"
+    return out
 
 
 def _flat(results: dict) -> dict[str, dict]:
-    flat = {"long": results["long"], "radix": results["radix"]}
+    flat = {key: results[key] for key in ("long", "radix", *IMAGE_PROMPTS)}
     flat.update({f"batch{i}": r for i, r in enumerate(results["batch"])})
     flat.update({f"concurrent{i}": r for i, r in enumerate(results["concurrent"])})
     return flat
 
 
-def test_tau0_gives_the_dense_servers_greedy_tokens(tau0_runs):
-    results, _ = tau0_runs
-    dense, s2o = _flat(results["dense"]), _flat(results["s2o"])
-    for key, d in dense.items():
-        s = s2o[key]
-        assert len(d["output_ids"]) == 8
-        assert s["output_ids"] == d["output_ids"], f"{key}: s2o {s['output_ids']} != dense {d['output_ids']}"
+def _assert_same_tokens(results: dict, stock: dict, keys) -> None:
+    for key in keys:
+        got, want = results[key], stock[key]
+        assert len(want["output_ids"]) == MAX_NEW
+        assert got["output_ids"] == want["output_ids"], f"{key}: {got['output_ids']} != stock {want['output_ids']}"
 
 
-def test_tau0_served_every_prefill_through_s2o_chunked_and_cached(tau0_runs):
-    results, lines = tau0_runs
-    s2o = results["s2o"]
+def test_tau0_gives_the_stock_servers_greedy_tokens(runs):
+    stock, tau0 = _flat(runs["stock"][0]), _flat(runs["tau0"][0])
+    _assert_same_tokens(tau0, stock, stock)
+
+
+def test_tau0_ran_every_prefill_on_the_stock_backend_chunked_and_cached(runs):
+    results, lines = runs["tau0"]
     by_rid: dict[str, list] = {}
     for rid, kv_len, new, density, how in lines:
         by_rid.setdefault(rid, []).append((kv_len, new, density, how))
-    long_rid = s2o["long"]["meta_info"]["id"]
+    long_rid = results["long"]["meta_info"]["id"]
     assert [(kv, new) for kv, new, *_ in by_rid[long_rid]] == [(64, 64), (128, 64), (150, 22)], \
-        "the 150-token prompt should prefill in chunks of 64 through S2O"
-    radix = s2o["radix"]["meta_info"]
+        "the 150-token prompt should prefill in chunks of 64"
+    radix = results["radix"]["meta_info"]
     assert radix["cached_tokens"] >= 64, f"expected a radix-cache hit, got {radix['cached_tokens']} cached"
     kv_len, new, *_ = by_rid[radix["id"]][0]
     assert kv_len == len(RADIX) and new == len(RADIX) - radix["cached_tokens"]
-    for r in s2o["batch"]:
-        assert r["meta_info"]["id"] in by_rid, "every batched request must be served by S2O"
-    assert all(density == 1.0 and "tau=0" in how for *_, density, how in lines), "tau = 0 is dense"
+    for r in [*results["batch"], *(results[k] for k in IMAGE_PROMPTS)]:
+        assert r["meta_info"]["id"] in by_rid, "every request's prefill must be logged"
+        assert r["meta_info"]["sgl_slim"]["s2o_sparse"] is False and r["meta_info"]["sgl_slim"]["s2o_density"] == 1.0
+    assert all(density == 1.0 and how.startswith("dense (--s2o-tau 0)") for *_, density, how in lines)
 
 
-def test_tau0_batch_shared_one_prefill(tau0_runs):
-    results, lines = tau0_runs
-    rids = [r["meta_info"]["id"] for r in results["s2o"]["batch"]]
+def test_tau0_batch_shared_one_prefill(runs):
+    results, lines = runs["tau0"]
+    rids = [r["meta_info"]["id"] for r in results["batch"]]
     positions = [i for i, line in enumerate(lines) if line[0] in rids]
     # the four requests' lines come out of one forward: adjacent in the log, each a whole prompt
     assert positions == list(range(positions[0], positions[0] + 4)), f"batch split over forwards: {positions}"
 
 
-@pytest.fixture(scope="module")
-def sparse_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("s2o_e2e_sparse")
-    servers = _start_all({"sparse": ["--s2o", "--s2o-tau", "0.5", "--s2o-min-length", "64", *S2O_SMALL]}, tmp)
-    server = servers["sparse"]
-    try:
-        long_result = server.generate(_ids(256, 7))
-        short_result = server.generate(SHORT)
-        lines = server.s2o_lines()
-    finally:
-        server.kill()
-    return long_result, short_result, lines
+def test_prompts_below_min_length_give_the_stock_servers_greedy_tokens(runs):
+    stock, short = _flat(runs["stock"][0]), _flat(runs["min_length"][0])
+    below = [key for key in stock if key not in ("long", "radix")]   # those two reach 100 tokens
+    assert len(below) == 11
+    for key in below:
+        assert short[key]["meta_info"]["prompt_tokens"] < SPARSE_MIN_LENGTH, key
+    _assert_same_tokens(short, stock, below)
 
 
-def test_tau_positive_serves_and_logs_density_below_one(sparse_run):
-    long_result, short_result, lines = sparse_run
-    assert len(long_result["output_ids"]) == 8 and len(short_result["output_ids"]) == 8
+def test_tau_positive_serves_and_logs_density_below_one(runs):
+    results, lines = runs["min_length"]
+    long_result = results["long_sparse"]
+    assert len(long_result["output_ids"]) == MAX_NEW
     long_lines = [line for line in lines if line[0] == long_result["meta_info"]["id"]]
     assert [line[1] for line in long_lines] == [64, 128, 192, 256]
-    densities = [line[3] for line in long_lines]
-    assert all("tau=0.5" in line[4] for line in long_lines)
+    assert long_lines[0][3] == 1.0 and "dense (kv_len < --s2o-min-length 100)" in long_lines[0][4]
+    assert all("tau=0.5" in line[4] for line in long_lines[1:])
+    densities = [line[3] for line in long_lines[1:]]
     assert min(densities) < 1.0, f"tau=0.5 should skip ranked blocks of a 256-token prompt: {densities}"
-    (short_line,) = [line for line in lines if line[0] == short_result["meta_info"]["id"]]
-    assert short_line[3] == 1.0 and "dense (kv_len < --s2o-min-length 64)" in short_line[4]
+    assert long_result["meta_info"]["sgl_slim"]["s2o_sparse"] is True
+    (short_line,) = [line for line in lines if line[0] == results["concurrent"][0]["meta_info"]["id"]]
+    assert short_line[3] == 1.0 and "dense (kv_len < --s2o-min-length 100)" in short_line[4]
