@@ -28,6 +28,7 @@ from .importance import DEFAULT_IMPORTANCE, compute_importance
 # matrix-vector product per pick (memory-bound, but no N^2 buffer).
 GRAM_MAX_TOKENS = 16384
 _NORM_EPS = 1e-12
+_RESCALE_ABOVE, _RESCALE_BELOW = 1e15, 1e-15     # |x| beyond these: squares leave fp32's range
 
 
 def _check_inputs(features: torch.Tensor, importance: torch.Tensor | None, keep: int,
@@ -60,6 +61,16 @@ def _check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"idpruner: {name} contains NaN or inf")
 
 
+def _rescaled(features: torch.Tensor) -> torch.Tensor:
+    """``features`` divided by its largest magnitude when that is so large (or small) that squared fp32 norms
+    would overflow (or underflow): cosines and min-max-normalised norm importance do not change under one
+    positive scale, so the selection is the same; ordinary magnitudes pass through untouched (bit for bit)."""
+    amax = float(features.detach().abs().max())
+    if amax > _RESCALE_ABOVE or 0.0 < amax < _RESCALE_BELOW:
+        return (features.double() / amax).float()
+    return features
+
+
 def normalize_importance(importance: torch.Tensor) -> torch.Tensor:
     """Min-max normalise to [0, 1] in fp32; a constant vector becomes all zeros."""
     imp = importance.float()
@@ -86,6 +97,7 @@ def idpruner_order_ref(features: torch.Tensor, importance: torch.Tensor | None, 
     """The greedy pick order (a list of ``keep`` indices, first pick first); see :func:`idpruner_select_ref`."""
     _check_inputs(features, importance, keep, mmr_lambda)
     _check_finite("features", features)
+    features = _rescaled(features)
     imp = _resolve_importance(features, importance).cpu()
     v = features.detach().float().cpu()
     v = v / v.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)      # unit rows: dot product = cosine
@@ -210,6 +222,7 @@ def _order_and_sel(features, importance, keep, mmr_lambda, backend):
         if features.shape[0] <= FUSED_MAX_TOKENS:
             return _triton_fused(features, importance, keep, mmr_lambda)
     _check_finite("features", features)
+    features = _rescaled(features)
     imp = _resolve_importance(features, importance)
     if backend == "triton":
         from .idpruner_triton import mmr_order_triton  # noqa: PLC0415 (lazy: triton is optional)
@@ -236,6 +249,8 @@ def idpruner_select(features: torch.Tensor, importance: torch.Tensor | None, kee
     keep:       1 <= keep <= N.
     mmr_lambda: 1 = pure importance (top-k), 0 = pure diversity after the first pick.
     NaN/inf in features or importance raise ValueError (on CUDA after the work is queued: one status read).
+    Degenerate finite inputs (all zeros, identical tokens, N = 1, magnitudes near fp32's limits) give a valid
+    selection (the fused CUDA path raises the same ValueError when magnitudes overflow its fp32 norms).
     """
     order, sel = _order_and_sel(features, importance, keep, mmr_lambda, backend)
     return sel if sel is not None else torch.sort(order).values
