@@ -26,14 +26,17 @@ Head types (probabilities 0.2 / 0.3 / 0.2 / 0.15 / 0.15):
     L; ranges may overlap).  A retrieval head's queries carry u_r only inside event r's range: the scattered
     keys matter there and nowhere else.  Outside every range
     the head is a sink head (sink logit 0..2 nats below the pattern peak).
-  * ``slash``: relative part with w_f = 1 on every pair and delta = one or two offsets, log-uniform in
-    [16, min(8192, L/2)]: one or two diagonal stripes i - j = delta, sharp (all frequencies) with a
-    power-law-like fall-off around them, peak 2 nats above the other types' (one key per row), plus a weaker
-    sink, as real slash heads have.
+  * ``slash``: relative part with w_f = 1 on the pairs whose period is <= 2 pi * 1024, and delta = one or two
+    offsets, log-uniform in [16, min(8192, L/2)]: one or two diagonal stripes i - j = delta, sharp (the
+    high frequencies) with a power-law-like fall-off over a few tokens around them (measured: 50-99 % of a
+    row's mass within 32 of the stripes), peak 2 nats above the other types' (one key per row), plus a
+    weaker sink, as real slash heads have.  (With every pair, the low frequencies would keep the stripe
+    tens of tokens wide.)
   * ``noise``: no pattern, query noise only (sigma 0.3..0.8 nats): near-uniform attention over all causal
     keys.  No sparse method should claim a low error there at low density.
-Strengths: a pattern's peak logit is ln(L) + U(1, 4) nats (slash + 2), so that for the last query the noise floor (L keys, logit ~N(0, sigma^2)) holds about
-e^-1..e^-4 of the pattern's mass at every L; sigma_h in [0.5, 1.2] for the pattern heads.
+Strengths: a pattern's peak logit is ln(L) + U(2, 5) nats (slash + 2): one peak key outweighs the whole noise
+floor (L keys of logit ~N(0, sigma^2), sigma_h in [0.5, 1.2] for the pattern heads) by e^(2..5 - sigma^2/2),
+at every L.
 Values: v_j = m * mu + N(0, 1) with mu a unit direction per KV head and m in [0.5, 1.5] * sqrt(D) / 4 (real V
 has a nonzero mean: dropping mass then biases the output, not only adds noise); the sink keys' values are
 scaled by 0.1 (sinks carry little value in trained models).
@@ -49,6 +52,7 @@ import torch
 HEAD_TYPES = ("sink", "local", "retrieval", "slash", "noise")
 TYPE_PROBS = (0.2, 0.3, 0.2, 0.15, 0.15)
 ROPE_BASE = 1e6
+SLASH_PERIOD = 1024
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,17 +70,24 @@ def make_qkv_mixed(L: int, Hq: int = 32, Hkv: int = 8, D: int = 128, *, seed: in
     query range start, end))."""
     if Hq % Hkv or D % 8 or D < 32:
         raise ValueError(f"need Hq a multiple of Hkv and D a multiple of 8, >= 32; got Hq={Hq}, Hkv={Hkv}, D={D}")
-    gen = torch.Generator(device=device).manual_seed(seed)
+    # head types and every scalar / per-head parameter come from a CPU generator, in an order that does not
+    # depend on L or the device: a seed gives the same heads at every length; the [L, ...] noise comes from a
+    # generator on the device
+    pgen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
     G = Hq // Hkv
     n_pairs = 3 * D // 8                  # relative part: dims [0, 2 * n_pairs); content: the rest
     n_rel = 2 * n_pairs
     f32 = dict(device=device, dtype=torch.float32)
 
     def uni(lo, hi):
-        return lo + (hi - lo) * torch.rand((), generator=gen, **f32).item()
+        return lo + (hi - lo) * torch.rand((), generator=pgen).item()
 
     def randint(lo, hi):  # [lo, hi)
-        return int(torch.randint(lo, hi, (), generator=gen, device=device))
+        return int(torch.randint(lo, hi, (), generator=pgen))
+
+    def small_randn(*shape):  # L-independent draws, moved to the device
+        return torch.randn(*shape, generator=pgen).to(device)
 
     theta = ROPE_BASE ** (-torch.arange(n_pairs, **f32).double() / n_pairs)        # [P]
     period = 2 * math.pi / theta
@@ -92,19 +103,19 @@ def make_qkv_mixed(L: int, Hq: int = 32, Hkv: int = 8, D: int = 128, *, seed: in
     v = torch.randn(Hkv, L, D, generator=gen, **f32)
     info = {"types": [], "width": torch.zeros(Hq), "offsets": [], "n_sink": torch.zeros(Hkv, dtype=torch.int64),
             "events": []}
-    probs = torch.tensor(TYPE_PROBS, **f32)
+    probs = torch.tensor(TYPE_PROBS)
     # key-side feature magnitude: large beside the unit key noise, so the noise x feature cross terms of a
     # query stay well under a nat (q = logit * sq / KEY_NORM along the feature)
     key_norm = 4.0 * sq
     for hk in range(Hkv):
         # relative part: unit norm per pair, random phase, scaled to key_norm in total
-        phase = 2 * math.pi * torch.rand(n_pairs, generator=gen, **f32)
+        phase = 2 * math.pi * torch.rand(n_pairs, generator=pgen).to(device)
         a = torch.stack([phase.cos(), phase.sin()], -1).flatten() * (key_norm / math.sqrt(n_pairs))  # [2P]
         k[hk, :, :n_rel] += _rotate(a, cos, sin)
         # content directions, orthonormal, in the content dims (position free)
         n_events = randint(2, 5)
         basis = torch.zeros(1 + n_events, D, **f32)
-        basis[:, n_rel:] = torch.linalg.qr(torch.randn(D - n_rel, 1 + n_events, generator=gen, **f32)).Q.T
+        basis[:, n_rel:] = torch.linalg.qr(small_randn(D - n_rel, 1 + n_events)).Q.T
         n_sink = min(L, randint(1, 5))
         info["n_sink"][hk] = n_sink
         k[hk, :n_sink] += key_norm * basis[0]
@@ -112,28 +123,29 @@ def make_qkv_mixed(L: int, Hq: int = 32, Hkv: int = 8, D: int = 128, *, seed: in
         used = torch.zeros(L, dtype=torch.bool, device=device)
         used[:n_sink] = True
         for r in range(n_events):
-            start = randint(L // 8, max(L // 8 + 1, 3 * L // 4))
+            start = max(1, int(L * uni(1 / 8, 3 / 4)))
             length = max(1, int(L * uni(1 / 8, 1 / 3)))
+            n_keys = randint(100, 401)
             free = torch.nonzero(~used[:start]).flatten()            # events never share a key
-            pick = torch.randperm(free.numel(), generator=gen, device=device)[:randint(100, 401)]
+            pick = torch.randperm(free.numel(), generator=gen, device=device)[:n_keys]
             keys = free[pick].sort().values
             used[keys] = True
             k[hk, keys] += key_norm * basis[1 + r]
             events.append((keys, start, min(L, start + length)))
         info["events"].append(events)
-        mean_dir = torch.randn(D, generator=gen, **f32)
+        mean_dir = small_randn(D)
         v[hk] += uni(0.5, 1.5) * (sq / 4) * mean_dir / mean_dir.norm()
         v[hk, :n_sink] *= 0.1
 
         for g in range(G):
             h = hk * G + g
-            kind = HEAD_TYPES[int(torch.multinomial(probs, 1, generator=gen))]
+            kind = HEAD_TYPES[int(torch.multinomial(probs, 1, generator=pgen))]
             info["types"].append(kind)
             offsets = []
             sigma = uni(0.3, 0.8) if kind == "noise" else uni(0.5, 1.2)
             # per-coordinate std s gives logit std s * sqrt(D + feature norm^2) / sqrt(D) against a key
             q[h] = torch.randn(L, D, generator=gen, **f32) * (sigma / math.sqrt(1 + key_norm ** 2 / D))
-            peak = lnL + uni(1.0, 4.0)                   # nats
+            peak = lnL + uni(2.0, 5.0)                   # nats
 
             def along(direction, logit):                 # query component giving ``logit`` on a key feature
                 return (logit * sq / key_norm) * direction
@@ -154,7 +166,9 @@ def make_qkv_mixed(L: int, Hq: int = 32, Hkv: int = 8, D: int = 128, *, seed: in
                     delta = int(round(math.exp(uni(math.log(16), math.log(hi)))))
                     offsets.append(delta)
                     back = -float(delta) * theta                                   # R(-delta)
-                    qa = _rotate(a, back.cos().float(), back.sin().float())
+                    w = (period <= 2 * math.pi * SLASH_PERIOD).float()
+                    qa = _rotate(a, back.cos().float(), back.sin().float()) * w.repeat_interleave(2)
+                    qa = qa * (n_pairs / w.sum().item())
                     q[h, :, :n_rel] += _rotate(along(qa / key_norm, peak + 2.0), cos, sin)
             if kind == "retrieval":
                 for r, (_, start, end) in enumerate(events):

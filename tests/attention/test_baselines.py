@@ -221,6 +221,11 @@ def test_mixed_generator_is_deterministic_per_seed():
     assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(v, v2), "same seed, different tensors"
     q3, _, _ = make_qkv_mixed(600, 8, 2, 32, seed=1, dtype=torch.float32)
     assert not torch.equal(q, q3), "different seeds gave the same tensors"
+    # the heads (types, widths, events' query ranges as fractions of L) do not depend on the length
+    a = make_qkv_mixed(600, 8, 2, 32, seed=0, dtype=torch.float32, return_info=True)[3]
+    b = make_qkv_mixed(1500, 8, 2, 32, seed=0, dtype=torch.float32, return_info=True)[3]
+    assert a["types"] == b["types"] and torch.equal(a["width"], b["width"]), "head types changed with L"
+    assert [len(e) for e in a["events"]] == [len(e) for e in b["events"]], "retrieval events changed with L"
 
 
 def test_mixed_values_have_a_mean_direction(mixed):
@@ -249,7 +254,7 @@ def test_mixed_head_types_have_their_documented_shape(mixed):
         if kind == "local":
             W = float(info["width"][h])
             band = (p * ((d >= 0) & (d <= W))).sum(-1).mean()
-            assert band > 0.7, f"local head {h} (W {W:.0f}): only {band:.2f} of the mass within W of the diagonal"
+            assert band > 0.65, f"local head {h} (W {W:.0f}): only {band:.2f} of the mass within W of the diagonal"
         elif kind == "sink":
             sink = p[:, : info["n_sink"][h // G]].sum(-1).mean()
             assert sink > 0.6, f"sink head {h}: {sink:.2f} of the mass on the sink keys"
