@@ -4,10 +4,10 @@ TILE or per query row is not expressible on that kernel: every list here is per 
 ones, the union over the segment's rows).
 
 Pooled-query top-cdf (``select_topcdf``, ``select_pbs``) select, for each query segment and KV head, key
-blocks of ``block_size`` among the earlier keys [0, seg_start) by TOP-CDF: blocks sorted by their probability, kept until the cumulative probability
-reaches ``gamma``.  Block probability = softmax over blocks of the mean-pooled block score
-mean_{j in block}(sm_scale * qbar_h . k_j) (= qbar_h . mean-pooled key block), averaged over the q heads
-of the KV group.  The intra-segment (diagonal) part stays dense, exactly as in S2O.
+blocks of ``block_size`` among the earlier keys [0, seg_start) by TOP-CDF: blocks sorted by their
+probability, kept until the cumulative probability reaches ``gamma``.  Block probability = softmax over
+blocks of the mean-pooled block score mean_{j in block}(sm_scale * qbar_h . k_j) (= qbar_h . mean-pooled key
+block), averaged over the q heads of the KV group.  The intra-segment (diagonal) part stays dense, exactly as in S2O.
 
   * ``topcdf``: physical (contiguous) blocks, no permutation: FlexPrefill / XAttention style
     (their estimators differ: last-query-block attention, antidiagonal sums; the selection rule and the
@@ -166,9 +166,15 @@ def select_vertical_slash(q: torch.Tensor, k: torch.Tensor, *, block_size: int, 
     queries [lo, hi), the keys [lo - d, hi - d) clipped to [0, seg_start): the union over every query row
     (a superset of each row's own diagonal key, up to segment_size keys per diagonal).
 
+    With ``gamma`` the slash distribution is flat (every diagonal carries some noise-floor mass) and every
+    diagonal adds a segment-long key run, so gamma >= 0.9 keeps most keys (H200, block 128 / segment 2048:
+    density 0.74-1.0 at 8K-32K); the counts are the useful setting.
+
     block_size is the kernel's and is only checked (segment_size must be a multiple of it); the selection
-    is per key.  Returns rank [n_seg, Hkv, L'] int32 (selected keys first, by vertical score, then padding
-    with position 0) and rank_len [n_seg, Hkv] int32 (the union's size).
+    is per key.  Cost (H200, 32 q heads, last_q 64, segment 2048): 24-48 ms and 0.9 GiB at 32K, 0.25 s and
+    3.8 GiB at 128K (one segment at a time).
+    Returns rank [n_seg, Hkv, L'] int32 (selected keys first, by vertical score, then padding with position 0)
+    and rank_len [n_seg, Hkv] int32 (the union's size).
     """
     _check_sizes(block_size, segment_size, last_q)
     if (gamma is None) == (n_vertical is None or n_slash is None):
@@ -232,7 +238,8 @@ def select_cumulative_blocks(q: torch.Tensor, k: torch.Tensor, *, gamma: float, 
     cumulative mass reaches ``gamma`` (at least one block where there is an earlier key).
     Returns rank [n_seg, Hkv, nb * block_size] int32 (kept blocks first, most massive first; nb = the
     largest number of earlier blocks of any segment) and rank_len [n_seg, Hkv] int32 = kept blocks *
-    block_size.
+    block_size.  Cost (H200, 32 q heads, last_q 64, segment 2048): 13 ms and 1.0 GiB at 32K, 0.2 s and 4.0 GiB
+    at 128K.
     """
     _check_sizes(block_size, segment_size, last_q)
     if not 0.0 < gamma <= 1.0:
@@ -278,7 +285,8 @@ def token_oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mass: flo
 
     q_tile query rows (and as many KV heads as keep [heads, q_tile, L] under ``max_elems`` fp32 elements;
     the sort needs 3x that in bytes) are processed at a time; neither changes the result.
-    Returns (density float, out [Tq, Hq, D] fp32).
+    Returns (density float, out [Tq, Hq, D] fp32).  Cost (H200, 32 q / 8 KV heads, d 128, defaults): 0.17 s
+    and 2.2 GiB at 8K, 2.9 s and 4.7 GiB at 32K, 12.8 s and 5.2 GiB at 64K (O(L^2): ~50 s at 128K).
     """
     Tq, Hq, D = q.shape
     L, Hkv, _ = k.shape

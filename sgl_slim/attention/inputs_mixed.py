@@ -40,7 +40,14 @@ at every L.
 Values: v_j = m * mu + N(0, 1) with mu a unit direction per KV head and m in [0.5, 1.5] * sqrt(D) / 4 (real V
 has a nonzero mean: dropping mass then biases the output, not only adds noise); the sink keys' values are
 scaled by 0.1 (sinks carry little value in trained models).
-Deterministic for a given seed, device and arguments.  The generator itself runs in fp32 on ``device``.
+Deterministic for a given seed, device and arguments; the head types and their parameters depend on the seed
+alone (not on L or the device).  The generator itself runs in fp32 on ``device``.
+
+Measured (H200, seed 1, 32 q / 8 KV heads, d 128, segment 2048): the per-row token oracle
+(``baselines.token_oracle``) needs, to hold 99 % of every row's mass, 0.42 of the causal keys at 8K and 0.26 at
+32K (make_qkv, seed 1: 0.26 and 0.075); per type at 32K: sink 0.18, local 0.10, retrieval 0.23, slash 0.07,
+noise 0.97.  So these inputs are harder than make_qkv's, by design: the noise heads (4 of 32 at seed 1) and the
+tails of the sink heads cannot be made sparse.
 """
 
 from __future__ import annotations

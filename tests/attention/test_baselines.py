@@ -17,6 +17,7 @@ from sgl_slim.attention.s2o_ref import segment_range
 
 B, S = 32, 128          # block_size, segment_size
 SCALE = 32 ** -0.5      # head dim 32
+SCALE_64 = 64 ** -0.5   # head dim 64 (the planted-lines test)
 
 
 def _selections():
@@ -99,8 +100,6 @@ def _planted(L=512, D=64, column=20, delta=200, strength=8.0, seed=0):
     q = torch.stack([q, q + 0.1 * torch.randn(L, D, generator=g)], 1)
     return q, k[:, None], column, delta
 
-
-SCALE_64 = 64 ** -0.5
 
 
 def test_vertical_slash_finds_the_planted_column_and_diagonal():
