@@ -143,25 +143,39 @@ def contain(feature: str, what: str, work: Callable[[], T], fallback: Callable[[
 # Tokenizer process: a feature's transform of the processor output
 # -------------------------------------------------------------------------------------------------------------
 
+def _attributes(obj) -> dict:
+    """Every attribute a transform may change: declared fields (msgspec structs, dataclasses) and the
+    instance ``__dict__`` (where SGLang and sgl_slim add attributes such as ``audio_feature_lens``)."""
+    names = list(getattr(type(obj), "__struct_fields__", ())) + list(getattr(obj, "__dataclass_fields__", {}))
+    state = {name: getattr(obj, name) for name in names}
+    state.update(getattr(obj, "__dict__", {}))
+    return state
+
+
+def _restore(obj, state: dict) -> None:
+    for name in [n for n in getattr(obj, "__dict__", {}) if n not in state]:
+        delattr(obj, name)                                   # added by the failed transform
+    for name, value in state.items():
+        setattr(obj, name, value)
+
+
 def _snapshot(out) -> Callable[[], None]:
     """A function restoring ``out`` and its items to their state now (shallow: the transforms replace fields
     and only mutate ``model_specific_data`` in place, which is copied)."""
-    saved_out = dict(vars(out))
+    saved_out = _attributes(out)
     saved_items = []
     for item in out.mm_items or []:
-        fields = dict(vars(item))
-        msd = fields.get("model_specific_data")
-        saved_items.append((item, fields, dict(msd) if isinstance(msd, dict) else msd))
+        state = _attributes(item)
+        msd = state.get("model_specific_data")
+        saved_items.append((item, state, dict(msd) if isinstance(msd, dict) else None))
 
     def restore() -> None:
-        for item, fields, msd in saved_items:
-            vars(item).clear()
-            vars(item).update(fields)
-            if isinstance(msd, dict):
+        for item, state, msd in saved_items:
+            _restore(item, state)
+            if msd is not None:
                 item.model_specific_data.clear()
                 item.model_specific_data.update(msd)
-        vars(out).clear()
-        vars(out).update(saved_out)
+        _restore(out, saved_out)
 
     return restore
 

@@ -165,3 +165,62 @@ def test_keep_one_only_gives_each_clip_its_own_length():
     assert out.input_ids == ids and a1.offsets == [(0, 9)] and a2.offsets == [(11, 15)]
     assert a1.audio_feature_lens.tolist() == [10] and a2.audio_feature_lens.tolist() == [5]
     assert (a1.hash, a2.hash) == (111, 333) and KEEP_KEY not in a1.model_specific_data
+
+
+# --- containment: a clip whose Samp work fails falls back alone --------------------------------------------
+
+def _log_lines():
+    import logging  # noqa: PLC0415
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("sgl_slim").addHandler(handler)
+    return lines, lambda: logging.getLogger("sgl_slim").removeHandler(handler)
+
+
+def test_nonfinite_clip_falls_back_to_evenly_spaced_tokens_alone(model):
+    samp = SampConfig(enabled=True, keep_ratio=0.6)
+    items = _items([(20, 12), (9, samp.keep_count(9))])
+
+    def nan_first_clip(self, items):
+        out = stock_get_audio_feature(self, items)
+        out[:20] = float("nan")                                    # the encoder "returned" NaN for clip 0
+        return out
+
+    lines, done = _log_lines()
+    try:
+        with torch.no_grad():
+            got = compress_audio_feature(nan_first_clip, model, items, samp)
+            good = compress_audio_feature(stock_get_audio_feature, model, _items([(20, 12), (9, samp.keep_count(9))]),
+                                          samp)[12:]
+    finally:
+        done()
+    assert got.shape == (12 + samp.keep_count(9), 24)
+    assert bool(torch.isnan(got[:12]).all()), "clip 0: its 12 evenly spaced (NaN) tokens"
+    torch.testing.assert_close(got[12:], good, rtol=0, atol=0)     # clip 1: compressed as if alone
+    assert lines == ["sgl_slim audio: fallback (nonfinite): clip 0 (20 tokens, keep 12): ValueError: tokens must be "
+                     "finite (the audio encoder returned NaN or inf); used an evenly spaced selection"]
+
+
+def test_failed_statistics_fall_back_for_every_clip_with_one_line(model, monkeypatch):
+    import sgl_slim.audio as audio  # noqa: PLC0415
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("statistics exploded")
+
+    monkeypatch.setattr(audio, "encoder_attention_stats", broken)
+    samp = SampConfig(enabled=True, keep_ratio=0.6)
+    items = _items([(20, 12), (9, samp.keep_count(9)), (7, None)])
+    lines, done = _log_lines()
+    try:
+        with torch.no_grad():
+            got = compress_audio_feature(stock_get_audio_feature, model, items, samp)
+            full = stock_get_audio_feature(model, items)
+    finally:
+        done()
+    k1 = samp.keep_count(9)
+    want = torch.cat([full[:20][torch.arange(12) * 20 // 12], full[20:29][torch.arange(k1) * 9 // k1], full[29:]])
+    assert torch.equal(got, want)
+    assert lines == ["sgl_slim audio: fallback (error): encoder attention statistics of 2 clips: RuntimeError: "
+                     "statistics exploded; used an evenly spaced selection"]
