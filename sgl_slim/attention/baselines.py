@@ -258,7 +258,7 @@ def select_cumulative_blocks(q: torch.Tensor, k: torch.Tensor, *, gamma: float, 
         p = torch.softmax(s[..., :seg_start], -1).view(Hkv, G * n, seg_start // block_size, block_size)
         mass[si, :, : seg_start // block_size] = p.sum(-1).mean(1)                # [Hkv, blocks]
     valid = mass >= 0
-    n_sel = _n_by_cdf(mass.clamp(min=0).view(-1, nb), valid.view(-1, nb), gamma).view(len(segs), Hkv)
+    n_sel = _n_by_cdf(mass.clamp(min=0).flatten(0, 1), valid.flatten(0, 1), gamma).view(len(segs), Hkv)
     order = torch.sort(mass, -1, descending=True).indices                          # [n_seg, Hkv, nb]
     pos = order[..., None] * block_size + torch.arange(block_size, device=dev)
     return pos.flatten(-2).to(torch.int32), (n_sel * block_size).to(torch.int32)
