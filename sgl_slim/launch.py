@@ -24,8 +24,7 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-from sgl_slim.config import (ConfigError, EagleConfig, IDPrunerConfig, MediaConfig, S2OConfig, SampConfig,
-                             SlimConfig)
+from sgl_slim.config import (ConfigError, EagleConfig, IDPrunerConfig, S2OConfig, SampConfig, SlimConfig)
 
 logger = logging.getLogger("sgl_slim")
 
@@ -35,8 +34,7 @@ DEFAULT_MODEL = "demo"
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 
 # flag -> (section, field, type, help). Defaults come from the dataclasses in sgl_slim.config.
-_SECTIONS = {"s2o": S2OConfig, "idpruner": IDPrunerConfig, "samp": SampConfig, "eagle": EagleConfig,
-             "media": MediaConfig}
+_SECTIONS = {"s2o": S2OConfig, "idpruner": IDPrunerConfig, "samp": SampConfig, "eagle": EagleConfig}
 _FLAGS = [
     ("--s2o", "s2o", "enabled", bool, "S2O sparse prefill attention (prefill/extend; decode stays dense)"),
     ("--s2o-tau", "s2o", "tau", float, "early-stop threshold, >= 0 (0 = visit every block = dense)"),
@@ -59,9 +57,6 @@ _FLAGS = [
     ("--eagle-steps", "eagle", "steps", int, "draft steps per verification, >= 1"),
     ("--eagle-draft-tokens", "eagle", "draft_tokens", int,
      "tokens verified per step, >= 2 (default: --eagle-steps + 1, chain drafting)"),
-    ("--allowed-local-media-path", "media", "allowed_local_media_path", str,
-     "directory whose files clients may name as media (file:// URLs, plain paths); default: none, every local "
-     "path is refused with a 400"),
 ]
 
 
@@ -210,11 +205,16 @@ def resolve_model(sglang_argv: list[str]) -> list[str]:
 
 
 def apply_cpu_defaults(sglang_argv: list[str]) -> list[str]:
+    """SGLang's flags for serving on the CPU, where the user set none: ``--device cpu``, a KV pool cap, and
+    ``--sleep-on-idle`` (an idle scheduler otherwise polls its sockets without pause and takes a fifth of a core
+    or more away from the work of other processes; it then waits on them and wakes when a request arrives)."""
     extra = []
     if not _has_flag(sglang_argv, "--device"):
         extra += ["--device", "cpu"]
     if not _has_flag(sglang_argv, "--max-total-tokens", "--mem-fraction-static"):
         extra += ["--max-total-tokens", str(CPU_DEFAULT_MAX_TOTAL_TOKENS)]
+    if not _has_flag(sglang_argv, "--sleep-on-idle"):
+        extra += ["--sleep-on-idle"]
     return extra + sglang_argv
 
 

@@ -1,6 +1,6 @@
 """Samp end to end on the CPU demo-audio server (float32, so rounding cannot flip a greedy token).
 
-Two servers, started once for the module, in parallel:
+Two servers, from the session's server pool (tests/serving.py), started together:
   - samp:     --samp --samp-keep-ratio 0.5 --samp-merge-threshold 0.5 (the demo's random encoder gives
               dissimilar neighbours: 0.5 makes clusters form, so merging is exercised)
   - identity: --samp --samp-keep-ratio 1.0 --samp-merge-threshold 2.0
@@ -21,12 +21,11 @@ import pytest
 import requests
 
 from samp_reference import compressed_inputs, greedy, load, load_audio_like_sglang
-from serving import SlimServer
+from serving import shared_server
 from sgl_slim.config import SampConfig
 
 pytestmark = pytest.mark.e2e
 
-PORT_SAMP, PORT_IDENTITY = 33101, 33102
 SAMP = SampConfig(enabled=True, keep_ratio=0.5, merge_threshold=0.5)
 MAX_NEW = 8
 COMMON = ["--model", "demo-audio", "--dtype", "float32", "--max-total-tokens", "16384"]
@@ -50,21 +49,14 @@ def data_url(data: bytes, mime: str = "audio/wav") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
+samp_server = shared_server([*COMMON, "--samp", "--samp-keep-ratio", str(SAMP.keep_ratio),
+                             "--samp-merge-threshold", str(SAMP.merge_threshold)])
+identity_server = shared_server([*COMMON, "--samp", "--samp-keep-ratio", "1.0", "--samp-merge-threshold", "2.0"])
+
+
 @pytest.fixture(scope="module")
-def servers():
-    samp = SlimServer([*COMMON, "--samp", "--samp-keep-ratio", str(SAMP.keep_ratio),
-                       "--samp-merge-threshold", str(SAMP.merge_threshold)], port=PORT_SAMP)
-    identity = SlimServer([*COMMON, "--samp", "--samp-keep-ratio", "1.0", "--samp-merge-threshold", "2.0"],
-                          port=PORT_IDENTITY)
-    try:
-        samp.start()
-        identity.start()
-        samp.wait_ready()
-        identity.wait_ready()
-        yield {"samp": samp, "identity": identity}
-    finally:
-        samp.stop()
-        identity.stop()
+def servers(samp_server, identity_server):
+    return {"samp": samp_server, "identity": identity_server}
 
 
 @pytest.fixture(scope="module")

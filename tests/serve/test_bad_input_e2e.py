@@ -9,8 +9,7 @@ import socket
 import pytest
 import requests
 
-from conftest import CONTEXT_LENGTH
-from serving import png_data_url, wav_data_url
+from serving import CONTEXT_LENGTH, png_data_url, wav_data_url
 
 pytestmark = pytest.mark.e2e
 

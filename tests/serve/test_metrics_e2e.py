@@ -1,19 +1,19 @@
 """Per-request sgl_slim numbers on real CPU servers: ``meta_info["sgl_slim"]`` (and the OpenAI responses'
 ``metadata``) equal what the server did, and ``/metrics`` (``--enable-metrics``) counts them once per request.
 
-One server of this file's own (port 35510): the EAGLE-3 demo target with its trained draft, IDPruner, S2O with a
-small --s2o-min-length, --enable-metrics. Audio runs on the shared demo-audio server (Samp on) of conftest.py.
+One server of this file's own (from the session's pool): the EAGLE-3 demo target with its trained draft, IDPruner,
+S2O with a small --s2o-min-length, --enable-metrics. Audio runs on the shared demo-audio server (Samp on) of
+conftest.py. To develop against a running server: SGL_SLIM_TEST_ATTACH=metrics_server=PORT:LOG_PATH (the S2O
+checks read its log).
 """
 
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 import requests
 
-from serving import SlimServer, audio_message, image_message, png_data_url, wav_data_url
+from serving import audio_message, image_message, png_data_url, shared_server, wav_data_url
 from sgl_slim.config import IDPrunerConfig, SampConfig
 
 pytestmark = pytest.mark.e2e
@@ -24,29 +24,20 @@ S2O_LINE = re.compile(r"S2O prefill rid=(\S+) kv_len=(\d+) new=(\d+) density=([0
 PROM_LINE = re.compile(r'^(sgl_slim_\w+)\{([^}]*)\} (\S+)$')
 
 
-@pytest.fixture(scope="module")
-def spec_server():
-    from sgl_slim.spec.target_lm import ensure_eagle_target
-    from sgl_slim.spec.train import ensure_eagle_draft
+METRICS_ARGS = ["--model-path", "{eagle_target}", "--dtype", "float32", "--max-total-tokens", "16384",
+                "--context-length", "1024", "--eagle-draft", "{eagle_draft}", "--eagle-steps", "3",
+                "--eagle-draft-tokens", "4", "--idpruner", "--idpruner-keep-ratio", str(KEEP),
+                "--s2o", "--s2o-tau", "0.5", "--s2o-min-length", str(S2O_MIN), "--s2o-block-size", "16",
+                "--s2o-segment-size", "32", "--enable-metrics"]
+metrics_server = shared_server(METRICS_ARGS)
 
-    draft = ensure_eagle_draft()
-    target = ensure_eagle_target()
-    args = ["--model-path", str(target), "--dtype", "float32", "--max-total-tokens", "16384", "--context-length",
-            "1024", "--eagle-draft", str(draft), "--eagle-steps", "3", "--eagle-draft-tokens", "4",
-            "--idpruner", "--idpruner-keep-ratio", str(KEEP),
-            "--s2o", "--s2o-tau", "0.5", "--s2o-min-length", str(S2O_MIN), "--s2o-block-size", "16",
-            "--s2o-segment-size", "32", "--enable-metrics"]
-    reuse = os.environ.get("SGL_SLIM_METRICS_PORT")       # a server already running with these flags (developing)
-    if reuse:
-        srv = SlimServer(args, port=0)
-        srv.port, srv.log_path = int(reuse), Path(os.environ["SGL_SLIM_METRICS_LOG"])
-        assert requests.get(f"{srv.base_url}/health_generate", timeout=120).status_code == 200, srv.base_url
-        srv.target = target
-        yield srv
-        return
-    with SlimServer(args, port=35510) as srv:
-        srv.target = target
-        yield srv
+
+@pytest.fixture(scope="module")
+def spec_server(metrics_server):
+    from sgl_slim.spec.target_lm import ensure_eagle_target
+
+    metrics_server.target = ensure_eagle_target()
+    return metrics_server
 
 
 def image_tokens(target, width, height) -> int:

@@ -1,5 +1,5 @@
 """Scale-out on the CPU demo: ``--tp-size 2`` and ``--dp-size 2`` with IDPruner on give the same greedy outputs
-(and the same pruned prompt lengths) as the single-worker server of conftest.py, same flags otherwise.
+(and the same pruned prompt lengths) as the shared single-worker server (conftest.py), same flags otherwise.
 
 Needs sgl_slim's two CPU fixes (stock SGLang 0.5.23 cannot start either on this machine): the launcher's
 per-rank core split (SGLANG_CPU_OMP_THREADS_BIND; SGLang refuses more ranks than NUMA nodes) and
@@ -7,8 +7,7 @@ sgl_slim.integration.cpu_parallel (no PyNccl communicator on the CPU engine)."""
 
 import pytest
 
-from conftest import VL_ARGS
-from serving import SlimServer, greedy, image_message, png_data_url
+from serving import VL_ARGS, greedy, image_message, png_data_url, shared_server
 
 pytestmark = pytest.mark.e2e
 
@@ -29,12 +28,7 @@ def _answers(srv) -> list[tuple[str, int]]:
     return out
 
 
-@pytest.fixture(scope="module", params=["tp", "dp"])
-def scaled_server(request):
-    flag = {"tp": "--tp-size", "dp": "--dp-size"}[request.param]
-    port = {"tp": 35103, "dp": 35104}[request.param]
-    with SlimServer([*VL_ARGS, flag, "2"], port=port) as srv:
-        yield request.param, srv
+scaled_server = shared_server(params={"tp": [*VL_ARGS, "--tp-size", "2"], "dp": [*VL_ARGS, "--dp-size", "2"]})
 
 
 def test_two_workers_match_one(vl_server, scaled_server):

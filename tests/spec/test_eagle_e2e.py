@@ -14,7 +14,7 @@ import pytest
 import requests
 import torch
 
-from tests.serving import ROOT, SlimServer
+from serving import ROOT, shared_server
 
 pytestmark = pytest.mark.e2e
 
@@ -54,16 +54,14 @@ def run_all(srv):
     return one_by_one, batched, concurrent
 
 
+plain_server = shared_server(["--model-path", "{eagle_target}", *COMMON])
+eagle_server = shared_server(["--model-path", "{eagle_target}", *COMMON, "--eagle-draft", "{eagle_draft}",
+                              "--eagle-steps", "3", "--eagle-draft-tokens", "4"])
+
+
 @pytest.fixture(scope="module")
-def outputs(models):
-    target, draft = models
-    with SlimServer(["--model-path", str(target), *COMMON], port=34010) as srv:
-        plain = run_all(srv)
-    with SlimServer(["--model-path", str(target), *COMMON, "--eagle-draft", str(draft), "--eagle-steps", "3",
-                     "--eagle-draft-tokens", "4"], port=34011) as srv:
-        spec = run_all(srv)
-        log = srv.log()
-    return plain, spec, log
+def outputs(plain_server, eagle_server):
+    return run_all(plain_server), run_all(eagle_server), eagle_server.log()
 
 
 def test_greedy_output_is_lossless(outputs):

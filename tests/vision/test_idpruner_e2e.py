@@ -1,7 +1,7 @@
 """IDPruner end to end on the CPU demo server (float32, so rounding cannot flip a greedy token).
 
-Two servers, started once for the module, in parallel, on a POSITION-SENSITIVE copy of the demo model
-(small rope_theta, scaled q/k: the stock demo barely reacts to wrong image positions):
+Two servers (the session's server pool, tests/serving.py), started together, on a POSITION-SENSITIVE copy of
+the demo model (small rope_theta, scaled q/k: the stock demo barely reacts to wrong image positions):
   - pruned:   --idpruner --idpruner-keep-ratio 0.25 --chunked-prefill-size 48
   - identity: --idpruner --idpruner-keep-ratio 1.0
 Oracle: a transformers forward of the same checkpoint on the same pruned embeddings with the kept tokens'
@@ -14,10 +14,7 @@ import base64
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,17 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from serving import MODEL_DIRS, shared_server
+
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-PORT_PRUNED, PORT_IDENTITY = 32101, 32102
 KEEP_RATIO = 0.25
 MAX_NEW = 8
 # float32 end to end: server and transformers differ only by summation order (~1e-6 in logprobs measured by
 # the notes); wrong image positions move them by ~5e-3 on this model copy.
 LOGPROB_TOL = 1e-4
 CHUNK = 48
-STARTUP_S = 900
 PROMPT_ONE = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the picture?"
               "<|im_end|>\n<|im_start|>assistant\n")
 PROMPT_TWO = ("<|im_start|>user\nFirst <|vision_start|><|image_pad|><|vision_end|> then "
@@ -94,62 +90,42 @@ def b64(data: bytes) -> str:
 # servers
 # ----------------------------------------------------------------------------------------------------------
 
-def _start(model: Path, port: int, keep_ratio: float, log: Path, *extra: str):
-    cmd = [sys.executable, "-m", "sgl_slim.launch", "--model-path", str(model), "--port", str(port),
-           "--dtype", "float32", "--idpruner", "--idpruner-keep-ratio", str(keep_ratio),
-           "--max-total-tokens", "8192", "--skip-server-warmup", *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                            start_new_session=True)
-
-
-def _wait(proc, port: int, log: Path) -> None:
-    deadline = time.time() + STARTUP_S
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server on port {port} exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(3)
-    raise TimeoutError(f"server on port {port} not healthy after {STARTUP_S}s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(proc) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def position_sensitive_demo() -> Path:
+    """The position-sensitive copy, cached beside the demo model (built in a private folder, then renamed, so
+    concurrent test runs never read a half-written copy)."""
     from sgl_slim.demo import ensure_demo
 
-    return make_position_sensitive(ensure_demo("demo"), tmp_path_factory.mktemp("idp") / "demo-pos")
+    demo = ensure_demo("demo")
+    out = demo.with_name(demo.name + "-position-sensitive")
+    if not (out / ".complete").is_file():
+        work = make_position_sensitive(demo, out.with_name(f"{out.name}.partial{os.getpid()}"))
+        if out.is_dir() and not (out / ".complete").is_file():
+            shutil.rmtree(out, ignore_errors=True)        # left by an interrupted run
+        try:
+            os.replace(work, out)
+        except OSError:          # another run finished first
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+MODEL_DIRS["{demo_position_sensitive}"] = position_sensitive_demo
+SERVER_COMMON = ["--model-path", "{demo_position_sensitive}", "--dtype", "float32", "--idpruner",
+                 "--max-total-tokens", "8192", "--skip-server-warmup"]
+# the pruned server prefills in chunks of CHUNK tokens: two-image prompts span chunks, so the position fix-up must
+# work per chunk
+pruned_server = shared_server([*SERVER_COMMON, "--idpruner-keep-ratio", str(KEEP_RATIO),
+                               "--chunked-prefill-size", str(CHUNK)])
+identity_server = shared_server([*SERVER_COMMON, "--idpruner-keep-ratio", "1.0"])
 
 
 @pytest.fixture(scope="module")
-def servers(model_dir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs")
-    # the pruned server prefills in chunks of CHUNK tokens: two-image prompts span chunks, so the position
-    # fix-up must work per chunk
-    procs = {"pruned": _start(model_dir, PORT_PRUNED, KEEP_RATIO, logs / "pruned.log",
-                              "--chunked-prefill-size", str(CHUNK)),
-             "identity": _start(model_dir, PORT_IDENTITY, 1.0, logs / "identity.log")}
-    try:
-        _wait(procs["pruned"], PORT_PRUNED, logs / "pruned.log")
-        _wait(procs["identity"], PORT_IDENTITY, logs / "identity.log")
-        yield {"pruned": PORT_PRUNED, "identity": PORT_IDENTITY}
-    finally:
-        for proc in procs.values():
-            _stop(proc)
+def model_dir():
+    return position_sensitive_demo()
+
+
+@pytest.fixture(scope="module")
+def servers(pruned_server, identity_server):
+    return {"pruned": pruned_server.port, "identity": identity_server.port}
 
 
 def generate(port: int, prompt: str, images: list[bytes], max_new: int = MAX_NEW):
