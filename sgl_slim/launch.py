@@ -24,7 +24,8 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-from sgl_slim.config import (ConfigError, EagleConfig, IDPrunerConfig, S2OConfig, SampConfig, SlimConfig)
+from sgl_slim.config import (ConfigError, EagleConfig, IDPrunerConfig, MediaConfig, S2OConfig, SampConfig,
+                             SlimConfig)
 
 logger = logging.getLogger("sgl_slim")
 
@@ -34,7 +35,8 @@ DEFAULT_MODEL = "demo"
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 
 # flag -> (section, field, type, help). Defaults come from the dataclasses in sgl_slim.config.
-_SECTIONS = {"s2o": S2OConfig, "idpruner": IDPrunerConfig, "samp": SampConfig, "eagle": EagleConfig}
+_SECTIONS = {"s2o": S2OConfig, "idpruner": IDPrunerConfig, "samp": SampConfig, "eagle": EagleConfig,
+             "media": MediaConfig}
 _FLAGS = [
     ("--s2o", "s2o", "enabled", bool, "S2O sparse prefill attention (prefill/extend; decode stays dense)"),
     ("--s2o-tau", "s2o", "tau", float, "early-stop threshold, >= 0 (0 = visit every block = dense)"),
@@ -57,6 +59,9 @@ _FLAGS = [
     ("--eagle-steps", "eagle", "steps", int, "draft steps per verification, >= 1"),
     ("--eagle-draft-tokens", "eagle", "draft_tokens", int,
      "tokens verified per step, >= 2 (default: --eagle-steps + 1, chain drafting)"),
+    ("--allowed-local-media-path", "media", "allowed_local_media_path", str,
+     "directory whose files clients may name as media (file:// URLs, plain paths); default: none, every local "
+     "path is refused with a 400"),
 ]
 
 
