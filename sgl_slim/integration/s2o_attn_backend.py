@@ -13,7 +13,7 @@ import torch
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
-from sglang.srt.runtime_context import get_exec
+from sglang.srt.runtime_context import get_exec, get_parallel
 
 from sgl_slim.config import ConfigError, S2OConfig
 from sgl_slim.integration import s2o_backend as glue
@@ -46,6 +46,9 @@ class S2OAttnBackend(AttentionBackend):
         # layers per forward on this rank: the pool holds one K/V buffer per attention layer
         self.num_layers = getattr(self.token_to_kv_pool, "layer_num", None) or \
             model_runner.model_config.num_hidden_layers
+        # per-head taus as host tensors, built once (the kernel API copies them with its plan)
+        self._head_taus = {layer: torch.tensor(row, dtype=torch.float32) for layer, row in
+                           enumerate(taus.rows or ()) if isinstance(taus.tau(layer), tuple)}
         self.plan: glue.S2OBatchPlan | None = None
         self._plan_batch = None          # the ForwardBatch self.plan was built for
         self._density_sum: list[float] = []   # [B] sum over layers of each sequence's density
@@ -60,12 +63,21 @@ class S2OAttnBackend(AttentionBackend):
         """SGLang's factory path: startup checks, the calibration against the model, the stock backend."""
         glue.check_runner(model_runner)
         calibration = cfg.load_calibration()
+        taus = LayerTaus.from_config(cfg)
         if calibration is not None:
             mc = model_runner.model_config
-            glue.check_calibration(calibration, cfg, num_layers=mc.num_hidden_layers,
-                                   num_kv_heads=mc.get_total_num_kv_heads(), head_dim=mc.head_dim)
+            total_kv_heads = mc.get_total_num_kv_heads()
+            glue.check_calibration(calibration, cfg, num_layers=mc.num_hidden_layers, num_kv_heads=total_kv_heads,
+                                   head_dim=mc.head_dim)
+            per_head = glue.api_takes_head_taus()
+            if not per_head:
+                raise ConfigError("--s2o-calibration", f"{cfg.calibration} is for S2O variant "
+                                  f"{calibration.variant!r}, but this build's attention kernel has no variants "
+                                  f"(nor per-head taus); drop --s2o-calibration or update sgl_slim")
+            kv_heads = glue.local_kv_heads(total_kv_heads, get_parallel().tp_rank, get_parallel().tp_size)
+            taus = LayerTaus.from_config(cfg, calibration, kv_heads=kv_heads, per_head=per_head)
         stock = ATTENTION_BACKENDS[stock_backend_name(model_runner)](model_runner)
-        return cls(model_runner, cfg, stock=stock, taus=LayerTaus.from_config(cfg, calibration))
+        return cls(model_runner, cfg, stock=stock, taus=taus)
 
     # -- metadata: once per forward batch -------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
@@ -104,18 +116,18 @@ class S2OAttnBackend(AttentionBackend):
         if self._plan_batch is not forward_batch or self.plan is None:
             self.init_forward_metadata(forward_batch)
         plan = self.plan
-        tau = self.taus.tau(layer.layer_id)
-        if plan.route is Route.STOCK or tau == 0:
+        if plan.route is Route.STOCK or self.taus.dense(layer.layer_id):
             out = self.stock.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
             self._count_layer([1.0] * len(plan.seq_lens))
             return out
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
         hq, d = layer.tp_q_head_num, layer.qk_head_dim
+        tau = self._head_taus.get(layer.layer_id, self.taus.tau(layer.layer_id))
         out, densities = glue.run_s2o_layer(
             plan, q.reshape(-1, hq, d), self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id), tau=tau, block_size=self.cfg.block_size,
-            segment_size=self.cfg.segment_size, sm_scale=layer.scaling)
+            segment_size=self.cfg.segment_size, sm_scale=layer.scaling, variant=self.taus.variant)
         self._count_layer(densities)
         return out.reshape(q.shape[0], hq * layer.v_head_dim)
 

@@ -17,7 +17,8 @@ Routing, decided once per forward batch (:func:`plan_batch`):
   ``sgl_slim.attention.s2o_attention_paged`` in at most two launches: the long sequences with their tau, the
   short ones with tau 0 (dense attention, equal to the stock backend up to summation order: stock backends
   plan whole batches, so a short sequence sharing a batch with a long one is not split off to them).
-  A layer whose calibrated taus are all 0 runs through the stock backend even in such a batch.
+  With ``--s2o-calibration`` every KV head runs with its own tau and the file's S2O variant; a layer whose
+  calibrated taus are all 0 runs through the stock backend even in such a batch.
 
 Per batch the host work (lengths, index arrays, indptr lists) is done once in ``init_forward_metadata``;
 layers only launch kernels. The density each request achieved (mean over layers) is logged per forward and
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import inspect
 import logging
 import threading
 from collections import deque
@@ -60,6 +62,7 @@ HOOKED_SYMBOLS: list[str] = [
     "sglang.srt.model_executor.forward_batch_info.ForwardMode",
     "sglang.srt.runtime_context.get_spec",
     "sglang.srt.runtime_context.get_exec",
+    "sglang.srt.runtime_context.get_parallel",
 ]
 
 # Forward modes (ForwardMode names) the S2O backend computes; DECODE / IDLE go to the decode backend.
@@ -194,40 +197,71 @@ def check_calibration(calibration, cfg: S2OConfig, *, num_layers: int, num_kv_he
         raise ConfigError("--s2o-calibration", f"{cfg.calibration}: {exc}") from exc
 
 
+def local_kv_heads(total: int, tp_rank: int, tp_size: int) -> tuple[int, ...]:
+    """The global KV heads a tensor-parallel rank holds (SGLang's QKVParallelLinear: split when there are at
+    least as many heads as ranks, else each head replicated on tp_size / total consecutive ranks)."""
+    if total >= tp_size:
+        n = total // tp_size
+        return tuple(range(tp_rank * n, (tp_rank + 1) * n))
+    return (tp_rank // (tp_size // total),)
+
+
+def api_takes_head_taus() -> bool:
+    """Whether ``s2o_attention_paged`` takes ``variant`` and one tau per KV head (the same API change)."""
+    from sgl_slim.attention import s2o_attention_paged  # noqa: PLC0415
+    return "variant" in inspect.signature(s2o_attention_paged).parameters
+
+
 @dataclass(frozen=True)
 class LayerTaus:
-    """The tau each attention layer runs with: ``--s2o-tau`` everywhere, or a calibration's per-layer values.
+    """The taus each attention layer runs with: ``--s2o-tau`` everywhere, or a calibration's per layer and
+    KV head (this rank's heads only).
 
-    Until ``s2o_attention_paged`` takes one tau per KV head, a layer whose heads differ runs with the
-    SMALLEST of its heads' taus: every head then stays within the error budget it was calibrated for
-    (a smaller tau stops later), at some loss of sparsity on the other heads.
+    ``rows[l]`` holds layer l's taus as passed to the kernel: one per local KV head when the attention API
+    takes per-head taus; otherwise one value, the SMALLEST of the layer's heads, so that every head stays
+    within the error budget it was calibrated for (a smaller tau stops later) at some loss of sparsity.
     """
     default: float
-    per_layer: tuple[float, ...] | None = None     # [num_layers]; None: ``default`` for every layer
+    rows: tuple[tuple[float, ...], ...] | None = None   # [num_layers][1 or local KV heads]; None: ``default``
+    variant: str | None = None                          # the calibration's S2O variant; None: the API's default
 
     @classmethod
-    def from_config(cls, cfg: S2OConfig, calibration=None) -> "LayerTaus":
+    def from_config(cls, cfg: S2OConfig, calibration=None, *, kv_heads: tuple[int, ...] | None = None,
+                    per_head: bool = False) -> "LayerTaus":
         if calibration is None:
             return cls(default=cfg.tau)
-        return cls(default=cfg.tau, per_layer=tuple(min(calibration.layer_tau(i))
-                                                     for i in range(calibration.num_layers)))
+        heads = kv_heads if kv_heads is not None else tuple(range(calibration.num_kv_heads))
+        rows = []
+        for layer in range(calibration.num_layers):
+            taus = tuple(calibration.layer_tau(layer)[h] for h in heads)
+            rows.append(taus if per_head else (min(taus),))
+        return cls(default=cfg.tau, rows=tuple(rows), variant=calibration.variant)
 
-    def tau(self, layer_id: int) -> float:
-        return self.default if self.per_layer is None else self.per_layer[layer_id]
+    def tau(self, layer_id: int) -> float | tuple[float, ...]:
+        """A float when the layer's heads share one tau, else one per local KV head."""
+        if self.rows is None:
+            return self.default
+        row = self.rows[layer_id]
+        return row[0] if len(set(row)) == 1 else row
+
+    def dense(self, layer_id: int) -> bool:
+        """Every head of the layer has tau 0: the layer is exactly dense attention."""
+        return self.default == 0 if self.rows is None else not any(self.rows[layer_id])
 
     @property
     def all_dense(self) -> bool:
-        """Every layer has tau 0: S2O would compute exactly dense attention, so the stock backend does."""
-        return self.default == 0 if self.per_layer is None else all(t == 0 for t in self.per_layer)
+        """Every layer is dense: S2O would compute exactly dense attention, so the stock backend does."""
+        return self.default == 0 if self.rows is None else not any(any(row) for row in self.rows)
 
     @property
     def any_dense_layer(self) -> bool:
-        return self.default == 0 if self.per_layer is None else any(t == 0 for t in self.per_layer)
+        return self.default == 0 if self.rows is None else any(not any(row) for row in self.rows)
 
     def describe(self) -> str:
-        if self.per_layer is None:
+        if self.rows is None:
             return f"tau={self.default:g}"
-        return f"tau=calibrated ({min(self.per_layer):g}..{max(self.per_layer):g})"
+        flat = [t for row in self.rows for t in row]
+        return f"tau=calibrated ({min(flat):g}..{max(flat):g})"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -357,23 +391,25 @@ def plan_batch(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_l
 
 
 def run_s2o_layer(plan: S2OBatchPlan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *,
-                  tau: float, block_size: int, segment_size: int, sm_scale: float
-                  ) -> tuple[torch.Tensor, list[float]]:
+                  tau: float | torch.Tensor, block_size: int, segment_size: int, sm_scale: float,
+                  variant: str | None = None) -> tuple[torch.Tensor, list[float]]:
     """One layer of a Route.S2O batch: one ``s2o_attention_paged`` launch per group.
 
     q: [T, Hq, D] the batch's queries; k_pool, v_pool: [slots, Hkv, D] (the new tokens already written).
+    tau: a float, or [Hkv] one per KV head (host tensor); variant: None for the API's default.
     Returns out [T, Hq, D] and the density of each sequence of the batch (1.0 for the dense group).
     """
     from sgl_slim.attention import s2o_attention_paged  # noqa: PLC0415 (keeps this module's import light)
 
     out = None if len(plan.groups) == 1 and plan.groups[0].q_rows is None else torch.empty_like(q)
     densities = [1.0] * len(plan.seq_lens)
+    extra = {} if variant is None else {"variant": variant}
     for g in plan.groups:
         q_g = q if g.q_rows is None else q.index_select(0, g.q_rows)
         o_g, stats = s2o_attention_paged(
             q_g, k_pool, v_pool, qo_indptr=g.qo_indptr, kv_indptr=g.kv_indptr, kv_indices=g.kv_indices,
             tau=tau if g.sparse else 0.0, block_size=block_size, segment_size=segment_size, sm_scale=sm_scale,
-            return_stats=True)
+            return_stats=True, **extra)
         if g.q_rows is None:
             out = o_g
         else:

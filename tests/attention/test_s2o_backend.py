@@ -95,9 +95,10 @@ def test_layer_taus_take_the_smallest_head_tau_of_each_layer():
     cfg = S2OConfig(enabled=True, tau=0.7)
     plain = sb.LayerTaus.from_config(cfg)
     assert plain.tau(0) == plain.tau(31) == 0.7 and not plain.all_dense and not plain.any_dense_layer
-    assert plain.describe() == "tau=0.7"
+    assert not plain.dense(3) and plain.describe() == "tau=0.7" and plain.variant is None
     cal = sb.LayerTaus.from_config(cfg, _calibration(((0.3, 0.1), (0.0, 0.2), (0.5, 0.5))))
     assert [cal.tau(i) for i in range(3)] == [0.1, 0.0, 0.5]     # min over heads: each head within budget
+    assert [cal.dense(i) for i in range(3)] == [False, True, False] and cal.variant == "v1"
     assert cal.any_dense_layer and not cal.all_dense and cal.describe() == "tau=calibrated (0..0.5)"
     zero = sb.LayerTaus.from_config(cfg, _calibration(((0.0, 0.0), (0.0, 0.0))))
     assert zero.all_dense
@@ -105,14 +106,41 @@ def test_layer_taus_take_the_smallest_head_tau_of_each_layer():
     assert plan.route is sb.Route.STOCK and plan.reasons == (sb.DenseReason.TAU_ZERO,)
 
 
-def test_stats_weight_density_by_causal_pairs_and_count_dense_chunks():
-    st = sb.S2OStats()
-    st.record("a", kv_len=10, q_len=10, density=0.5, sparse=True)    # 55 pairs
-    st.record("b", kv_len=20, q_len=1, density=1.0, sparse=True)     # 20 pairs
-    st.record("c", kv_len=5, q_len=5, density=1.0, sparse=False)
-    assert st.sparse_chunks == 2 and st.dense_chunks == 1
-    assert st.density == pytest.approx((0.5 * 55 + 20) / 75)
-    assert st.snapshot()["recent"][-1] == ("c", 5, 5, 1.0, False)
+def test_layer_taus_per_head_keep_this_ranks_heads():
+    cal = _calibration(((0.1, 0.2, 0.3, 0.4), (0.0, 0.0, 0.5, 0.5), (0.0, 0.0, 0.0, 0.0)))
+    cfg = S2OConfig(enabled=True)
+    rank1 = sb.LayerTaus.from_config(cfg, cal, kv_heads=(2, 3), per_head=True)
+    assert rank1.tau(0) == (0.3, 0.4) and rank1.tau(1) == 0.5          # one float when the heads agree
+    assert [rank1.dense(i) for i in range(3)] == [False, False, True]
+    rank0 = sb.LayerTaus.from_config(cfg, cal, kv_heads=(0, 1), per_head=True)
+    assert rank0.tau(0) == (0.1, 0.2) and rank0.dense(1) and rank0.dense(2)
+    assert sb.LayerTaus.from_config(cfg, cal, kv_heads=(2, 3)).tau(0) == 0.3   # no per-head API: the min
+
+
+@pytest.mark.parametrize("total, size, expect", [
+    (8, 1, [tuple(range(8))]),
+    (8, 4, [(0, 1), (2, 3), (4, 5), (6, 7)]),
+    (2, 4, [(0,), (0,), (1,), (1,)]),          # fewer heads than ranks: each head on 2 consecutive ranks
+    (1, 2, [(0,), (0,)]),
+])
+def test_local_kv_heads_follow_sglangs_sharding(total, size, expect):
+    assert [sb.local_kv_heads(total, r, size) for r in range(size)] == expect
+
+
+@pytest.mark.skipif(not sb.api_takes_head_taus(), reason="the attention API takes no per-head taus yet")
+def test_run_s2o_layer_passes_per_head_taus_and_the_variant():
+    g = torch.Generator().manual_seed(3)
+    k_pool, v_pool = torch.randn(256, 2, 16, generator=g), torch.randn(256, 2, 16, generator=g)
+    r2t = torch.randperm(256, generator=g)[:200].view(2, 100).to(torch.int32)
+    plan = sb.plan_batch(r2t, torch.tensor([1, 0]), [96, 20], [64, 20], taus=sb.LayerTaus(default=0.5), min_length=40)
+    q = torch.randn(84, 4, 16, generator=g)
+    kw = dict(block_size=16, segment_size=32, sm_scale=0.25, variant="v1")
+    same, dens_same = sb.run_s2o_layer(plan, q, k_pool, v_pool, tau=torch.tensor([1.0, 1.0]), **kw)
+    flat, dens_flat = sb.run_s2o_layer(plan, q, k_pool, v_pool, tau=1.0, **kw)
+    assert torch.equal(same, flat) and dens_same == dens_flat and dens_flat[1] == 1.0 and dens_flat[0] < 1.0
+    dense_head1, _ = sb.run_s2o_layer(plan, q, k_pool, v_pool, tau=torch.tensor([1.0, 0.0]), **kw)
+    # query heads 2, 3 read KV head 1 (GQA 4:2): tau 0 there is dense, so those heads change, heads 0, 1 do not
+    assert torch.equal(dense_head1[:, :2], flat[:, :2]) and not torch.equal(dense_head1[:64, 2:], flat[:64, 2:])
 
 
 # ---------------------------------------------------------------- the flag mapping (launcher side)
@@ -258,6 +286,15 @@ def test_the_backend_module_is_imported_lazily():
     assert proc.stdout.strip() == "LAZY", proc.stderr[-2000:]
 
 
+def test_stock_backend_is_the_one_the_server_would_run_without_s2o(backend_cls, monkeypatch):
+    from sgl_slim.integration import s2o_attn_backend
+    runner = SimpleNamespace(decode_attention_backend_str="torch_native")
+    for base, expect in (("fa3", "fa3"), (None, "torch_native"), ("s2o", "torch_native")):
+        monkeypatch.setattr(s2o_attn_backend, "get_exec",
+                            lambda base=base: SimpleNamespace(kernel=SimpleNamespace(attention_backend=base)))
+        assert s2o_attn_backend.stock_backend_name(runner) == expect, base
+
+
 def test_install_is_idempotent_and_registers_the_name():
     pytest.importorskip("sglang")
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
@@ -324,6 +361,8 @@ def _batch_and_backend(backend_cls, monkeypatch, cfg, seq_lens, ext, hq=4, hkv=2
     from sgl_slim.integration import s2o_attn_backend
     monkeypatch.setattr(sb, "check_runner", lambda runner: None)
     monkeypatch.setattr(s2o_attn_backend, "stock_backend_name", lambda runner: "torch_native")
+    monkeypatch.setattr(s2o_attn_backend, "get_parallel", lambda: SimpleNamespace(tp_rank=0, tp_size=1))
+    monkeypatch.setattr(sb, "api_takes_head_taus", lambda: True)
     g = torch.Generator().manual_seed(seed)
     slots = 512
     pool = _Pool(slots, hkv, d, torch.float32, layers)
@@ -410,19 +449,29 @@ def test_calibrated_taus_per_layer_and_dense_layers_on_the_stock_backend(backend
     path = _write_calibration(tmp_path / "c.json")          # layer 0: taus (1e-3, 2e-3), layer 1: all 0
     cfg = S2OConfig(enabled=True, tau=0.9, block_size=16, segment_size=32, min_length=0, calibration=path)
     backend, fb, pool, r2t, q, k, v = _batch_and_backend(backend_cls, monkeypatch, cfg, [96], [96], layers=2)
-    assert [backend.taus.tau(i) for i in (0, 1)] == [1e-3, 0.0]
+    assert backend.taus.tau(0) == (1e-3, 2e-3) and backend.taus.dense(1)
     calls = []
-    monkeypatch.setattr(sb, "run_s2o_layer", lambda plan, *a, **kw: calls.append(kw["tau"]) or
+    monkeypatch.setattr(sb, "run_s2o_layer", lambda plan, *a, **kw: calls.append(kw) or
                         (torch.zeros(q.shape[0], 4, 16), [0.5]))
     backend.init_forward_metadata(fb)
     assert backend.plan.route is sb.Route.S2O
     with caplog.at_level(logging.INFO, logger="sgl_slim.s2o"):
         backend.forward_extend(q, k, v, _layer(layer_id=0), fb)
         out1 = backend.forward_extend(q, k, v, _layer(layer_id=1), fb)
-    assert calls == [1e-3], "layer 0 runs S2O with its smallest head tau; layer 1 (tau 0) does not run S2O"
+    assert len(calls) == 1, "layer 1 (all taus 0) must not run S2O"
+    assert torch.equal(calls[0]["tau"], torch.tensor([1e-3, 2e-3])) and calls[0]["variant"] == "v1"
     assert torch.equal(out1, _torch_native(pool, r2t, fb, _layer(), q)), "a tau-0 layer is the stock backend's"
     (line,) = _log_lines(caplog)
-    assert "density=0.7500" in line and "tau=calibrated (0..0.001)" in line      # mean of 0.5 and 1.0
+    assert "density=0.7500" in line and "tau=calibrated (0..0.002)" in line      # mean of 0.5 and 1.0
+
+
+def test_a_calibration_needs_an_api_with_variants(backend_cls, monkeypatch, tmp_path):
+    cfg = S2OConfig(enabled=True, block_size=16, segment_size=32, calibration=_write_calibration(tmp_path / "c.json"))
+    monkeypatch.setattr(sb, "check_runner", lambda runner: None)
+    monkeypatch.setattr(sb, "api_takes_head_taus", lambda: False)
+    with pytest.raises(ConfigError, match="has no variants") as exc:
+        backend_cls.from_runner(_runner(_Pool(8, 2, 16, torch.float32, 2), torch.zeros(1, 1), layers=2), cfg)
+    assert exc.value.flag == "--s2o-calibration"
 
 
 def test_a_calibration_for_another_model_fails_at_startup(backend_cls, monkeypatch, tmp_path):
