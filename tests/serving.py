@@ -19,7 +19,17 @@ overlaps the load with the current test of the same file, at most ``SGL_SLIM_TES
 attaches the fixture ``name`` to a server already running with the same flags (developing a test) instead.
 
 A module-scoped fixture of its own may use a pooled server too (declare the server with ``shared_server`` and
-request it from the fixture: the pool sees the dependency). Code that manages a server's whole life itself
+request it from the fixture: the pool sees the dependency). For instance a module that compares a dense server
+with an S2O one and reads S2O's log lines (tests/attention/test_s2o_e2e.py manages its servers itself today):
+
+    dense = shared_server(COMMON)
+    sparse = shared_server([*COMMON, "--s2o", "--s2o-tau", "0", "--s2o-min-length", "0"])
+
+    @pytest.fixture(scope="module")
+    def tau0_runs(dense, sparse):          # both started together, stopped after the module's last user
+        return {"dense": workload(dense), "s2o": workload(sparse)}, LOG_LINE.findall(sparse.log())
+
+(``srv.base_url``, ``srv.log()`` the server's whole output so far, ``srv.proc`` its process, ``srv.openai()``). Code that manages a server's whole life itself
 (a server that must fail to start, a one-off) uses :class:`SlimServer` directly as a context manager:
 
     with SlimServer(["--model", "demo", "--dtype", "float32"], port=0) as srv: ...
