@@ -1,9 +1,14 @@
 """Sparse prefill attention (S2O).  Plain torch + Triton; never imports sglang.
 
 Public API:
-    s2o_attention(q, k, v, *, tau, block_size=64, segment_size=512, sm_scale=None, return_stats=False)
-    s2o_attention_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size=64,
-                        segment_size=512, sm_scale=None, return_lse=False, return_stats=False)
+    s2o_attention(q, k, v, *, tau, block_size=128, segment_size=2048, sm_scale=None, return_stats=False,
+                  variant="v2")
+    s2o_attention_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size=128,
+                        segment_size=2048, sm_scale=None, return_lse=False, return_stats=False, variant="v2")
+
+``tau`` is a float or a tensor [Hkv] (one threshold per KV head).  ``variant`` names a setting of the early
+stop (``s2o_ref.VARIANTS``): "v2" (default) stops when the predicted unvisited mass falls below tau times the
+mass so far and keeps that prediction in the softmax; "v1" is the original per-block rule.
 
 CUDA tensors run the Triton kernel (imported lazily: ``import sgl_slim.attention`` needs no Triton);
 anything else runs the fp32 reference (``s2o_ref``) with exactly the same semantics.
@@ -15,9 +20,12 @@ import math
 
 import torch
 
-from .s2o_ref import dense_attention_ref, rank_keys, s2o_attention_ref
+from .s2o_ref import VARIANTS, dense_attention_ref, rank_keys, s2o_attention_ref, tau_per_head
 
-__all__ = ["s2o_attention", "s2o_attention_paged", "s2o_attention_ref", "dense_attention_ref", "rank_keys"]
+__all__ = ["s2o_attention", "s2o_attention_paged", "s2o_attention_ref", "dense_attention_ref", "rank_keys",
+           "VARIANTS", "DEFAULT_VARIANT"]
+
+DEFAULT_VARIANT = "v2"
 
 Q_TILE = 128  # query rows per early-stop decision (the kernel's BLOCK_M)
 
@@ -26,9 +34,10 @@ def _q_tile(segment_size: int) -> int:
     return Q_TILE if segment_size % Q_TILE == 0 else segment_size
 
 
-def _validate(q, k_pool, v_pool, tau, block_size, segment_size):
-    if tau < 0:
-        raise ValueError(f"tau must be >= 0 (0 = dense), got {tau}")
+def _validate(q, k_pool, v_pool, tau, block_size, segment_size, variant):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    tau_per_head(tau, k_pool.shape[1] if k_pool.dim() == 3 else 1, "cpu")   # finite, >= 0, one per KV head
     if block_size not in (16, 32, 64, 128):
         raise ValueError(f"block_size must be one of 16, 32, 64, 128, got {block_size}")
     if segment_size < block_size or segment_size % block_size:
@@ -50,8 +59,9 @@ def _density(counts_computed: torch.Tensor, counts_causal: torch.Tensor) -> floa
 
 def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *,
                         qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
-                        tau: float, block_size: int = 64, segment_size: int = 512,
-                        sm_scale: float | None = None, return_lse: bool = False, return_stats: bool = False):
+                        tau, block_size: int = 128, segment_size: int = 2048,
+                        sm_scale: float | None = None, return_lse: bool = False, return_stats: bool = False,
+                        variant: str = DEFAULT_VARIANT):
     """S2O prefill for a batch of sequences whose K/V live in a token-slot pool (page size 1).
 
     q:          [Tq, Hq, D]   queries of all sequences, packed (sequence b owns rows
@@ -62,7 +72,8 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     kv_indptr:  [B+1] int     offsets into kv_indices.
     kv_indices: [total_kv] int token slots of sequence b in position order
                               (kv_len_b = kv_indptr[b+1] - kv_indptr[b], prefix_b = kv_len_b - q_len_b).
-    tau:        early-stop threshold (0 = dense).
+    tau:        early-stop threshold (0 = dense): a float or [Hkv] (one per KV head).
+    variant:    "v2" (default) or "v1", see the module doc.
 
     Returns out [Tq, Hq, D] (q's dtype); plus lse [Tq, Hq] fp32 (natural log) if return_lse; plus
     stats dict if return_stats: density (float), density_per_seq [B], density_per_head [Hq].
@@ -71,20 +82,22 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     """
     return _paged(q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
                   block_size=block_size, segment_size=segment_size, sm_scale=sm_scale, return_lse=return_lse,
-                  return_stats=return_stats, kv_contiguous=False)
+                  return_stats=return_stats, kv_contiguous=False, variant=variant)
 
 
 def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, sm_scale,
-           return_lse, return_stats, kv_contiguous):
+           return_lse, return_stats, kv_contiguous, variant):
     # kv_contiguous: kv_indices == arange (one sequence stored in order): the kernel computes the slots
-    _validate(q, k_pool, v_pool, tau, block_size, segment_size)
+    _validate(q, k_pool, v_pool, tau, block_size, segment_size, variant)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    settings = VARIANTS[variant]
+    dense = float(torch.as_tensor(tau).max()) == 0
     if q.is_cuda:
         from . import s2o_triton  # noqa: PLC0415 (lazy: Triton only where a GPU runs it)
         out, lse, computed, causal = s2o_triton.s2o_paged(
             q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
             block_size=block_size, segment_size=segment_size, q_tile=_q_tile(segment_size), sm_scale=scale,
-            return_lse=return_lse, kv_contiguous=kv_contiguous)
+            return_lse=return_lse, kv_contiguous=kv_contiguous, **settings)
     else:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
@@ -95,7 +108,7 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
             if qo[b + 1] == qo[b]:
                 continue
             slots = kv_indices[kvp[b]:kvp[b + 1]].long()
-            if tau == 0:
+            if dense:
                 # every causal block is visited: plain dense attention (fp32, batched matmuls) is the same
                 # computation as the block-by-block reference, without its Python loop over blocks
                 o, l_ = _dense_chunked(q[qo[b]:qo[b + 1]], k_pool[slots], v_pool[slots], scale, return_lse)
@@ -103,7 +116,7 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
             else:
                 o, l_, cnt = s2o_attention_ref(q[qo[b]:qo[b + 1]], k_pool[slots], v_pool[slots], tau=tau,
                                                block_size=block_size, segment_size=segment_size,
-                                               q_tile=_q_tile(segment_size), sm_scale=scale)
+                                               q_tile=_q_tile(segment_size), sm_scale=scale, **settings)
                 computed[b], causal[b] = cnt["computed"].cpu(), cnt["causal"].cpu()
             out[qo[b]:qo[b + 1]] = o.to(q.dtype)
             lse[qo[b]:qo[b + 1]] = l_
@@ -147,8 +160,9 @@ def _dense_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return torch.cat(outs), torch.cat(lses)
 
 
-def s2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: float, block_size: int = 64,
-                  segment_size: int = 512, sm_scale: float | None = None, return_stats: bool = False):
+def s2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau, block_size: int = 128,
+                  segment_size: int = 2048, sm_scale: float | None = None, return_stats: bool = False,
+                  variant: str = DEFAULT_VARIANT):
     """S2O causal attention of ONE sequence.  q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D].
 
     With return_stats, also a dict: density (computed score blocks / causal score blocks),
@@ -163,7 +177,7 @@ def s2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: flo
     res = _paged(q, k, v, qo_indptr=indptr, kv_indptr=indptr,
                  kv_indices=torch.arange(T, dtype=torch.int32, device=dev), tau=tau,
                  block_size=block_size, segment_size=segment_size, sm_scale=sm_scale, return_lse=False,
-                 return_stats=return_stats, kv_contiguous=True)
+                 return_stats=return_stats, kv_contiguous=True, variant=variant)
     if not return_stats:
         return res
     out, stats = res

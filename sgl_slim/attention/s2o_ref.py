@@ -11,15 +11,28 @@ Segments and tiles (both aligned to absolute positions, so a chunked prefill cut
     (query tile, query head), exactly as the Triton kernel does it.
 
 Per (query tile, head):
-  1. Intra pass: dense causal attention to keys [seg_start, last query of the tile] (initialises the
-     online softmax state m, l, acc).  These "diagonal" blocks are never skipped.
+  1. Intra pass: dense causal attention to keys [lo, last query of the tile], lo = seg_start, or with a
+     LOCAL WINDOW W > 0, lo = max(0, min(seg_start, t0 - W)) (t0 = the tile's first position): the W keys just
+     before the tile are visited densely even when they lie before the segment (initialises the online
+     softmax state m, l, acc).  These blocks are never skipped.
   2. Ranked pass over the earlier keys through the index array ``rank[seg, kv_head, :]`` (virtual ->
-     physical position; never a copy of K/V).  Virtual block b = rank entries [b*B, (b+1)*B).  After
-     adding a block, the scan stops if, for EVERY query row of the tile,
-            block_mass < tau * accumulated_mass
-     where block_mass = sum_j exp(s_ij - m_new) over the block's keys and accumulated_mass = l_i before
-     the block (rescaled to m_new).  The block that triggers the stop is still included.  tau = 0 never
-     stops (strict <), so tau = 0 is dense attention up to summation order.
+     physical position; never a copy of K/V); keys at or after lo (already in the intra pass) are masked
+     out.  Virtual block b = rank entries [b*B, (b+1)*B).  After adding block b, the scan stops if, for EVERY
+     query row of the tile, the STOP RULE holds.  The block that triggers the stop is still included.
+     tau = 0 never stops (strict <), so tau = 0 is dense attention up to summation order.
+
+Stop rules (block_mass = sum_j exp(s_ij - m) over block b's keys, l = the row's mass so far):
+  * ``"block"`` (S2O v1):      block_mass < tau * (l before the block).  The mass it drops is the whole
+    tail: with n low-mass blocks left it is up to n * tau * l, so the error is set by the tail's length, not
+    by tau (the cliff measured in benchmarks/s2o.md).
+  * ``"remaining"`` (v2):       block_mass * R[b] < tau * l, where R[b] = (estimated mass of the blocks after
+    b) / (estimated mass of block b), both from the ranking's own estimate (``remaining_ratio``).  So
+    block_mass * R[b] is the unvisited mass predicted from the block just measured and the estimate's shape
+    (a flat tail: R = blocks left), and tau is the share of the row's mass left unvisited.
+Tail compensation (v2, ``compensate``): at the stop the predicted unvisited mass rem = block_mass * R[b]
+is kept in the softmax as one term whose value is the mean value of the segment's earlier keys
+(``value_means``): l += rem, acc += rem * vbar.  Then the error is the error of that prediction, not the
+dropped mass itself (ALGORITHMS.md 1b: ||O - O_kept|| = dropped * ||mean_v(tail) - mean_v(kept)||).
 
 Ranking (``rank_keys``), per (segment, KV head), at TOKEN granularity:
   * pooled query qbar_h = mean of the segment's queries (those present in this launch) of q head h;
@@ -62,6 +75,12 @@ import torch
 NUM_BUCKETS = 256
 BUCKETS_PER_SPAN = 64  # buckets between the max and the mean of the estimate
 RECENT = 0            # keys just before the segment ranked first; 0: measured best (benchmarks/s2o.md)
+STOP_RULES = ("block", "remaining")
+# named settings of (stop rule, local window, tail compensation); "v2" is the default of the public API
+VARIANTS = {
+    "v1": {"stop": "block", "local_window": 0, "compensate": False, "tail_estimate": "flat"},
+    "v2": {"stop": "remaining", "local_window": 0, "compensate": True, "tail_estimate": "flat"},
+}
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, segment_size: int,
@@ -149,6 +168,50 @@ def rank_from_scores(e: torch.Tensor, seg_starts: torch.Tensor, recent: int = RE
     return (order.view(n_seg, Hkv, L) % L).to(torch.int32)
 
 
+def remaining_ratio(e: torch.Tensor, rank: torch.Tensor, seg_starts: torch.Tensor, block_size: int) -> torch.Tensor:
+    """R[s, h, b] = (estimated mass of virtual blocks after b) / (estimated mass of block b), fp32
+    [n_seg, Hkv, ceil(L / block_size)], from the estimate e [n_seg, Hkv, L] gathered in rank order (only the
+    first seg_start entries of a row count).  Computed in log space (no underflow); 0 for the last block."""
+    n_seg, Hkv, L = e.shape
+    nb = -(-L // block_size)
+    er = torch.gather(e.float(), 2, rank.long())
+    valid = torch.arange(L, device=e.device)[None, None, :] < seg_starts[:, None, None]
+    er = er.masked_fill(~valid, -math.inf)
+    er = torch.nn.functional.pad(er, (0, nb * block_size - L), value=-math.inf)
+    blk = torch.logsumexp(er.view(n_seg, Hkv, nb, block_size), -1)            # log mass of each block
+    after = torch.logcumsumexp(blk.flip(-1), -1).flip(-1)                      # log mass of blocks >= b
+    after = torch.cat([after[..., 1:], after.new_full((n_seg, Hkv, 1), -math.inf)], -1)   # blocks > b
+    ratio = torch.exp((after - blk).clamp(max=80.0))
+    return torch.nan_to_num(ratio, nan=0.0)                                     # (-inf) - (-inf): empty block
+
+
+def value_means(v: torch.Tensor, seg_starts: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Mean value vector of the keys [0, seg_start) per KV head, fp32 [n_seg, Hkv, D] (zeros for
+    seg_start 0).  v: [L, Hkv, D].  Prefix sums at ``chunk`` granularity (seg_starts are multiples of the block
+    size, so of 16), which keeps the fp32 table at L / 16 rows."""
+    L, Hkv, D = v.shape
+    if bool((seg_starts % chunk != 0).any()):
+        chunk = 1
+    nc = -(-L // chunk)
+    vp = torch.nn.functional.pad(v.float(), (0, 0, 0, 0, 0, nc * chunk - L))
+    csum = torch.cumsum(vp.view(nc, chunk, Hkv, D).sum(1), 0)                   # sums of keys [0, (c+1)*chunk)
+    idx = (seg_starts // chunk - 1).clamp(min=0)
+    means = csum[idx] / seg_starts.clamp(min=1).float()[:, None, None]
+    return means * (seg_starts > 0).float()[:, None, None]
+
+
+def tau_per_head(tau, n_kv_heads: int, device) -> torch.Tensor:
+    """tau as a float or a [Hkv] tensor -> fp32 [Hkv] tensor (validated: finite, >= 0)."""
+    t = torch.as_tensor(tau, dtype=torch.float32).flatten().to(device)
+    if t.numel() == 1:
+        t = t.expand(n_kv_heads)
+    if t.numel() != n_kv_heads:
+        raise ValueError(f"tau must be a float or one value per KV head ({n_kv_heads}), got {t.numel()} values")
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError(f"tau must be finite and >= 0 (0 = dense), got {t.tolist()}")
+    return t.contiguous()
+
+
 def rank_keys(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,
               group_reduce: str = "max", n_sample: int = 0, recent: int = RECENT) -> torch.Tensor:
     """Rank index [n_seg, Hkv, L] int32 for the segments of ``segment_range`` (see module doc)."""
@@ -160,25 +223,47 @@ def rank_keys(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: 
     return rank_from_scores(e, seg_starts, recent)
 
 
-def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: float, block_size: int = 64,
-                      segment_size: int = 512, q_tile: int = 128, sm_scale: float | None = None,
-                      rank: torch.Tensor | None = None, rank_len: torch.Tensor | None = None):
-    """S2O attention of one causal sequence in fp32.
+def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau, block_size: int = 128,
+                      segment_size: int = 2048, q_tile: int = 128, sm_scale: float | None = None,
+                      stop: str = "block", local_window: int = 0, compensate: bool = False,
+                      tail_estimate: str = "flat", rank: torch.Tensor | None = None, rank_len: torch.Tensor | None = None):
+    """S2O attention of one causal sequence in fp32 (module doc for the semantics).
 
-    q: [Tq, Hq, D], the last Tq positions of k, v: [L, Hkv, D].
+    q: [Tq, Hq, D], the last Tq positions of k, v: [L, Hkv, D].  tau: float or [Hkv] (one per KV head).
+    stop: "block" (v1) or "remaining" (v2); local_window: keys before each tile visited densely;
+    compensate: keep the predicted unvisited mass (v2).
     rank: optional [n_seg, Hkv, L] index array (default ``rank_keys``); rank_len: optional [n_seg, Hkv]
     number of rank entries to visit (baselines; default seg_start, i.e. all earlier keys).
     Returns out [Tq, Hq, D] fp32, lse [Tq, Hq] fp32 (natural log), and
     counts: dict(computed [Hq], causal [Hq]) score blocks.
     """
     _check(q, k, v, block_size, segment_size, q_tile)
+    if stop not in STOP_RULES:
+        raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
+    if local_window < 0:
+        raise ValueError(f"local_window must be >= 0, got {local_window}")
     Tq, Hq, D = q.shape
     L, Hkv, _ = k.shape
     G = Hq // Hkv
     prefix = L - Tq
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    tau_h = tau_per_head(tau, Hkv, q.device).repeat_interleave(G)              # [Hq]
+    segs = segment_range(L, Tq, segment_size)
+    seg_starts = torch.tensor([s * segment_size for s in segs], device=q.device, dtype=torch.int64)
+    e = None
     if rank is None:
-        rank = rank_keys(q, k, segment_size=segment_size, sm_scale=scale)
+        e = estimate_scores(q, k, segment_size=segment_size, sm_scale=scale)
+        rank = rank_from_scores(e, seg_starts, recent=local_window)
+    forced = -(-local_window // block_size)                         # leading rank blocks never stopped in
+    if stop == "remaining":
+        if e is None:
+            e = estimate_scores(q, k, segment_size=segment_size, sm_scale=scale)
+        if tail_estimate == "flat":
+            nb = -(-L // block_size)
+            ratio = (nb - 1 - torch.arange(nb, device=q.device, dtype=torch.float32)).expand(len(segs), Hq, nb)
+        else:
+            ratio = remaining_ratio(e, rank, seg_starts, block_size).repeat_interleave(G, 1)  # [n_seg, Hq, nb]
+    vbar = value_means(v, seg_starts).repeat_interleave(G, 1) if compensate else None     # [n_seg, Hq, D]
     qf, kf, vf = q.float(), k.float(), v.float()
     kh = kf.repeat_interleave(G, 1).transpose(0, 1)                 # [Hq, L, D]
     vh = vf.repeat_interleave(G, 1).transpose(0, 1)
@@ -187,7 +272,7 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau:
     computed = torch.zeros(Hq, dtype=torch.int64, device=q.device)
     causal = torch.zeros(Hq, dtype=torch.int64, device=q.device)
     heads = torch.arange(Hq, device=q.device)
-    for si, s in enumerate(segment_range(L, Tq, segment_size)):
+    for si, s in enumerate(segs):
         seg_start = s * segment_size
         n_rank = torch.full((Hkv,), seg_start, device=q.device) if rank_len is None else rank_len[si]
         n_blocks_h = ((n_rank + block_size - 1) // block_size).repeat_interleave(G)   # [Hq]
@@ -197,17 +282,19 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau:
             last = int(rows[-1])
             qt = qf[rows - prefix].transpose(0, 1)                  # [Hq, M, D]
             # 1. intra pass: dense causal over [seg_start, last]
-            kpos = torch.arange(seg_start, last + 1, device=q.device)
+            k_lo = seg_start
+            kpos = torch.arange(k_lo, last + 1, device=q.device)
             sc = qt @ kh[:, kpos].transpose(1, 2) * scale           # [Hq, M, N]
             sc = sc.masked_fill(kpos[None, None, :] > rows[None, :, None], -math.inf)
             m = sc.amax(-1)                                         # [Hq, M]
             p = torch.exp(sc - m[..., None])
             l = p.sum(-1)
             acc = p @ vh[:, kpos]                                   # [Hq, M, D]
-            intra_blocks = -(-(last + 1 - seg_start) // block_size)
+            intra_blocks = -(-(last + 1 - k_lo) // block_size)
             computed += intra_blocks
-            causal += intra_blocks + seg_start // block_size
+            causal += -(-(last + 1 - seg_start) // block_size) + seg_start // block_size
             # 2. ranked pass, one virtual block at a time, per-head early stop
+            rem = torch.zeros_like(l)                               # predicted unvisited mass at the stop
             active = n_blocks_h > 0
             for b in range(int(n_blocks_h.max()) if Hq else 0):
                 if not bool(active.any()):
@@ -229,8 +316,19 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau:
                 l = torch.where(upd, prev_mass + block_mass, l)
                 acc = torch.where(upd[..., None], acc * alpha[..., None] + p @ vb, acc)
                 computed += active.long()
-                stop = (block_mass < tau * prev_mass).all(-1) | (b + 1 >= n_blocks_h)
-                active = active & ~stop
+                if stop == "block":
+                    small = block_mass < tau_h[:, None] * prev_mass
+                    tail = torch.zeros_like(block_mass)
+                else:
+                    left = ratio[si, :, b] if tail_estimate != "flat" else (n_blocks_h - 1 - b).clamp(min=0).float()
+                    tail = block_mass * left[:, None]                             # predicted mass after b
+                    small = tail < tau_h[:, None] * (prev_mass + block_mass)
+                stop_now = small.all(-1) & active & (b >= forced)
+                rem = torch.where(stop_now[:, None], tail, rem)
+                active = active & ~(stop_now | (b + 1 >= n_blocks_h))
+            if compensate:
+                acc = acc + rem[..., None] * vbar[si][:, None, :]
+                l = l + rem
             out[rows - prefix] = (acc / l[..., None]).transpose(0, 1)
             lse[rows - prefix] = (m + torch.log(l)).transpose(0, 1)
     return out, lse, {"computed": computed, "causal": causal}

@@ -19,10 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .s2o_ref import RECENT, estimate_scores, rank_from_scores
+from .s2o_ref import STOP_RULES, estimate_scores, rank_from_scores, remaining_ratio, tau_per_head, value_means
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# kernel modes (constexpr MODE)
+MODE_EARLY_STOP = 0     # tau > 0: ranked pass with early stop
+MODE_RANKED_ALL = 1     # tau = 0 with a rank array (baselines): every one of the n_rank ranked keys
+MODE_DENSE = 2          # tau = 0 without a rank: earlier keys in position order (dense attention)
+STOP_BLOCK, STOP_REMAINING = 1, 2            # constexpr STOP: s2o_ref's "block" (v1) / "remaining" (v2) rules
 
 
 @triton.jit
@@ -57,19 +61,22 @@ def _kv_block(K, V, slot, ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, of
 
 @triton.jit
 def _s2o_fwd(Q, K, V, O, LSE, VISITED,
-             KV_IDX, QO_INDPTR, KV_INDPTR, TILE_SEQ, TILE_START, TILE_ROW, RANK, RANK_LEN,
-             qk_scale, tau,
+             KV_IDX, QO_INDPTR, KV_INDPTR, TILE_SEQ, TILE_START, TILE_ROW, RANK, RANK_LEN, TAU, RATIO, VBAR,
+             qk_scale, forced,
              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-             stride_lt, stride_lh, stride_rr, stride_rh, stride_nr,
+             stride_lt, stride_lh, stride_rr, stride_rh, stride_nr, stride_xr, stride_xh, stride_br, stride_bh,
              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              SEGMENT: tl.constexpr, HAS_RANK_LEN: tl.constexpr, RETURN_LSE: tl.constexpr,
              IEEE: tl.constexpr, KV_CONTIG: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
-             STAGES: tl.constexpr):
-    """MODE 0: ranked pass with early stop (tau > 0), checked after every block, run in chunks of CHUNK
-    blocks whose inner loop is software-pipelined (blocks after the stop inside a chunk are masked out,
-    so the result and the visited count are exactly those of a check-and-break loop).
-    MODE 1: tau = 0 with a rank array: all ``n_rank`` ranked keys, one pipelined loop.
-    MODE 2: tau = 0 without a rank: the earlier keys in position order (dense attention).
+             STAGES: tl.constexpr, STOP: tl.constexpr, HAS_RATIO: tl.constexpr, COMPENSATE: tl.constexpr):
+    """MODE_EARLY_STOP: ranked pass with early stop (tau > 0), checked after every block, run in chunks of
+    CHUNK blocks whose inner loop is software-pipelined (blocks after the stop inside a chunk are masked out,
+    so the result and the visited count are exactly those of a check-and-break loop).  STOP picks the rule
+    (s2o_ref's module doc); the first ``forced`` ranked blocks are never stopped in (the local window);
+    RATIO (HAS_RATIO) holds R[b], else R[b] = blocks left; COMPENSATE keeps the predicted unvisited mass
+    with the value mean VBAR.  TAU: one threshold per KV head.
+    MODE_RANKED_ALL: tau = 0 with a rank array: all ``n_rank`` ranked keys, one pipelined loop.
+    MODE_DENSE: tau = 0 without a rank: the earlier keys in position order (dense attention).
     RANK holds token SLOTS (the rank composed with kv_indices on the host); KV_CONTIG: slot = kv_beg + pos."""
     h = tl.program_id(0)              # query head (fastest: the heads of one tile share K/V in L2)
     tile = tl.program_id(1)
@@ -123,6 +130,7 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
         idx_ptr = KV_IDX + kv_beg
     else:
         idx_ptr = rank_ptr
+    rem = tl.zeros([BLOCK_M], tl.float32)     # predicted unvisited mass at the stop (STOP_REMAINING)
     if MODE == 2 and KV_CONTIG:
         for start_n in tl.range(0, n_rank, BLOCK_N, num_stages=STAGES):
             offs_n = start_n + offs_b
@@ -149,6 +157,8 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
         n_vis = n_blk * 0
         go = n_blk > 0
         blk = n_blk * 0
+        tau = tl.load(TAU + hk)
+        ratio_ptr = RATIO + row.to(tl.int64) * stride_xr + hk * stride_xh
         # (loading the slots ahead here, as in the loops above, measured slower: 457 vs 377 ms at 128K)
         while go:
             for j in tl.range(blk, tl.minimum(blk + CHUNK, n_blk), num_stages=STAGES):
@@ -160,9 +170,25 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
                 m_i, l_i, acc, block_mass, prev_mass = _attend_block(q, k, v, m_i, l_i, acc,
                                                                      (c_ok & go)[None, :], qk_scale, IEEE)
                 n_vis += go.to(tl.int32)
-                small = (block_mass < tau * prev_mass) | (row_ok == 0)
-                go = go & (j + 1 < n_blk) & (tl.min(small.to(tl.int32), 0) == 0)
+                if STOP == 1:
+                    small = block_mass < tau * prev_mass
+                else:
+                    if HAS_RATIO:
+                        left = tl.load(ratio_ptr + j)
+                    else:
+                        left = (n_blk - 1 - j).to(tl.float32)
+                    tail = block_mass * left
+                    small = tail < tau * (prev_mass + block_mass)
+                small = small | (row_ok == 0)
+                stop_now = go & (tl.min(small.to(tl.int32), 0) == 1) & (j >= forced)
+                if COMPENSATE:
+                    rem = tl.where(stop_now, tail, rem)
+                go = go & (j + 1 < n_blk) & (stop_now == 0)
             blk += CHUNK
+        if COMPENSATE:
+            vbar = tl.load(VBAR + row.to(tl.int64) * stride_br + hk * stride_bh + offs_d)
+            acc += rem[:, None] * vbar[None, :]
+            l_i += rem
 
     out = acc / l_i[:, None]
     tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -194,33 +220,47 @@ def plan_tiles(qo_indptr: list[int], kv_indptr: list[int], *, q_tile: int, segme
     return [t[1] for t in tiles], [t[2] for t in tiles], [t[3] for t in tiles], rows
 
 
-def build_rank(q: torch.Tensor, k_pool: torch.Tensor, *, qo_indptr: list[int], kv_indptr: list[int],
-               kv_indices: torch.Tensor, segment_size: int, sm_scale: float, n_rows: int,
-               n_sample: int = 0, recent: int = RECENT, group_reduce: str = "max") -> torch.Tensor:
-    """Rank array [n_rows, Hkv, Lmax] int32 in ``plan_tiles`` row order (torch ops on the GPU)."""
+def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None = None, *,
+                qo_indptr: list[int], kv_indptr: list[int], kv_indices: torch.Tensor, segment_size: int,
+                sm_scale: float, n_rows: int, block_size: int = 128, n_sample: int = 0, local_window: int = 0,
+                group_reduce: str = "max", ratio: bool = False, compensate: bool = False) -> dict:
+    """Per-(sequence, segment) index data in ``plan_tiles`` row order (torch ops on the GPU):
+    rank [n_rows, Hkv, Lmax] int32 (the ``local_window`` keys before each segment first), and when asked,
+    ratio [n_rows, Hkv, ceil(Lmax / block_size)] fp32 (``s2o_ref.remaining_ratio``) and
+    vbar [n_rows, Hkv, D] fp32 (``s2o_ref.value_means``, needs v_pool)."""
     Hkv = k_pool.shape[1]
+    seqs = [b for b in range(len(qo_indptr) - 1) if qo_indptr[b + 1] > qo_indptr[b]]
     Lmax = max(kv_indptr[b + 1] - kv_indptr[b] for b in range(len(kv_indptr) - 1))
-    if len(qo_indptr) == 2:
-        rank = None
-    else:
-        rank = torch.zeros(n_rows, Hkv, Lmax, dtype=torch.int32, device=q.device)
-    r0 = 0
-    for b in range(len(qo_indptr) - 1):
-        if qo_indptr[b + 1] == qo_indptr[b]:
-            continue
-        k = k_pool[kv_indices[kv_indptr[b]:kv_indptr[b + 1]].long()]     # [L, Hkv, D] (ranking only)
+    parts: dict[str, list] = {"rank": [], "ratio": [], "vbar": []}
+    for b in seqs:
+        slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]].long()
+        k = k_pool[slots]                                               # [L, Hkv, D] (ranking only)
         qb = q[qo_indptr[b]:qo_indptr[b + 1]]
         L = k.shape[0]
         first = (L - qb.shape[0]) // segment_size
         e = estimate_scores(qb, k, segment_size=segment_size, sm_scale=sm_scale, group_reduce=group_reduce,
                             n_sample=n_sample)
         seg_starts = (first + torch.arange(e.shape[0], device=q.device)) * segment_size
-        rb = rank_from_scores(e, seg_starts, recent)
-        if rank is None:
-            return rb
-        rank[r0:r0 + rb.shape[0], :, :L] = rb
-        r0 += rb.shape[0]
-    return rank
+        rb = rank_from_scores(e, seg_starts, local_window)
+        parts["rank"].append(torch.nn.functional.pad(rb, (0, Lmax - L)))
+        if ratio:
+            rr = remaining_ratio(e, rb, seg_starts, block_size)
+            parts["ratio"].append(torch.nn.functional.pad(rr, (0, -(-Lmax // block_size) - rr.shape[-1])))
+        if compensate:
+            parts["vbar"].append(value_means(v_pool[slots], seg_starts))
+    out = {name: torch.cat(xs) for name, xs in parts.items() if xs}
+    if out["rank"].shape[0] != n_rows and n_rows:
+        raise ValueError(f"index has {out['rank'].shape[0]} rows, the launch plans {n_rows}")
+    return out
+
+
+def build_rank(q: torch.Tensor, k_pool: torch.Tensor, *, qo_indptr: list[int], kv_indptr: list[int],
+               kv_indices: torch.Tensor, segment_size: int, sm_scale: float, n_rows: int,
+               n_sample: int = 0, recent: int = 0, group_reduce: str = "max") -> torch.Tensor:
+    """Rank array [n_rows, Hkv, Lmax] int32 in ``plan_tiles`` row order (``build_index``'s rank)."""
+    return build_index(q, k_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices,
+                       segment_size=segment_size, sm_scale=sm_scale, n_rows=n_rows, n_sample=n_sample,
+                       local_window=recent, group_reduce=group_reduce)["rank"]
 
 
 def _compose_rank(rank, rows, kvp, kv_indices, kv_contiguous):
@@ -247,8 +287,10 @@ def default_config(dtype, head_dim: int, q_tile: int, block_size: int):
 
 def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, q_tile,
               sm_scale, return_lse=False, rank=None, rank_len=None, num_warps=None, num_stages=None,
-              kv_contiguous=False, chunk=None):
+              kv_contiguous=False, chunk=None, stop="block", local_window=0, compensate=False,
+              tail_estimate="flat"):
     """Launch the kernel.  Returns out, lse (or None), computed [B, Hq], causal [B, Hq] block counts.
+    tau: float or [Hkv] tensor.  stop / local_window / compensate / tail_estimate: s2o_ref's semantics.
     rank / rank_len override the S2O ranking (baselines use this to run on the same kernel).
     kv_contiguous: the caller guarantees kv_indices == arange(total) (one sequence stored in order), so
     the kernel computes slots instead of loading them.  tau = 0 without a rank skips the ranking (dense
@@ -274,13 +316,28 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     causal = torch.zeros_like(computed)
     if not tile_seq:
         return out, (lse if return_lse else None), computed, causal
-    if tau > 0:
-        mode = 0
+    if stop not in STOP_RULES:
+        raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
+    if compensate and stop != "remaining":
+        raise ValueError("compensate needs stop='remaining' (it keeps that rule's predicted unvisited mass)")
+    taus = tau_per_head(tau, Hkv, dev)
+    if float(taus.max()) > 0:
+        mode = MODE_EARLY_STOP
     else:
-        mode = 1 if rank is not None else 2
-    if rank is None and mode != 2:
-        rank = build_rank(q, k_pool, qo_indptr=qo, kv_indptr=kvp, kv_indices=kv_indices,
-                          segment_size=segment_size, sm_scale=sm_scale, n_rows=len(rows))
+        mode = MODE_RANKED_ALL if rank is not None else MODE_DENSE
+    has_ratio = mode == MODE_EARLY_STOP and stop == "remaining" and tail_estimate != "flat"
+    compensate = compensate and mode == MODE_EARLY_STOP
+    ratio = vbar = None
+    if mode != MODE_DENSE and (rank is None or has_ratio or compensate):
+        if rank is not None and has_ratio:
+            raise ValueError("tail_estimate='estimate' needs S2O's own ranking (no rank override)")
+        index = build_index(q, k_pool, v_pool, qo_indptr=qo, kv_indptr=kvp, kv_indices=kv_indices,
+                            segment_size=segment_size, sm_scale=sm_scale, n_rows=len(rows), block_size=block_size,
+                            local_window=local_window if rank is None else 0, ratio=has_ratio,
+                            compensate=compensate)
+        rank = index["rank"] if rank is None else rank
+        ratio, vbar = index.get("ratio"), index.get("vbar")
+    forced = -(-local_window // block_size) if rank_len is None else 0
     if rank is None:
         rank = torch.zeros(1, 1, 1, dtype=torch.int32, device=dev)
     else:
@@ -289,18 +346,22 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     meta = torch.tensor([tile_seq, tile_start, tile_row], dtype=torch.int32).to(dev)
     visited = torch.empty(n_tiles, Hq, dtype=torch.int32, device=dev)
     rl = rank_len if rank_len is not None else rank.new_zeros(1, 1)
+    ratio = ratio if ratio is not None else taus.new_zeros(1, 1, 1)
+    vbar = vbar if vbar is not None else taus.new_zeros(1, 1, 1)
     nw, ns, ch = default_config(q.dtype, D, q_tile, block_size)
     num_warps = num_warps or nw
     num_stages = num_stages or ns
     chunk = chunk or ch
     args = (q, k_pool, v_pool, out, lse, visited,
             kv_indices, qo_indptr.to(torch.int32), kv_indptr.to(torch.int32), meta[0], meta[1], meta[2], rank, rl,
-            sm_scale * LOG2E, float(tau),
+            taus, ratio, vbar, sm_scale * LOG2E, forced,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
             out.stride(0), out.stride(1), lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
-            rank.stride(0), rank.stride(1), rl.stride(0))
+            rank.stride(0), rank.stride(1), rl.stride(0), ratio.stride(0), ratio.stride(1), vbar.stride(0),
+            vbar.stride(1))
     kw = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=q_tile, BLOCK_N=block_size, SEGMENT=segment_size,
-              HAS_RANK_LEN=rank_len is not None, RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32)
+              HAS_RANK_LEN=rank_len is not None, RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32,
+              STOP=STOP_BLOCK if stop == "block" else STOP_REMAINING, HAS_RATIO=has_ratio, COMPENSATE=compensate)
     while True:
         try:
             _s2o_fwd[(Hq, n_tiles)](*args, **kw, KV_CONTIG=kv_contiguous, MODE=mode, CHUNK=chunk, STAGES=num_stages,
