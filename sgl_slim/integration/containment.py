@@ -220,12 +220,27 @@ def check_audio_items(out) -> None:
             clip += per_clip.shape[0]
 
 
+def audio_token_lengths(feature_attention_mask: torch.Tensor) -> list[int]:
+    """Qwen2-Audio tokens per clip from its mel mask [C, T_mel] (conv stride 2, then avg-pool 2)."""
+    mel = feature_attention_mask.reshape(-1, feature_attention_mask.shape[-1]).sum(dim=-1).long()
+    frames = (mel - 1) // 2 + 1
+    return ((frames - 2) // 2 + 1).tolist()
+
+
 def set_audio_lengths(out) -> None:
-    """Give every raw audio item its own ``audio_feature_lens`` (tokens per clip: its placeholder runs)."""
+    """Give every raw audio item its own ``audio_feature_lens``: tokens per clip from its mel mask (a clip too
+    short for one token counts 0 and has no placeholder run), else from its placeholder runs."""
     for item in out.mm_items or []:
-        if _raw_audio(item) and item.offsets:
-            item.audio_feature_lens = torch.tensor([end - start + 1 for start, end in item.offsets],
-                                                   dtype=torch.long)
+        if not _raw_audio(item):
+            continue
+        mask = item.model_specific_data.get("feature_attention_mask")
+        if isinstance(mask, torch.Tensor):
+            lens = audio_token_lengths(mask)
+        elif item.offsets:
+            lens = [end - start + 1 for start, end in item.offsets]
+        else:
+            continue
+        item.audio_feature_lens = torch.tensor(lens, dtype=torch.long)
 
 
 def prepare_audio_output(out):

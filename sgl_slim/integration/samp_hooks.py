@@ -31,7 +31,8 @@ import logging
 import torch
 
 from sgl_slim.config import SampConfig, SlimConfig
-from sgl_slim.integration.containment import contain, contain_output, evenly_spaced, prepare_audio_output
+from sgl_slim.integration.containment import (audio_token_lengths, contain, contain_output, evenly_spaced,
+                                               prepare_audio_output)
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +73,6 @@ def _active(samp: SampConfig | None) -> bool:
 # -------------------------------------------------------------------------------------------------------------
 # Tokenizer process
 # -------------------------------------------------------------------------------------------------------------
-
-def audio_token_lengths(feature_attention_mask: torch.Tensor) -> list[int]:
-    """Qwen2-Audio tokens per clip from its mel mask [C, T_mel] (conv stride 2, then avg-pool 2)."""
-    mel = feature_attention_mask.reshape(-1, feature_attention_mask.shape[-1]).sum(dim=-1).long()
-    frames = (mel - 1) // 2 + 1
-    return ((frames - 2) // 2 + 1).tolist()
-
 
 def settings_hash(base: int, samp: SampConfig) -> int:
     """64-bit hash of (item hash, Samp settings): a compressed clip never shares a cache entry with another."""
@@ -157,8 +151,6 @@ async def _process_mm_data_around(original, self, *args, **kwargs):
 
 def compress_audio_feature(original, model, items, samp: SampConfig) -> torch.Tensor:
     """Run ``original(model, items)`` (concatenated [sum N, D] tokens) and return [sum K, D] Samp tokens."""
-    from sgl_slim.audio import encoder_attention_stats, samp_compress
-
     keeps: list[int | None] = []
     for item in items:
         item_keeps = item.model_specific_data.get(KEEP_KEY)
@@ -178,6 +170,16 @@ def compress_audio_feature(original, model, items, samp: SampConfig) -> torch.Te
         tokens = original(model, items)                                        # [sum N, D]
     finally:
         handle.remove()
+    # From here on the work is sgl_slim's: if the clips do not line up (an sgl_slim bug), the uncompressed
+    # tokens go back and SGLang fits them to the placeholders (keeping the last rows, with its own warning).
+    return contain("audio", f"{len(items)} audio items",
+                   lambda: _compress_tokens(tokens, captured, items, keeps, layer, samp), lambda: tokens,
+                   instead="the uncompressed tokens")
+
+
+def _compress_tokens(tokens, captured, items, keeps, layer, samp: SampConfig) -> torch.Tensor:
+    from sgl_slim.audio import encoder_attention_stats, samp_compress
+
     lens = [int(n) for n in torch.cat([item.audio_feature_lens.reshape(-1) for item in items]).tolist()]
     if len(lens) != len(keeps) or len(captured) != 1 or captured[0].shape[0] != len(lens):
         raise RuntimeError(f"Samp: {len(lens)} clip lengths, {len(keeps)} keep counts and "

@@ -150,10 +150,30 @@ def test_compress_without_keep_counts_is_the_stock_output(model):
                            stock_get_audio_feature(model, items))
 
 
-def test_compress_refuses_settings_mismatch(model):
+def test_compress_refuses_settings_mismatch_without_failing_the_batch(model):
     items = _items([(20, 5)])                                    # keep_count(20) at 0.6 is 12, not 5
-    with pytest.raises(RuntimeError, match="share --samp"):
-        compress_audio_feature(stock_get_audio_feature, model, items, SampConfig(enabled=True, keep_ratio=0.6))
+    lines, done = _log_lines()
+    try:
+        with torch.no_grad():
+            got = compress_audio_feature(stock_get_audio_feature, model, items, SampConfig(enabled=True,
+                                                                                           keep_ratio=0.6))
+            full = stock_get_audio_feature(model, items)
+    finally:
+        done()
+    assert torch.equal(got, full), "the uncompressed tokens go back (SGLang fits them to the placeholders)"
+    assert len(lines) == 1 and "share --samp" in lines[0] and lines[0].endswith("used the uncompressed tokens")
+
+
+def test_clip_lengths_that_do_not_line_up_fall_back_to_uncompressed(model):
+    items = _items([(20, 12), (9, 5)])
+    items[0].audio_feature_lens = torch.tensor([20, 9])         # stock's "every length on the first item"
+    lines, done = _log_lines()
+    try:
+        with torch.no_grad():
+            got = compress_audio_feature(stock_get_audio_feature, model, items[:1], SampConfig(enabled=True))
+    finally:
+        done()
+    assert got.shape == (20, 24) and len(lines) == 1 and "do not line up" in lines[0]
 
 
 def test_keep_one_only_gives_each_clip_its_own_length():

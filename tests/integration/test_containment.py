@@ -179,3 +179,21 @@ def test_items_without_raw_features_are_left_alone():
     out = _output([pre, image], [0] * 8)
     ct.prepare_audio_output(out)
     assert not hasattr(pre, "audio_feature_lens") and not hasattr(image, "audio_feature_lens")
+
+
+def test_a_clip_too_short_for_a_token_keeps_its_zero_length():
+    """A clip of a few samples has 0 tokens and no placeholder run: its length (0) must still line up with its
+    row of features, from the mel mask (the chaos sweep found a 1-sample clip beside others)."""
+    runs = [(1, 4), None, (6, 8)]
+    items = []
+    for i, run in enumerate(runs):
+        item = _audio_item(*(run or (0, 0)), seed=i)
+        item.offsets = [run] if run else []
+        frames = 2 * 2 * (run[1] - run[0] + 1) if run else 1          # mel frames giving the run's token count
+        mask = torch.zeros(1, 40, dtype=torch.long)
+        mask[0, :frames] = 1
+        item.model_specific_data["feature_attention_mask"] = mask
+        items.append(item)
+    items[0].audio_feature_lens = torch.tensor([4, 0, 3])
+    ct.prepare_audio_output(_output(items, [0] * 10))
+    assert [it.audio_feature_lens.tolist() for it in items] == [[4], [0], [3]]
