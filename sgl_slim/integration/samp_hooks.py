@@ -119,14 +119,20 @@ def shrink_placeholders(out, samp: SampConfig):
         item.offsets = new_offsets[id(item)]
         if id(item) not in keeps:
             continue
+        clip_lens, clip_keeps = lens[id(item)], keeps[id(item)]
         mask = item.model_specific_data.get("feature_attention_mask")
-        if mask is not None and audio_token_lengths(mask) != lens[id(item)]:
-            raise ValueError(f"Samp: audio placeholder runs {lens[id(item)]} disagree with the clip lengths "
-                             f"{audio_token_lengths(mask)} from feature_attention_mask")
-        item.audio_feature_lens = torch.tensor(lens[id(item)], dtype=torch.long)
-        if keeps[id(item)] == lens[id(item)]:
+        if mask is not None:
+            # a clip too short for one token has length 0 and no placeholder run: keep 0 of 0
+            clip_lens = audio_token_lengths(mask)
+            if [n for n in clip_lens if n > 0] != lens[id(item)]:
+                raise ValueError(f"Samp: audio placeholder runs {lens[id(item)]} disagree with the clip lengths "
+                                 f"{clip_lens} from feature_attention_mask")
+            run_keeps = iter(keeps[id(item)])
+            clip_keeps = [next(run_keeps) if n > 0 else 0 for n in clip_lens]
+        item.audio_feature_lens = torch.tensor(clip_lens, dtype=torch.long)
+        if clip_keeps == clip_lens:
             continue
-        item.model_specific_data[KEEP_KEY] = keeps[id(item)]
+        item.model_specific_data[KEEP_KEY] = clip_keeps
         if item.hash is None:
             from sglang.srt.multimodal.cache.identity import resolve_multimodal_item_hash
             item.hash = resolve_multimodal_item_hash(feature=item.feature)

@@ -244,3 +244,29 @@ def test_failed_statistics_fall_back_for_every_clip_with_one_line(model, monkeyp
     assert torch.equal(got, want)
     assert lines == ["sgl_slim audio: fallback (error): encoder attention statistics of 2 clips: RuntimeError: "
                      "statistics exploded; used an evenly spaced selection"]
+
+
+def test_shrink_keeps_zero_token_clips_aligned_with_the_features():
+    """One item holding three clips, the middle one too short for a token (no placeholder run)."""
+    ids = [AUDIO] * 10 + [TEXT] + [AUDIO] * 5
+    mask = torch.cat([_mask(41), _mask(2), _mask(21)])                  # 10, 0, 5 tokens
+    item = Item("audio", [(0, 9), (11, 15)], torch.zeros(3, 4, 80), hash=7, mask=mask)
+    samp = SampConfig(enabled=True, keep_ratio=0.6)
+    out = shrink_placeholders(Output([item], list(ids)), samp)
+    assert item.audio_feature_lens.tolist() == [10, 0, 5]
+    assert item.model_specific_data[KEEP_KEY] == [6, 0, 3]
+    assert item.offsets == [(0, 5), (7, 9)] and len(out.input_ids) == 6 + 1 + 3
+
+
+def test_compress_passes_zero_token_clips_through(model):
+    g = torch.Generator().manual_seed(3)
+    item = Item("audio", [(0, 11)], torch.randn(2, 4, 80, generator=g), hash=9)
+    item.audio_feature_lens = torch.tensor([20, 0])
+    item.model_specific_data[KEEP_KEY] = [12, 0]
+    lines, done = _log_lines()
+    try:
+        with torch.no_grad():
+            got = compress_audio_feature(stock_get_audio_feature, model, [item], SampConfig(enabled=True))
+    finally:
+        done()
+    assert got.shape == (12, 24) and lines == []
