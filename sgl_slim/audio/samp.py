@@ -226,6 +226,8 @@ def samp_compress(tokens: Tensor, attn, *, keep: int, merge_threshold: float
     merge_threshold: mean cosine similarity for joining a cluster; > 1 merges nothing.
     Returns (tokens_out [keep, D] in tokens.dtype, kept_index_groups: for each output token, in time order,
     the original token indices it stands for). ``keep == N`` returns ``tokens`` unchanged (bit for bit).
+    Raises ValueError for non-finite tokens or statistics, negative statistics, N = 0 or keep outside [1, N];
+    degenerate finite clips (all-zero or identical tokens, zero statistics, N = 1) compress normally.
     """
     stats = _check_args(tokens, attn, keep, merge_threshold)
     n = tokens.shape[0]
