@@ -11,7 +11,9 @@ below, once, instead of catching per case:
 - :func:`contain` (scheduler process): a feature's selection for ONE item (an image, a clip). The placeholders
   were already sized in the tokenizer, so the item cannot go through unpruned there; on failure (or an invalid
   result) it falls back to a deterministic, evenly spaced choice of the same count (:func:`evenly_spaced`),
-  and the batch goes on.
+  and the batch goes on. The same helper wraps each hook's bookkeeping around the items as a whole (shapes
+  that do not line up: the unpruned rows go back and SGLang fits them to the placeholders; a failed position
+  fix keeps the provisional positions).
 
 Every fallback logs one line and counts ``sgl_slim_fallbacks_total{model_name, feature, reason}`` (with SGLang's
 ``--enable-metrics``), reason = ``nonfinite`` | ``empty`` | ``error`` (see :func:`fallback_reason`).
