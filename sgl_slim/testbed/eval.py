@@ -85,7 +85,7 @@ def evaluate(model, tokenizer, methods: list[str], *, lengths: list[int], tasks=
     pieces = Pieces(tokenizer)
     sets = {(task, L): eval_samples(stream, pieces, kind=task, length=L, depths=depths, per_depth=per_depth,
                                     seed=seed) for task in tasks for L in lengths}
-    windows = {L: heldout_windows(stream, L, loss_windows, seed) for L in lengths}
+    windows = {L: heldout_windows(stream, L, loss_windows, seed) for L in lengths} if loss_windows else {}
     rows = []
     for text in methods:
         method = parse_method(text, block_size=block_size, segment_size=segment_size)
@@ -113,6 +113,7 @@ def evaluate(model, tokenizer, methods: list[str], *, lengths: list[int], tasks=
                 for di, depth in enumerate(depths):
                     h = hits[di * per_depth:(di + 1) * per_depth]
                     rows.append(dict(base, task=task, depth=depth, accuracy=sum(h) / len(h), n=len(h)))
+                    log(rows[-1])
             rows.append(summary)
             log(summary)
     return rows

@@ -1,15 +1,16 @@
 """The whole testbed in one GPU call: train, bring the checkpoint back, evaluate, dump, calibrate.
 
     python -m sgl_slim.testbed.pipeline --out OUT [--deadline 520] [--train-budget 250] [--plan default]
+    python -m sgl_slim.testbed.pipeline --out OUT --model DIR --skip dense,extrapolate   # no training
 
 Stages, in order of value (each checks the time left before the ``--deadline`` in seconds from the start):
   1. train (``train``), checkpoint packed as OUT/testbed_ckpt.tar.NN (15 MiB parts; ``cat`` them to untar);
   2. dense evaluation at 4K / 16K / 32K (held-out loss, passkey and key-value retrieval, 5 depths);
   3. calibration to ``--error-budget`` at 16K (OUT/s2o_calibration.json);
-  4. sparse methods at 32K: S2O v1 / v2 at several taus, the calibrated file, the best global tau, and every
-     baseline of ``sgl_slim.attention.baselines``, with the dense run of the same samples;
-  5. head statistics and the rel-L2 / density / time frontier of one 32K prompt's real q/k/v, beside the
+  4. head statistics and the rel-L2 / density / time frontier of one 32K prompt's real q/k/v, beside the
      synthetic generator;
+  5. sparse methods at 32K: S2O v1 / v2 at several taus, the calibrated file, the best global tau, and every
+     baseline of ``sgl_slim.attention.baselines``, with the dense run of the same samples;
   6. extrapolation: dense at 64K without and with Llama-3.1 RoPE scaling (factor 4 from 32K).
 Every row goes to OUT/testbed_results.jsonl as soon as it exists; a table is printed at the end.
 """
@@ -51,6 +52,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/testbed_work", help="scratch directory (training state)")
     ap.add_argument("--plan", default="default")
+    ap.add_argument("--model", default=None, help="evaluate this checkpoint instead of training one")
+    ap.add_argument("--skip", default="", help="comma-separated stages to leave out (dense, extrapolate, ...)")
     ap.add_argument("--deadline", type=float, default=520.0)
     ap.add_argument("--train-budget", type=float, default=250.0)
     ap.add_argument("--error-budget", type=float, default=0.01)
@@ -89,12 +92,17 @@ def main(argv=None):
             traceback.print_exc()
             log({"bench": "testbed_stage", "stage": name, "ok": False, "error": traceback.format_exc()[-2000:]})
 
-    from sgl_slim.testbed.train import train  # noqa: PLC0415
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        from sgl_slim.testbed.train import train  # noqa: PLC0415
 
-    rec = train(work, plan=args.plan, time_budget=args.train_budget, progress=True)
-    log({"bench": "testbed_train", **rec})
-    parts = pack(work / "model", [work / "train_log.jsonl", work / "train_loss.png"], out / "testbed_ckpt")
-    log({"bench": "testbed_pack", "parts": [p.name for p in parts], "bytes": sum(p.stat().st_size for p in parts)})
+        rec = train(work, plan=args.plan, time_budget=args.train_budget, progress=True)
+        log({"bench": "testbed_train", **rec})
+        parts = pack(work / "model", [work / "train_log.jsonl", work / "train_loss.png"], out / "testbed_ckpt")
+        log({"bench": "testbed_pack", "parts": [p.name for p in parts],
+             "bytes": sum(p.stat().st_size for p in parts)})
+        model_dir = work / "model"
 
     from transformers import AutoTokenizer  # noqa: PLC0415
 
@@ -102,12 +110,12 @@ def main(argv=None):
     from sgl_slim.testbed.data import corpus_stream  # noqa: PLC0415
     from sgl_slim.testbed.model import load_model  # noqa: PLC0415
 
-    model_dir = work / "model"
     model = load_model(model_dir, device=device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stream = corpus_stream(tokenizer, "eval", 3_000_000)
     lengths = [int(x) for x in args.lengths.split(",")]
     common = dict(stream=stream, device=device, log=log, **sizes)
+    stage = _skipping(stage, set(args.skip.split(",")) - {""})
     stage("dense", lambda: ev.evaluate(model, tokenizer, ["dense"], lengths=lengths, per_depth=args.per_depth,
                                        time_budget=left() - 200, **common))
     cal_path = out / "s2o_calibration.json"
@@ -127,20 +135,6 @@ def main(argv=None):
 
     stage("calibrate", calibrate_stage)
 
-    def sparse_stage():
-        from sgl_slim.attention import baselines  # noqa: PLC0415
-
-        names = sorted(n[7:] for n in dir(baselines) if n.startswith("select_") and callable(getattr(baselines, n)))
-        methods = ["dense"] + args.s2o.split(",")
-        if cal_path.is_file():
-            methods.append(f"calib:{cal_path}")
-        if g.get("global_tau"):
-            methods.append(f"s2o:{g['variant']}:{g['global_tau']}")
-        methods += [f"{n}:{x}" for x in args.gammas.split(",") for n in names]
-        ev.evaluate(model, tokenizer, methods, lengths=[args.sparse_length], per_depth=args.sparse_per_depth,
-                    loss_windows=2, time_budget=left() - 90, **common)
-
-    stage("sparse", sparse_stage)
 
     def dump_stage():
         from sgl_slim.testbed import dump  # noqa: PLC0415
@@ -159,6 +153,21 @@ def main(argv=None):
         dump.frontier(gen, methods, source="generator", log=log, **sizes)
 
     stage("dump", dump_stage)
+
+    def sparse_stage():
+        from sgl_slim.attention import baselines  # noqa: PLC0415
+
+        names = sorted(n[7:] for n in dir(baselines) if n.startswith("select_") and callable(getattr(baselines, n)))
+        methods = ["dense"] + args.s2o.split(",")
+        if cal_path.is_file():
+            methods.append(f"calib:{cal_path}")
+        if g.get("global_tau"):
+            methods.append(f"s2o:{g['variant']}:{g['global_tau']}")
+        methods += [f"{n}:{x}" for x in args.gammas.split(",") for n in names]
+        ev.evaluate(model, tokenizer, methods, lengths=[args.sparse_length], per_depth=args.sparse_per_depth,
+                    loss_windows=2, time_budget=left() - 40, **common)
+
+    stage("sparse", sparse_stage)
 
     def extrapolate_stage():
         from transformers import LlamaForCausalLM  # noqa: PLC0415
@@ -184,6 +193,13 @@ def main(argv=None):
 
     stage("extrapolate", extrapolate_stage)
     table(results)
+
+
+def _skipping(stage, skip: set[str]):
+    def run(name, fn):
+        if name not in skip:
+            stage(name, fn)
+    return run
 
 
 def table(results: Path) -> None:
