@@ -23,7 +23,7 @@ import torch
 from .s2o_ref import VARIANTS, dense_attention_ref, rank_keys, s2o_attention_ref, tau_per_head
 
 __all__ = ["s2o_attention", "s2o_attention_paged", "s2o_attention_ref", "dense_attention_ref", "rank_keys",
-           "VARIANTS", "DEFAULT_VARIANT"]
+           "plan_paged", "VARIANTS", "DEFAULT_VARIANT"]
 
 DEFAULT_VARIANT = "v2"
 
@@ -61,7 +61,7 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
                         qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                         tau, block_size: int = 128, segment_size: int = 2048,
                         sm_scale: float | None = None, return_lse: bool = False, return_stats: bool = False,
-                        variant: str = DEFAULT_VARIANT):
+                        variant: str = DEFAULT_VARIANT, plan=None, return_counts: bool = False):
     """S2O prefill for a batch of sequences whose K/V live in a token-slot pool (page size 1).
 
     q:          [Tq, Hq, D]   queries of all sequences, packed (sequence b owns rows
@@ -72,21 +72,34 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     kv_indptr:  [B+1] int     offsets into kv_indices.
     kv_indices: [total_kv] int token slots of sequence b in position order
                               (kv_len_b = kv_indptr[b+1] - kv_indptr[b], prefix_b = kv_len_b - q_len_b).
-    tau:        early-stop threshold (0 = dense): a float or [Hkv] (one per KV head).
+    tau:        early-stop threshold (0 = dense): a float or a HOST tensor [Hkv] (one per KV head).
     variant:    "v2" (default) or "v1", see the module doc.
+    plan:       this batch's ``plan_paged(...)`` (built once, reused by every layer): then the call reads
+                nothing back from the GPU (no host synchronisation).  Without it the offsets are read here.
 
     Returns out [Tq, Hq, D] (q's dtype); plus lse [Tq, Hq] fp32 (natural log) if return_lse; plus
-    stats dict if return_stats: density (float), density_per_seq [B], density_per_head [Hq].
+    stats dict if return_stats: density (float), density_per_seq [B], density_per_head [Hq] (host reads);
+    plus (computed, causal) [B, Hq] int64 score-block counts on q's device if return_counts (no host read).
     CUDA -> Triton kernel; otherwise the fp32 reference (exact semantics, slow), except that tau 0 (dense) runs
     as batched fp32 matmuls (the same result, fast enough for CPU serving of short prompts).
     """
     return _paged(q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
                   block_size=block_size, segment_size=segment_size, sm_scale=sm_scale, return_lse=return_lse,
-                  return_stats=return_stats, kv_contiguous=False, variant=variant)
+                  return_stats=return_stats, kv_contiguous=False, variant=variant, plan=plan,
+                  return_counts=return_counts)
+
+
+def plan_paged(qo_indptr, kv_indptr, *, block_size: int = 128, segment_size: int = 2048, device="cuda"):
+    """The shape-only part of one batch's S2O launches (tile list, device tables), from HOST offsets (lists or
+    CPU tensors, as ``s2o_attention_paged`` takes them on the device): build once per forward batch, pass as
+    ``plan=`` to every layer's call.  On the CPU the plan only carries the host offsets."""
+    from . import s2o_triton  # noqa: PLC0415 (lazy: Triton only where a GPU runs it)
+    return s2o_triton.plan_paged(qo_indptr, kv_indptr, block_size=block_size, segment_size=segment_size,
+                                 q_tile=_q_tile(segment_size), device=device)
 
 
 def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, sm_scale,
-           return_lse, return_stats, kv_contiguous, variant):
+           return_lse, return_stats, kv_contiguous, variant, plan=None, return_counts=False):
     # kv_contiguous: kv_indices == arange (one sequence stored in order): the kernel computes the slots
     _validate(q, k_pool, v_pool, tau, block_size, segment_size, variant)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[2])
@@ -97,11 +110,11 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
         out, lse, computed, causal = s2o_triton.s2o_paged(
             q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
             block_size=block_size, segment_size=segment_size, q_tile=_q_tile(segment_size), sm_scale=scale,
-            return_lse=return_lse, kv_contiguous=kv_contiguous, **settings)
+            return_lse=return_lse, kv_contiguous=kv_contiguous, plan=plan, **settings)
     else:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        qo, kvp = qo_indptr.tolist(), kv_indptr.tolist()
+        qo, kvp = (list(plan.qo), list(plan.kvp)) if plan is not None else (qo_indptr.tolist(), kv_indptr.tolist())
         computed = torch.zeros(len(qo) - 1, q.shape[1], dtype=torch.int64)
         causal = torch.zeros_like(computed)
         for b in range(len(qo) - 1):
@@ -124,12 +137,14 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
     if return_lse:
         result += (lse,)
     if return_stats:
-        computed, causal = computed.double(), causal.double()
+        c_d, k_d = computed.double(), causal.double()
         result += ({
-            "density": _density(computed, causal),
-            "density_per_seq": (computed.sum(1) / causal.sum(1).clamp(min=1)).tolist(),
-            "density_per_head": (computed.sum(0) / causal.sum(0).clamp(min=1)).tolist(),
+            "density": _density(c_d, k_d),
+            "density_per_seq": (c_d.sum(1) / k_d.sum(1).clamp(min=1)).tolist(),
+            "density_per_head": (c_d.sum(0) / k_d.sum(0).clamp(min=1)).tolist(),
         },)
+    if return_counts:
+        result += ((computed, causal),)
     return result[0] if len(result) == 1 else result
 
 

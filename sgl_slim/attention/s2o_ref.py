@@ -117,8 +117,8 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scal
     prefix = L - Tq
     segs = segment_range(L, Tq, segment_size)
     n_seg = len(segs)
-    lo = torch.tensor([max(prefix, s * segment_size) - prefix for s in segs], device=q.device)
-    hi = torch.tensor([min(L, (s + 1) * segment_size) - prefix for s in segs], device=q.device)
+    lo = torch.tensor([max(prefix, s * segment_size) - prefix for s in segs]).to(q.device, non_blocking=True)
+    hi = torch.tensor([min(L, (s + 1) * segment_size) - prefix for s in segs]).to(q.device, non_blocking=True)
     if n_sample == 0:
         # segment sums on the padded segment grid (one read of q, fp32 accumulation)
         off = prefix - segs.start * segment_size
@@ -185,13 +185,11 @@ def remaining_ratio(e: torch.Tensor, rank: torch.Tensor, seg_starts: torch.Tenso
     return torch.nan_to_num(ratio, nan=0.0)                                     # (-inf) - (-inf): empty block
 
 
-def value_means(v: torch.Tensor, seg_starts: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+def value_means(v: torch.Tensor, seg_starts: torch.Tensor, chunk: int) -> torch.Tensor:
     """Mean value vector of the keys [0, seg_start) per KV head, fp32 [n_seg, Hkv, D] (zeros for
-    seg_start 0).  v: [L, Hkv, D].  Prefix sums at ``chunk`` granularity (seg_starts are multiples of the block
-    size, so of 16), which keeps the fp32 table at L / 16 rows."""
+    seg_start 0).  v: [L, Hkv, D].  Prefix sums at ``chunk`` granularity (the segment size: every seg_start is a
+    multiple of it), which keeps the fp32 table small and needs no host check."""
     L, Hkv, D = v.shape
-    if bool((seg_starts % chunk != 0).any()):
-        chunk = 1
     nc = -(-L // chunk)
     vp = torch.nn.functional.pad(v.float(), (0, 0, 0, 0, 0, nc * chunk - L))
     csum = torch.cumsum(vp.view(nc, chunk, Hkv, D).sum(1), 0)                   # sums of keys [0, (c+1)*chunk)
@@ -202,14 +200,14 @@ def value_means(v: torch.Tensor, seg_starts: torch.Tensor, chunk: int = 16) -> t
 
 def tau_per_head(tau, n_kv_heads: int, device) -> torch.Tensor:
     """tau as a float or a [Hkv] tensor -> fp32 [Hkv] tensor (validated: finite, >= 0)."""
-    t = torch.as_tensor(tau, dtype=torch.float32).flatten().to(device)
+    t = torch.as_tensor(tau, dtype=torch.float32).flatten()
     if t.numel() == 1:
         t = t.expand(n_kv_heads)
     if t.numel() != n_kv_heads:
         raise ValueError(f"tau must be a float or one value per KV head ({n_kv_heads}), got {t.numel()} values")
     if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
         raise ValueError(f"tau must be finite and >= 0 (0 = dense), got {t.tolist()}")
-    return t.contiguous()
+    return t.contiguous().to(device)
 
 
 def rank_keys(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,
@@ -217,7 +215,7 @@ def rank_keys(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: 
     """Rank index [n_seg, Hkv, L] int32 for the segments of ``segment_range`` (see module doc)."""
     L, Tq = k.shape[0], q.shape[0]
     segs = segment_range(L, Tq, segment_size)
-    seg_starts = torch.tensor([s * segment_size for s in segs], device=q.device, dtype=torch.int64)
+    seg_starts = torch.tensor([s * segment_size for s in segs], dtype=torch.int64).to(q.device, non_blocking=True)
     e = estimate_scores(q, k, segment_size=segment_size, sm_scale=sm_scale, group_reduce=group_reduce,
                         n_sample=n_sample)
     return rank_from_scores(e, seg_starts, recent)
@@ -263,7 +261,7 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
             ratio = (nb - 1 - torch.arange(nb, device=q.device, dtype=torch.float32)).expand(len(segs), Hq, nb)
         else:
             ratio = remaining_ratio(e, rank, seg_starts, block_size).repeat_interleave(G, 1)  # [n_seg, Hq, nb]
-    vbar = value_means(v, seg_starts).repeat_interleave(G, 1) if compensate else None     # [n_seg, Hq, D]
+    vbar = value_means(v, seg_starts, chunk=segment_size).repeat_interleave(G, 1) if compensate else None     # [n_seg, Hq, D]
     qf, kf, vf = q.float(), k.float(), v.float()
     kh = kf.repeat_interleave(G, 1).transpose(0, 1)                 # [Hq, L, D]
     vh = vf.repeat_interleave(G, 1).transpose(0, 1)

@@ -15,6 +15,8 @@ tau = 0 without a rank skips the ranking and reads the earlier keys in position 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -220,6 +222,53 @@ def plan_tiles(qo_indptr: list[int], kv_indptr: list[int], *, q_tile: int, segme
     return [t[1] for t in tiles], [t[2] for t in tiles], [t[3] for t in tiles], rows
 
 
+def _to_device(x: torch.Tensor, device) -> torch.Tensor:
+    # host -> device without a host synchronisation (the CPU tensor is a temporary built from Python ints)
+    return x.to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class PagedPlan:
+    """Everything shape-only about one batch, built once (``plan_paged``) and reused by every layer: the host
+    offsets, the tile list and its device tables, and the per-tile block counts' index tensors.  With a plan,
+    a launch reads nothing back from the device."""
+    qo: tuple[int, ...]
+    kvp: tuple[int, ...]
+    q_tile: int
+    block_size: int
+    segment_size: int
+    rows: tuple[tuple[int, int], ...]      # (sequence, seg_start) per rank row
+    n_tiles: int
+    meta: torch.Tensor                     # [3, n_tiles] int32: sequence, first position, rank row
+    qo_d: torch.Tensor                     # [B+1] int32
+    kvp_d: torch.Tensor                    # [B+1] int32
+    tile_seq: torch.Tensor                 # [n_tiles] int64
+    tile_intra: torch.Tensor               # [n_tiles] int64: diagonal blocks of each tile
+    tile_earlier: torch.Tensor             # [n_tiles] int64: earlier-key blocks of each tile (seg_start / B)
+    row_kv_beg: torch.Tensor               # [n_rows] int64: kv offset of each rank row's sequence
+
+
+def plan_paged(qo_indptr, kv_indptr, *, block_size: int, segment_size: int, q_tile: int, device) -> PagedPlan:
+    """Build a ``PagedPlan`` from HOST offsets (lists or CPU tensors)."""
+    qo = tuple(int(x) for x in qo_indptr)
+    kvp = tuple(int(x) for x in kv_indptr)
+    tile_seq, tile_start, tile_row, rows = plan_tiles(list(qo), list(kvp), q_tile=q_tile, segment_size=segment_size)
+    ts = torch.tensor(tile_start, dtype=torch.int64)
+    seq = torch.tensor(tile_seq, dtype=torch.int64)
+    L = torch.tensor([kvp[b + 1] - kvp[b] for b in range(len(qo) - 1)], dtype=torch.int64)[seq]
+    seg_start = ts // segment_size * segment_size
+    intra = (torch.minimum(ts + q_tile, L) - seg_start + block_size - 1) // block_size
+    return PagedPlan(
+        qo=qo, kvp=kvp, q_tile=q_tile, block_size=block_size, segment_size=segment_size, rows=tuple(rows),
+        n_tiles=len(tile_seq),
+        meta=_to_device(torch.tensor([tile_seq, tile_start, tile_row], dtype=torch.int32).view(3, -1), device),
+        qo_d=_to_device(torch.tensor(qo, dtype=torch.int32), device),
+        kvp_d=_to_device(torch.tensor(kvp, dtype=torch.int32), device),
+        tile_seq=_to_device(seq, device), tile_intra=_to_device(intra, device),
+        tile_earlier=_to_device(seg_start // block_size, device),
+        row_kv_beg=_to_device(torch.tensor([kvp[b] for b, _ in rows], dtype=torch.int64), device))
+
+
 def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None = None, *,
                 qo_indptr: list[int], kv_indptr: list[int], kv_indices: torch.Tensor, segment_size: int,
                 sm_scale: float, n_rows: int, block_size: int = 128, n_sample: int = 0, local_window: int = 0,
@@ -247,7 +296,7 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
             rr = remaining_ratio(e, rb, seg_starts, block_size)
             parts["ratio"].append(torch.nn.functional.pad(rr, (0, -(-Lmax // block_size) - rr.shape[-1])))
         if compensate:
-            parts["vbar"].append(value_means(v_pool[slots], seg_starts))
+            parts["vbar"].append(value_means(v_pool[slots], seg_starts, chunk=segment_size))
     out = {name: torch.cat(xs) for name, xs in parts.items() if xs}
     if out["rank"].shape[0] != n_rows and n_rows:
         raise ValueError(f"index has {out['rank'].shape[0]} rows, the launch plans {n_rows}")
@@ -263,14 +312,13 @@ def build_rank(q: torch.Tensor, k_pool: torch.Tensor, *, qo_indptr: list[int], k
                        local_window=recent, group_reduce=group_reduce)["rank"]
 
 
-def _compose_rank(rank, rows, kvp, kv_indices, kv_contiguous):
+def _compose_rank(rank, plan: PagedPlan, kv_indices, kv_contiguous):
     """Position-level rank rows -> token SLOTS (the kernel then needs one indirection, not two)."""
-    if rank.shape[0] != len(rows):
-        raise ValueError(f"rank has {rank.shape[0]} rows, the launch has {len(rows)} (sequence, segment) rows")
-    beg = [kvp[b] for b, _ in rows]
-    if kv_contiguous and not any(beg):
+    if rank.shape[0] != len(plan.rows):
+        raise ValueError(f"rank has {rank.shape[0]} rows, the launch has {len(plan.rows)} (sequence, segment) rows")
+    if kv_contiguous and not any(plan.kvp[b] for b, _ in plan.rows):
         return rank
-    off = torch.tensor(beg, dtype=torch.int64, device=rank.device)[:, None, None]
+    off = plan.row_kv_beg[:, None, None]
     if kv_contiguous:
         return (rank + off).to(torch.int32)
     return kv_indices[rank.long() + off].to(torch.int32)
@@ -288,13 +336,14 @@ def default_config(dtype, head_dim: int, q_tile: int, block_size: int):
 def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, q_tile,
               sm_scale, return_lse=False, rank=None, rank_len=None, num_warps=None, num_stages=None,
               kv_contiguous=False, chunk=None, stop="block", local_window=0, compensate=False,
-              tail_estimate="flat"):
+              tail_estimate="flat", plan: PagedPlan | None = None):
     """Launch the kernel.  Returns out, lse (or None), computed [B, Hq], causal [B, Hq] block counts.
     tau: float or [Hkv] tensor.  stop / local_window / compensate / tail_estimate: s2o_ref's semantics.
     rank / rank_len override the S2O ranking (baselines use this to run on the same kernel).
     kv_contiguous: the caller guarantees kv_indices == arange(total) (one sequence stored in order), so
     the kernel computes slots instead of loading them.  tau = 0 without a rank skips the ranking (dense
-    attention in position order; the same result up to summation order)."""
+    attention in position order; the same result up to summation order).  plan: this batch's ``plan_paged``
+    (else built here from a host copy of the offsets, which synchronises with the device)."""
     Tq, Hq, D = q.shape
     Hkv = k_pool.shape[1]
     if D not in (64, 128):
@@ -305,23 +354,29 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
                          f"{v_pool.dtype}")
     if k_pool.stride(2) != 1 or v_pool.stride(2) != 1 or q.stride(2) != 1:
         raise ValueError("q, k_pool, v_pool need a contiguous last (head-dim) axis")
-    qo, kvp = [int(x) for x in qo_indptr.tolist()], [int(x) for x in kv_indptr.tolist()]
-    B = len(qo) - 1
-    tile_seq, tile_start, tile_row, rows = plan_tiles(qo, kvp, q_tile=q_tile, segment_size=segment_size)
     dev = q.device
+    if plan is None:
+        plan = plan_paged(qo_indptr.tolist(), kv_indptr.tolist(), block_size=block_size,
+                          segment_size=segment_size, q_tile=q_tile, device=dev)
+    elif (plan.block_size, plan.segment_size, plan.q_tile) != (block_size, segment_size, q_tile):
+        raise ValueError(f"the plan was made for block/segment/tile {plan.block_size}/{plan.segment_size}/"
+                         f"{plan.q_tile}, the launch asks for {block_size}/{segment_size}/{q_tile}")
+    qo, kvp, rows = list(plan.qo), list(plan.kvp), plan.rows
+    B = len(qo) - 1
     out = torch.empty_like(q)
     lse = torch.empty(Tq, Hq, dtype=torch.float32, device=dev) if return_lse else out.new_empty(1, 1,
                                                                                                dtype=torch.float32)
     computed = torch.zeros(B, Hq, dtype=torch.int64, device=dev)
     causal = torch.zeros_like(computed)
-    if not tile_seq:
+    if not plan.n_tiles:
         return out, (lse if return_lse else None), computed, causal
     if stop not in STOP_RULES:
         raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
     if compensate and stop != "remaining":
         raise ValueError("compensate needs stop='remaining' (it keeps that rule's predicted unvisited mass)")
-    taus = tau_per_head(tau, Hkv, dev)
-    if float(taus.max()) > 0:
+    taus_host = tau_per_head(tau.cpu() if torch.is_tensor(tau) else tau, Hkv, "cpu")
+    taus = _to_device(taus_host, dev)
+    if float(taus_host.max()) > 0:
         mode = MODE_EARLY_STOP
     else:
         mode = MODE_RANKED_ALL if rank is not None else MODE_DENSE
@@ -341,9 +396,9 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     if rank is None:
         rank = torch.zeros(1, 1, 1, dtype=torch.int32, device=dev)
     else:
-        rank = _compose_rank(rank, rows, kvp, kv_indices, kv_contiguous)
-    n_tiles = len(tile_seq)
-    meta = torch.tensor([tile_seq, tile_start, tile_row], dtype=torch.int32).to(dev)
+        rank = _compose_rank(rank, plan, kv_indices, kv_contiguous)
+    n_tiles = plan.n_tiles
+    meta = plan.meta
     visited = torch.empty(n_tiles, Hq, dtype=torch.int32, device=dev)
     rl = rank_len if rank_len is not None else rank.new_zeros(1, 1)
     ratio = ratio if ratio is not None else taus.new_zeros(1, 1, 1)
@@ -353,7 +408,7 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     num_stages = num_stages or ns
     chunk = chunk or ch
     args = (q, k_pool, v_pool, out, lse, visited,
-            kv_indices, qo_indptr.to(torch.int32), kv_indptr.to(torch.int32), meta[0], meta[1], meta[2], rank, rl,
+            kv_indices, plan.qo_d, plan.kvp_d, meta[0], meta[1], meta[2], rank, rl,
             taus, ratio, vbar, sm_scale * LOG2E, forced,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
             out.stride(0), out.stride(1), lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
@@ -372,13 +427,6 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
                 raise
             num_stages -= 1      # e.g. fp32 K/V blocks: fewer pipeline buffers fit in shared memory
     # block counts on the (tile x block) grid, per sequence and head
-    ts = torch.tensor(tile_start, dtype=torch.int64)
-    seq = torch.tensor(tile_seq, dtype=torch.int64)
-    L = torch.tensor([kvp[b + 1] - kvp[b] for b in range(B)], dtype=torch.int64)[seq]
-    seg_start = ts // segment_size * segment_size
-    last = torch.minimum(ts + q_tile, L)
-    intra = (last - seg_start + block_size - 1) // block_size
-    seq_d, intra_d = seq.to(dev), intra.to(dev)
-    computed.index_add_(0, seq_d, visited.long() + intra_d[:, None])
-    causal.index_add_(0, seq_d, (intra_d + (seg_start // block_size).to(dev))[:, None].expand(-1, Hq))
+    computed.index_add_(0, plan.tile_seq, visited.long() + plan.tile_intra[:, None])
+    causal.index_add_(0, plan.tile_seq, (plan.tile_intra + plan.tile_earlier)[:, None].expand(-1, Hq))
     return out, (lse if return_lse else None), computed, causal

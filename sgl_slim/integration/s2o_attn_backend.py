@@ -51,7 +51,7 @@ class S2OAttnBackend(AttentionBackend):
                            enumerate(taus.rows or ()) if isinstance(taus.tau(layer), tuple)}
         self.plan: glue.S2OBatchPlan | None = None
         self._plan_batch = None          # the ForwardBatch self.plan was built for
-        self._density_sum: list[float] = []   # [B] sum over layers of each sequence's density
+        self._density_sum: list = []          # [B] sum over layers of each sequence's density (float or device)
         self._layers_seen = 0
         self._checked_layers: set[int] = set()
         logger.info("S2O prefill backend: %s block_size=%d segment_size=%d min_length=%d (%s); dense batches "
@@ -138,9 +138,14 @@ class S2OAttnBackend(AttentionBackend):
         return False
 
     # -- stats ----------------------------------------------------------------------------------------
-    def _count_layer(self, densities: list[float]) -> None:
-        for b, density in enumerate(densities):
-            self._density_sum[b] += density
+    def _count_layer(self, densities) -> None:
+        # densities: a list of floats, or a device tensor summed on the device and read once, at the flush
+        if torch.is_tensor(densities):
+            self._density_sum = densities + (torch.tensor(self._density_sum, dtype=densities.dtype).to(
+                densities.device, non_blocking=True) if isinstance(self._density_sum, list) else self._density_sum)
+        else:
+            self._density_sum = [a + b for a, b in zip(self._density_sum if isinstance(self._density_sum, list)
+                                                       else self._density_sum.tolist(), densities)]
         self._layers_seen += 1
         if self._layers_seen == self.num_layers:
             self._flush_stats()
@@ -149,6 +154,8 @@ class S2OAttnBackend(AttentionBackend):
         plan, layers = self.plan, self._layers_seen
         if plan is None or not layers:
             return
+        if torch.is_tensor(self._density_sum):
+            self._density_sum = self._density_sum.tolist()     # the one device read of the batch
         for b, (kv_len, q_len, reason) in enumerate(zip(plan.seq_lens, plan.extend_lens, plan.reasons)):
             density = self._density_sum[b] / layers
             sparse = reason is glue.DenseReason.NONE

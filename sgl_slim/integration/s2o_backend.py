@@ -292,6 +292,18 @@ class LaunchGroup:
     kv_indices: torch.Tensor        # [sum kv_len] token slots, per sequence in position order
     qo_indptr_host: tuple[int, ...]   # the same offsets on the host (read once per batch, never per layer)
     kv_indptr_host: tuple[int, ...]
+    # per batch: the attention API's launch plan and the device copy of seq_ids, made at the first layer
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def launch_plan(self, block_size: int, segment_size: int, device):
+        """The attention API's ``plan_paged`` for this group (built once, then reused by every layer)."""
+        key = (block_size, segment_size)
+        if key not in self.cache:
+            from sgl_slim.attention import plan_paged  # noqa: PLC0415
+            self.cache[key] = plan_paged(self.qo_indptr_host, self.kv_indptr_host, block_size=block_size,
+                                         segment_size=segment_size, device=device)
+            self.cache["seq_ids"] = torch.tensor(self.seq_ids, dtype=torch.int64).to(device, non_blocking=True)
+        return self.cache[key], self.cache["seq_ids"]
 
 
 @dataclass(frozen=True)
@@ -392,30 +404,33 @@ def plan_batch(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_l
 
 def run_s2o_layer(plan: S2OBatchPlan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *,
                   tau: float | torch.Tensor, block_size: int, segment_size: int, sm_scale: float,
-                  variant: str | None = None) -> tuple[torch.Tensor, list[float]]:
-    """One layer of a Route.S2O batch: one ``s2o_attention_paged`` launch per group.
+                  variant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer of a Route.S2O batch: one ``s2o_attention_paged`` launch per group, with the group's launch
+    plan (built at the first layer), so a layer reads nothing back from the device.
 
     q: [T, Hq, D] the batch's queries; k_pool, v_pool: [slots, Hkv, D] (the new tokens already written).
     tau: a float, or [Hkv] one per KV head (host tensor); variant: None for the API's default.
-    Returns out [T, Hq, D] and the density of each sequence of the batch (1.0 for the dense group).
+    Returns out [T, Hq, D] and the density of each sequence of the batch, fp64 [B] on q's device (1.0 for the
+    dense group): the caller reads the layers' sum once per batch.
     """
     from sgl_slim.attention import s2o_attention_paged  # noqa: PLC0415 (keeps this module's import light)
 
     out = None if len(plan.groups) == 1 and plan.groups[0].q_rows is None else torch.empty_like(q)
-    densities = [1.0] * len(plan.seq_lens)
+    densities = torch.ones(len(plan.seq_lens), dtype=torch.float64, device=q.device)
     extra = {} if variant is None else {"variant": variant}
     for g in plan.groups:
+        launch_plan, seq_ids = g.launch_plan(block_size, segment_size, q.device)
         q_g = q if g.q_rows is None else q.index_select(0, g.q_rows)
-        o_g, stats = s2o_attention_paged(
+        o_g, (computed, causal) = s2o_attention_paged(
             q_g, k_pool, v_pool, qo_indptr=g.qo_indptr, kv_indptr=g.kv_indptr, kv_indices=g.kv_indices,
             tau=tau if g.sparse else 0.0, block_size=block_size, segment_size=segment_size, sm_scale=sm_scale,
-            return_stats=True, **extra)
+            plan=launch_plan, return_counts=True, **extra)
         if g.q_rows is None:
             out = o_g
         else:
             out.index_copy_(0, g.q_rows, o_g)
-        for b, density in zip(g.seq_ids, stats["density_per_seq"]):
-            densities[b] = density
+        dens = computed.sum(1).double() / causal.sum(1).clamp(min=1).double()
+        densities.index_copy_(0, seq_ids, dens.to(densities.device))
     return out, densities
 
 
