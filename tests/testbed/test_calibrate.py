@@ -58,3 +58,9 @@ def test_calibration_file_is_valid_and_checked_against_the_model(tiny_model, tok
 
 def test_ladder_starts_dense():
     assert LADDER[0] == 0.0 and list(LADDER) == sorted(LADDER)
+
+
+def test_cli_refuses_a_budget_outside_0_1():
+    from sgl_slim.calibrate import main
+    with pytest.raises(SystemExit, match="--error-budget must be in"):
+        main(["--model", "unused", "--error-budget", "1.5"])
