@@ -39,7 +39,10 @@ _SECTIONS = {"s2o": S2OConfig, "idpruner": IDPrunerConfig, "samp": SampConfig, "
              "media": MediaConfig}
 _FLAGS = [
     ("--s2o", "s2o", "enabled", bool, "S2O sparse prefill attention (prefill/extend; decode stays dense)"),
-    ("--s2o-tau", "s2o", "tau", float, "early-stop threshold, >= 0 (0 = visit every block = dense)"),
+    ("--s2o-tau", "s2o", "tau", float, "early-stop threshold, >= 0 (0 = visit every block = dense); v2: the share "
+     "of each row's attention mass left unvisited (1e-3: ~2%% rel-L2 at density ~0.85, 128K, benchmarks/s2o.md)"),
+    ("--s2o-variant", "s2o", "variant", str, "early-stop rule: v2 (predicted unvisited mass, default) or v1 "
+     "(per-block mass, the original rule)"),
     ("--s2o-block-size", "s2o", "block_size", int, "keys per virtual block: 16, 32, 64 or 128"),
     ("--s2o-segment-size", "s2o", "segment_size", int, "queries sharing one ranking; a multiple of the block size"),
     ("--s2o-min-length", "s2o", "min_length", int,

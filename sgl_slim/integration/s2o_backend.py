@@ -229,7 +229,7 @@ class LayerTaus:
     def from_config(cls, cfg: S2OConfig, calibration=None, *, kv_heads: tuple[int, ...] | None = None,
                     per_head: bool = False) -> "LayerTaus":
         if calibration is None:
-            return cls(default=cfg.tau)
+            return cls(default=cfg.tau, variant=cfg.variant)
         heads = kv_heads if kv_heads is not None else tuple(range(calibration.num_kv_heads))
         rows = []
         for layer in range(calibration.num_layers):
