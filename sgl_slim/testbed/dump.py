@@ -1,7 +1,7 @@
 """Real activations: per-layer q/k/v (post-RoPE) of one long prompt, what the heads look like, and the
 S2O error/density/time frontier on them beside the synthetic generator (``sgl_slim.attention.inputs``).
 
-    python -m sgl_slim.testbed.dump --model DIR --length 32768 [--save qkv.pt] [--frontier] [--out rows.jsonl]
+    python -m sgl_slim.testbed.dump --model DIR --length 32768 [--save qkv.pt] [--frontier] [--oracle] [--out F]
 
 The prompt is a key-value retrieval sample of the "eval" text (so that retrieval heads have something to
 find).  ``--save`` writes {"q": [layers] of [T, Hq, D], "k", "v": [T, Hkv, D]} (bf16) for other benchmarks.
@@ -112,6 +112,26 @@ def frontier(qkv: dict[int, tuple], methods: list[str], *, source: str, block_si
     return rows
 
 
+def oracle(qkv: dict[int, tuple], masses=(0.9, 0.99, 0.999), *, source: str, segment_size: int = 512,
+           log=print) -> list[dict]:
+    """The per-row token oracle (``baselines.token_oracle``: the fewest earlier keys holding ``mass``, the
+    intra-segment part always kept): the least density any selection needs for a given error, per layer."""
+    from sgl_slim.attention.baselines import token_oracle  # noqa: PLC0415
+
+    rows = []
+    for layer, (q, k, v) in sorted(qkv.items()):
+        q, k, v = q.float(), k.float(), v.float()
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        ref = dense_fp32(q, k, v, scale)
+        for mass in masses:
+            dens, out = token_oracle(q, k, v, mass=mass, segment_size=segment_size, sm_scale=scale)
+            rows.append({"bench": "testbed_oracle", "source": source, "layer": layer, "length": q.shape[0],
+                         "mass": mass, "segment_size": segment_size, "density": dens,
+                         "rel_l2": ((out - ref).norm() / ref.norm()).item()})
+            log(rows[-1])
+    return rows
+
+
 def long_prompt(tokenizer, length: int, seed: int = 3, stream=None) -> torch.Tensor:
     from sgl_slim.testbed.data import Pieces, corpus_stream, eval_samples  # noqa: PLC0415
 
@@ -157,6 +177,7 @@ def main(argv=None):
     ap.add_argument("--save", default=None, help="write the q/k/v of every layer here (torch.save)")
     ap.add_argument("--frontier", action="store_true", help="also the rel-L2 / density / time frontier")
     ap.add_argument("--methods", default="s2o:v1:1e-4,s2o:v2:1e-3,s2o:v2:1e-2,topcdf:0.95,pbs:0.95")
+    ap.add_argument("--oracle", action="store_true", help="also the token oracle's density / rel-L2 per layer")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer  # noqa: PLC0415
@@ -178,6 +199,9 @@ def main(argv=None):
         methods = args.methods.split(",")
         rows += frontier(qkv, methods, source="model", log=lambda r: print(json.dumps(r), flush=True))
         rows += frontier(gen, methods, source="generator", log=lambda r: print(json.dumps(r), flush=True))
+    if args.oracle:
+        rows += oracle(qkv, source="model", log=lambda r: print(json.dumps(r), flush=True))
+        rows += oracle(gen, source="generator", log=lambda r: print(json.dumps(r), flush=True))
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:

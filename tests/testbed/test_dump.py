@@ -48,3 +48,13 @@ def test_summary_per_source():
     out = {r["source"]: r for r in summarize_heads(rows)}
     assert out["model"]["heads"] == 2 and math.isclose(out["model"]["sink"]["mean"], 0.3)
     assert out["generator"]["sink"]["max"] == 0.9
+
+
+def test_oracle_keeping_all_mass_is_dense():
+    from sgl_slim.testbed.dump import oracle
+    torch.manual_seed(0)
+    q, k, v = torch.randn(256, 4, 16), torch.randn(256, 2, 16), torch.randn(256, 2, 16)
+    rows = oracle({0: (q, k, v)}, masses=(1.0, 0.5), source="t", segment_size=64, log=lambda r: None)
+    full, half = rows
+    assert full["density"] == 1.0 and full["rel_l2"] < 1e-5
+    assert half["density"] < 1.0 and half["rel_l2"] > full["rel_l2"]
