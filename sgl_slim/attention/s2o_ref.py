@@ -11,13 +11,13 @@ Segments and tiles (both aligned to absolute positions, so a chunked prefill cut
     (query tile, query head), exactly as the Triton kernel does it.
 
 Per (query tile, head):
-  1. Intra pass: dense causal attention to keys [lo, last query of the tile], lo = seg_start, or with a
-     LOCAL WINDOW W > 0, lo = max(0, min(seg_start, t0 - W)) (t0 = the tile's first position): the W keys just
-     before the tile are visited densely even when they lie before the segment (initialises the online
-     softmax state m, l, acc).  These blocks are never skipped.
+  1. Intra pass: dense causal attention to keys [seg_start, last query of the tile] (initialises the online
+     softmax state m, l, acc).  These "diagonal" blocks are never skipped.
   2. Ranked pass over the earlier keys through the index array ``rank[seg, kv_head, :]`` (virtual ->
-     physical position; never a copy of K/V); keys at or after lo (already in the intra pass) are masked
-     out.  Virtual block b = rank entries [b*B, (b+1)*B).  After adding block b, the scan stops if, for EVERY
+     physical position; never a copy of K/V).  With a LOCAL WINDOW W > 0 the W keys just before the segment
+     come first in every rank row and their ceil(W / B) blocks are always visited (the band just before the
+     segment, which a segment-pooled query cannot rank: its high-frequency RoPE components average out).
+     Virtual block b = rank entries [b*B, (b+1)*B).  After adding block b, the scan stops if, for EVERY
      query row of the tile, the STOP RULE holds.  The block that triggers the stop is still included.
      tau = 0 never stops (strict <), so tau = 0 is dense attention up to summation order.
 
@@ -25,10 +25,11 @@ Stop rules (block_mass = sum_j exp(s_ij - m) over block b's keys, l = the row's 
   * ``"block"`` (S2O v1):      block_mass < tau * (l before the block).  The mass it drops is the whole
     tail: with n low-mass blocks left it is up to n * tau * l, so the error is set by the tail's length, not
     by tau (the cliff measured in benchmarks/s2o.md).
-  * ``"remaining"`` (v2):       block_mass * R[b] < tau * l, where R[b] = (estimated mass of the blocks after
-    b) / (estimated mass of block b), both from the ranking's own estimate (``remaining_ratio``).  So
-    block_mass * R[b] is the unvisited mass predicted from the block just measured and the estimate's shape
-    (a flat tail: R = blocks left), and tau is the share of the row's mass left unvisited.
+  * ``"remaining"`` (v2):       block_mass * R[b] < tau * l, where R[b] = the blocks left (``tail_estimate``
+    "flat", the default), or (estimated mass of the blocks after b) / (estimated mass of block b) from the
+    ranking's own estimate ("estimate", ``remaining_ratio``: measured far too sharp, kept for the comparison).
+    So block_mass * R[b] is the unvisited mass predicted from the block just measured, and tau is the share
+    of the row's mass left unvisited.
 Tail compensation (v2, ``compensate``): at the stop the predicted unvisited mass rem = block_mass * R[b]
 is kept in the softmax as one term whose value is the mean value of the segment's earlier keys
 (``value_means``): l += rem, acc += rem * vbar.  Then the error is the error of that prediction, not the
@@ -79,7 +80,7 @@ STOP_RULES = ("block", "remaining")
 # named settings of (stop rule, local window, tail compensation); "v2" is the default of the public API
 VARIANTS = {
     "v1": {"stop": "block", "local_window": 0, "compensate": False, "tail_estimate": "flat"},
-    "v2": {"stop": "remaining", "local_window": 0, "compensate": True, "tail_estimate": "flat"},
+    "v2": {"stop": "remaining", "local_window": 1024, "compensate": True, "tail_estimate": "flat"},
 }
 
 

@@ -283,7 +283,11 @@ def test_identical_requests_hit_the_cache_and_agree(servers):
     _, first = generate(servers["pruned"], prompt, [IMG_B])
     _, second = generate(servers["pruned"], prompt, [IMG_B])
     assert second["output_ids"] == first["output_ids"]
-    assert second["meta_info"]["output_token_logprobs"] == first["meta_info"]["output_token_logprobs"]
+    # a cache hit prefills only the suffix: the stock attention backend then sums in another order, so the
+    # float32 logprobs agree to rounding (a stock server without sgl_slim differs the same way), not bit for bit
+    lp1 = [x[0] for x in first["meta_info"]["output_token_logprobs"]]
+    lp2 = [x[0] for x in second["meta_info"]["output_token_logprobs"]]
+    assert max(abs(a - b) for a, b in zip(lp1, lp2)) < 1e-5, (lp1, lp2)
     assert second["meta_info"].get("cached_tokens", 0) > 0, second["meta_info"]
     # same image in another prompt (another offset): embedding-cache hit, positions still right
     _, third = generate(servers["pruned"], "Hi. " + prompt, [IMG_B])
