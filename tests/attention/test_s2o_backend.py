@@ -422,7 +422,7 @@ def test_dense_batches_run_on_the_stock_backend_bit_identically(backend_cls, mon
 
 def test_mixed_batch_runs_whole_through_s2o_short_rows_dense(backend_cls, monkeypatch, caplog):
     # seqs 0 and 2 reach min_length (sparse, tau 1), seq 1 is short (S2O's dense group, tau 0)
-    cfg = S2OConfig(enabled=True, tau=1.0, block_size=16, segment_size=32, min_length=60)
+    cfg = S2OConfig(enabled=True, tau=1.0, variant="v1", block_size=16, segment_size=32, min_length=60)  # no window
     backend, fb, pool, r2t, q, k, v = _batch_and_backend(backend_cls, monkeypatch, cfg, [96, 37, 80], [64, 37, 16])
     layer = _layer()
     with caplog.at_level(logging.INFO, logger="sgl_slim.s2o"):

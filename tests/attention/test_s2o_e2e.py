@@ -37,7 +37,8 @@ REQUEST_S = 600
 COMMON = ["--model", "demo", "--dtype", "float32", "--chunked-prefill-size", "64", "--max-total-tokens", "8192",
           "--max-running-requests", "16"]
 MAX_NEW = 32               # the divergence this guards against showed at about the 25th token
-S2O_SMALL = ["--s2o-block-size", "16", "--s2o-segment-size", "32"]  # short prompts still have a prefix
+S2O_SMALL = ["--s2o-block-size", "16", "--s2o-segment-size", "32",   # short prompts still have a prefix
+             "--s2o-variant", "v1"]                                  # (v2 visits 1024 keys before a segment: all of them)
 LOG_LINE = re.compile(r"S2O prefill rid=(\S+) kv_len=(\d+) new=(\d+) density=([0-9.]+) (.*)")
 
 

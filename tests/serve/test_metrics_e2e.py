@@ -28,7 +28,7 @@ METRICS_ARGS = ["--model-path", "{eagle_target}", "--dtype", "float32", "--max-t
                 "--context-length", "1024", "--eagle-draft", "{eagle_draft}", "--eagle-steps", "3",
                 "--eagle-draft-tokens", "4", "--idpruner", "--idpruner-keep-ratio", str(KEEP),
                 "--s2o", "--s2o-tau", "0.5", "--s2o-min-length", str(S2O_MIN), "--s2o-block-size", "16",
-                "--s2o-segment-size", "32", "--enable-metrics"]
+                "--s2o-segment-size", "32", "--s2o-variant", "v1", "--enable-metrics"]
 metrics_server = shared_server(METRICS_ARGS)
 
 
