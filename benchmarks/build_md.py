@@ -6,7 +6,7 @@
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ["s2o", "idpruner", "samp", "eagle", "serving"]
+SECTIONS = ["s2o", "testbed", "idpruner", "samp", "eagle", "serving"]
 
 
 def main() -> None:
