@@ -1,10 +1,15 @@
-"""Property tests (hypothesis) for S2O's public entry points on the CPU (the fp32 reference path) with
-degenerate finite inputs: zeros, identical tokens, one huge value, lengths 1 and non-multiples of the block,
-GQA. The documented contract: out has q's shape and is finite; at tau 0 it equals dense attention."""
+"""Property tests (hypothesis) for S2O's public entry points on the CPU (the fp32 reference path) and the Triton
+kernel (TRITON_INTERPRET=1, set below before triton is imported) with degenerate finite inputs: zeros, identical
+tokens, one huge value, lengths 1 and non-multiples of the block, GQA. The documented contract: out has q's shape
+and is finite; at tau 0 it equals dense attention; never more blocks visited than causal."""
 
-import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from sgl_slim.attention import dense_attention_ref, s2o_attention, s2o_attention_paged, s2o_attention_ref
 
@@ -14,10 +19,10 @@ BLOCK = 16
 
 
 @st.composite
-def cases(draw):
+def cases(draw, head_dims=(4, 8)):
     length = draw(st.sampled_from([1, 2, 15, 16, 17, 33, draw(st.integers(1, 48))]))
     hq, hkv = draw(st.sampled_from([(1, 1), (2, 1), (4, 2)]))
-    d = draw(st.sampled_from([4, 8]))
+    d = draw(st.sampled_from(head_dims))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
     q, k, v = (torch.randn(length, h, d, generator=gen) for h in (hq, hkv, hkv))
     kind = draw(st.sampled_from(KINDS))
@@ -88,3 +93,21 @@ def test_paged_batch_of_two_equals_each_alone(a, b):
     alone_b = s2o_attention(qb, kb, vb, tau=tau, block_size=BLOCK, segment_size=segment)
     torch.testing.assert_close(out[:la], alone_a, rtol=1e-5, atol=1e-5 * max(1.0, float(va.abs().max())))
     torch.testing.assert_close(out[la:], alone_b, rtol=1e-5, atol=1e-5 * max(1.0, float(vb.abs().max())))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(head_dims=(64,)), st.sampled_from(["v1", "v2"]))
+def test_kernel_under_the_interpreter_shape_finite_counts(case, variant):
+    """The Triton kernel (interpreter, fp32) on the same degenerate inputs, with either variant's settings."""
+    from sgl_slim.attention import VARIANTS, s2o_triton
+    q, k, v, tau, segment = case
+    n = q.shape[0]
+    ind = torch.tensor([0, n], dtype=torch.int32)
+    out, lse, computed, causal = s2o_triton.s2o_paged(
+        q, k, v, qo_indptr=ind, kv_indptr=ind, kv_indices=torch.arange(n, dtype=torch.int32), tau=tau,
+        block_size=BLOCK, segment_size=segment, q_tile=segment, sm_scale=q.shape[2] ** -0.5, return_lse=True,
+        kv_contiguous=True, **{**VARIANTS[variant], "local_window": min(VARIANTS[variant]["local_window"], BLOCK)})
+    assert out.shape == q.shape and bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
+    assert bool((computed <= causal).all()) and bool((computed > 0).all())
+    if tau == 0:
+        _close_to_dense(out, q, k, v)
