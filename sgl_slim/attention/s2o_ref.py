@@ -77,6 +77,7 @@ NUM_BUCKETS = 256
 BUCKETS_PER_SPAN = 64  # buckets between the max and the mean of the estimate
 RECENT = 0            # keys just before the segment ranked first; 0: measured best (benchmarks/s2o.md)
 STOP_RULES = ("block", "remaining")
+TAIL_ESTIMATES = ("flat", "estimate")
 # named settings of (stop rule, local window, tail compensation); "v2" is the default of the public API
 VARIANTS = {
     "v1": {"stop": "block", "local_window": 0, "compensate": False, "tail_estimate": "flat"},
@@ -169,6 +170,18 @@ def rank_from_scores(e: torch.Tensor, seg_starts: torch.Tensor, recent: int = RE
     return (order.view(n_seg, Hkv, L) % L).to(torch.int32)
 
 
+def check_settings(stop: str, local_window: int, compensate: bool, tail_estimate: str) -> None:
+    """The early-stop settings (module doc), checked once for the reference and the kernel alike."""
+    if stop not in STOP_RULES:
+        raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
+    if tail_estimate not in TAIL_ESTIMATES:
+        raise ValueError(f"tail_estimate must be one of {TAIL_ESTIMATES}, got {tail_estimate!r}")
+    if local_window < 0:
+        raise ValueError(f"local_window must be >= 0, got {local_window}")
+    if compensate and stop != "remaining":
+        raise ValueError("compensate needs stop='remaining' (it keeps that rule's predicted unvisited mass)")
+
+
 def remaining_ratio(e: torch.Tensor, rank: torch.Tensor, seg_starts: torch.Tensor, block_size: int) -> torch.Tensor:
     """R[s, h, b] = (estimated mass of virtual blocks after b) / (estimated mass of block b), fp32
     [n_seg, Hkv, ceil(L / block_size)], from the estimate e [n_seg, Hkv, L] gathered in rank order (only the
@@ -191,9 +204,10 @@ def value_means(v: torch.Tensor, seg_starts: torch.Tensor, chunk: int) -> torch.
     seg_start 0).  v: [L, Hkv, D].  Prefix sums at ``chunk`` granularity (the segment size: every seg_start is a
     multiple of it), which keeps the fp32 table small and needs no host check."""
     L, Hkv, D = v.shape
-    nc = -(-L // chunk)
-    vp = torch.nn.functional.pad(v.float(), (0, 0, 0, 0, 0, nc * chunk - L))
-    csum = torch.cumsum(vp.view(nc, chunk, Hkv, D).sum(1), 0)                   # sums of keys [0, (c+1)*chunk)
+    n_full = L // chunk                                    # a seg_start < L never needs the partial last chunk
+    if n_full == 0:
+        return v.new_zeros(seg_starts.shape[0], Hkv, D, dtype=torch.float32)
+    csum = torch.cumsum(v[:n_full * chunk].view(n_full, chunk, Hkv, D).sum(1, dtype=torch.float32), 0)
     idx = (seg_starts // chunk - 1).clamp(min=0)
     means = csum[idx] / seg_starts.clamp(min=1).float()[:, None, None]
     return means * (seg_starts > 0).float()[:, None, None]
@@ -229,18 +243,15 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
     """S2O attention of one causal sequence in fp32 (module doc for the semantics).
 
     q: [Tq, Hq, D], the last Tq positions of k, v: [L, Hkv, D].  tau: float or [Hkv] (one per KV head).
-    stop: "block" (v1) or "remaining" (v2); local_window: keys before each tile visited densely;
-    compensate: keep the predicted unvisited mass (v2).
+    stop: "block" (v1) or "remaining" (v2); local_window: keys just before each segment, ranked first and
+    always visited; compensate: keep the predicted unvisited mass (v2); tail_estimate: "flat" or "estimate".
     rank: optional [n_seg, Hkv, L] index array (default ``rank_keys``); rank_len: optional [n_seg, Hkv]
     number of rank entries to visit (baselines; default seg_start, i.e. all earlier keys).
     Returns out [Tq, Hq, D] fp32, lse [Tq, Hq] fp32 (natural log), and
     counts: dict(computed [Hq], causal [Hq]) score blocks.
     """
     _check(q, k, v, block_size, segment_size, q_tile)
-    if stop not in STOP_RULES:
-        raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
-    if local_window < 0:
-        raise ValueError(f"local_window must be >= 0, got {local_window}")
+    check_settings(stop, local_window, compensate, tail_estimate)
     Tq, Hq, D = q.shape
     L, Hkv, _ = k.shape
     G = Hq // Hkv
@@ -249,19 +260,13 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
     tau_h = tau_per_head(tau, Hkv, q.device).repeat_interleave(G)              # [Hq]
     segs = segment_range(L, Tq, segment_size)
     seg_starts = torch.tensor([s * segment_size for s in segs], device=q.device, dtype=torch.int64)
-    e = None
+    use_ratio = stop == "remaining" and tail_estimate == "estimate"
+    e = estimate_scores(q, k, segment_size=segment_size, sm_scale=scale) if rank is None or use_ratio else None
     if rank is None:
-        e = estimate_scores(q, k, segment_size=segment_size, sm_scale=scale)
         rank = rank_from_scores(e, seg_starts, recent=local_window)
     forced = -(-local_window // block_size)                         # leading rank blocks never stopped in
-    if stop == "remaining":
-        if e is None:
-            e = estimate_scores(q, k, segment_size=segment_size, sm_scale=scale)
-        if tail_estimate == "flat":
-            nb = -(-L // block_size)
-            ratio = (nb - 1 - torch.arange(nb, device=q.device, dtype=torch.float32)).expand(len(segs), Hq, nb)
-        else:
-            ratio = remaining_ratio(e, rank, seg_starts, block_size).repeat_interleave(G, 1)  # [n_seg, Hq, nb]
+    if use_ratio:
+        ratio = remaining_ratio(e, rank, seg_starts, block_size).repeat_interleave(G, 1)  # [n_seg, Hq, nb]
     vbar = value_means(v, seg_starts, chunk=segment_size).repeat_interleave(G, 1) if compensate else None     # [n_seg, Hq, D]
     qf, kf, vf = q.float(), k.float(), v.float()
     kh = kf.repeat_interleave(G, 1).transpose(0, 1)                 # [Hq, L, D]
@@ -281,17 +286,16 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
             last = int(rows[-1])
             qt = qf[rows - prefix].transpose(0, 1)                  # [Hq, M, D]
             # 1. intra pass: dense causal over [seg_start, last]
-            k_lo = seg_start
-            kpos = torch.arange(k_lo, last + 1, device=q.device)
+            kpos = torch.arange(seg_start, last + 1, device=q.device)
             sc = qt @ kh[:, kpos].transpose(1, 2) * scale           # [Hq, M, N]
             sc = sc.masked_fill(kpos[None, None, :] > rows[None, :, None], -math.inf)
             m = sc.amax(-1)                                         # [Hq, M]
             p = torch.exp(sc - m[..., None])
             l = p.sum(-1)
             acc = p @ vh[:, kpos]                                   # [Hq, M, D]
-            intra_blocks = -(-(last + 1 - k_lo) // block_size)
+            intra_blocks = -(-(last + 1 - seg_start) // block_size)
             computed += intra_blocks
-            causal += -(-(last + 1 - seg_start) // block_size) + seg_start // block_size
+            causal += intra_blocks + seg_start // block_size
             # 2. ranked pass, one virtual block at a time, per-head early stop
             rem = torch.zeros_like(l)                               # predicted unvisited mass at the stop
             active = n_blocks_h > 0
@@ -319,7 +323,7 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
                     small = block_mass < tau_h[:, None] * prev_mass
                     tail = torch.zeros_like(block_mass)
                 else:
-                    left = ratio[si, :, b] if tail_estimate != "flat" else (n_blocks_h - 1 - b).clamp(min=0).float()
+                    left = ratio[si, :, b] if use_ratio else (n_blocks_h - 1 - b).clamp(min=0).float()
                     tail = block_mass * left[:, None]                             # predicted mass after b
                     small = tail < tau_h[:, None] * (prev_mass + block_mass)
                 stop_now = small.all(-1) & active & (b >= forced)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .s2o_ref import STOP_RULES, estimate_scores, rank_from_scores, remaining_ratio, tau_per_head, value_means
+from .s2o_ref import check_settings, estimate_scores, rank_from_scores, remaining_ratio, tau_per_head, value_means
 
 LOG2E = 1.4426950408889634
 # kernel modes (constexpr MODE)
@@ -370,17 +370,14 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     causal = torch.zeros_like(computed)
     if not plan.n_tiles:
         return out, (lse if return_lse else None), computed, causal
-    if stop not in STOP_RULES:
-        raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
-    if compensate and stop != "remaining":
-        raise ValueError("compensate needs stop='remaining' (it keeps that rule's predicted unvisited mass)")
+    check_settings(stop, local_window, compensate, tail_estimate)
     taus_host = tau_per_head(tau.cpu() if torch.is_tensor(tau) else tau, Hkv, "cpu")
     taus = _to_device(taus_host, dev)
     if float(taus_host.max()) > 0:
         mode = MODE_EARLY_STOP
     else:
         mode = MODE_RANKED_ALL if rank is not None else MODE_DENSE
-    has_ratio = mode == MODE_EARLY_STOP and stop == "remaining" and tail_estimate != "flat"
+    has_ratio = mode == MODE_EARLY_STOP and stop == "remaining" and tail_estimate == "estimate"
     compensate = compensate and mode == MODE_EARLY_STOP
     ratio = vbar = None
     if mode != MODE_DENSE and (rank is None or has_ratio or compensate):

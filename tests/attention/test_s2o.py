@@ -248,3 +248,20 @@ def test_kernel_baseline_rank_on_shuffled_pool():
                                           rank=rank, rank_len=rank_len)
     assert comp.sum(0).tolist() == cnt["computed"].tolist(), "visited blocks differ from the reference"
     assert (out - ref).abs().max() < 1e-4 and (lse - ref_lse).abs().max() < 1e-4
+
+
+def test_value_means_are_the_means_of_the_keys_before_each_segment():
+    from sgl_slim.attention.s2o_ref import value_means
+    v = torch.randn(1000, 2, 8, generator=torch.Generator().manual_seed(0))
+    seg_starts = torch.tensor([0, 256, 512, 768])
+    got = value_means(v, seg_starts, chunk=256)
+    want = torch.stack([v[:s].mean(0) if s else torch.zeros(2, 8) for s in seg_starts.tolist()])
+    assert (got - want).abs().max() < 1e-6, "value_means must equal the mean of V over [0, seg_start)"
+
+
+def test_early_stop_settings_are_checked_by_name():
+    q, k, v = make_qkv(64, 2, 1, 32, seed=0, dtype=torch.float32)
+    for bad, match in [({"stop": "sometimes"}, "stop"), ({"tail_estimate": "guess"}, "tail_estimate"),
+                       ({"local_window": -1}, "local_window"), ({"stop": "block", "compensate": True}, "compensate")]:
+        with pytest.raises(ValueError, match=match):
+            s2o_attention_ref(q, k, v, tau=0.1, block_size=16, segment_size=32, q_tile=32, **bad)
