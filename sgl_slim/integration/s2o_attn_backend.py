@@ -51,7 +51,8 @@ class S2OAttnBackend(AttentionBackend):
                            enumerate(taus.rows or ()) if isinstance(taus.tau(layer), tuple)}
         self.plan: glue.S2OBatchPlan | None = None
         self._plan_batch = None          # the ForwardBatch self.plan was built for
-        self._density_sum: list = []          # [B] sum over layers of each sequence's density (float or device)
+        self._dense_layers = 0                # layers of this batch on the stock backend (density 1 for all)
+        self._sparse_sum = None               # [B] fp64 on the device: sum over S2O layers of each density
         self._layers_seen = 0
         self._checked_layers: set[int] = set()
         logger.info("S2O prefill backend: %s block_size=%d segment_size=%d min_length=%d (%s); dense batches "
@@ -93,7 +94,7 @@ class S2OAttnBackend(AttentionBackend):
         if self.plan.route is Route.STOCK or self.taus.any_dense_layer:
             self.stock.init_forward_metadata(fb)
         self._plan_batch = fb
-        self._density_sum = [0.0] * len(seq_lens)
+        self._dense_layers, self._sparse_sum = 0, None
         self._layers_seen = 0
         STATS.forwards += 1
 
@@ -118,7 +119,7 @@ class S2OAttnBackend(AttentionBackend):
         plan = self.plan
         if plan.route is Route.STOCK or self.taus.dense(layer.layer_id):
             out = self.stock.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-            self._count_layer([1.0] * len(plan.seq_lens))
+            self._count_layer(None)
             return out
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
@@ -138,14 +139,12 @@ class S2OAttnBackend(AttentionBackend):
         return False
 
     # -- stats ----------------------------------------------------------------------------------------
-    def _count_layer(self, densities) -> None:
-        # densities: a list of floats, or a device tensor summed on the device and read once, at the flush
-        if torch.is_tensor(densities):
-            self._density_sum = densities + (torch.tensor(self._density_sum, dtype=densities.dtype).to(
-                densities.device, non_blocking=True) if isinstance(self._density_sum, list) else self._density_sum)
+    def _count_layer(self, densities: torch.Tensor | None) -> None:
+        # densities: [B] on the device from an S2O layer (summed there, read once at the flush); None: a stock layer
+        if densities is None:
+            self._dense_layers += 1
         else:
-            self._density_sum = [a + b for a, b in zip(self._density_sum if isinstance(self._density_sum, list)
-                                                       else self._density_sum.tolist(), densities)]
+            self._sparse_sum = densities if self._sparse_sum is None else self._sparse_sum + densities
         self._layers_seen += 1
         if self._layers_seen == self.num_layers:
             self._flush_stats()
@@ -154,10 +153,10 @@ class S2OAttnBackend(AttentionBackend):
         plan, layers = self.plan, self._layers_seen
         if plan is None or not layers:
             return
-        if torch.is_tensor(self._density_sum):
-            self._density_sum = self._density_sum.tolist()     # the one device read of the batch
+        # the one device read of the batch
+        sparse_sum = self._sparse_sum.tolist() if self._sparse_sum is not None else [0.0] * len(plan.seq_lens)
         for b, (kv_len, q_len, reason) in enumerate(zip(plan.seq_lens, plan.extend_lens, plan.reasons)):
-            density = self._density_sum[b] / layers
+            density = (sparse_sum[b] + self._dense_layers) / layers
             sparse = reason is glue.DenseReason.NONE
             rid = plan.rids[b] if plan.rids else None
             STATS.record(rid, kv_len, q_len, density, sparse)
@@ -165,4 +164,4 @@ class S2OAttnBackend(AttentionBackend):
             logger.info("S2O prefill rid=%s kv_len=%d new=%d density=%.4f %s (mean of %d layers)", rid, kv_len,
                         q_len, density, self.taus.describe() if sparse
                         else reason.value.format(min_length=self.cfg.min_length), layers)
-        self._layers_seen = 0
+        self._layers_seen, self._dense_layers, self._sparse_sum = 0, 0, None

@@ -452,7 +452,7 @@ def test_calibrated_taus_per_layer_and_dense_layers_on_the_stock_backend(backend
     assert backend.taus.tau(0) == (1e-3, 2e-3) and backend.taus.dense(1)
     calls = []
     monkeypatch.setattr(sb, "run_s2o_layer", lambda plan, *a, **kw: calls.append(kw) or
-                        (torch.zeros(q.shape[0], 4, 16), [0.5]))
+                        (torch.zeros(q.shape[0], 4, 16), torch.tensor([0.5], dtype=torch.float64)))
     backend.init_forward_metadata(fb)
     assert backend.plan.route is sb.Route.S2O
     with caplog.at_level(logging.INFO, logger="sgl_slim.s2o"):
