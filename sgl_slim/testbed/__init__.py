@@ -10,3 +10,13 @@ Modules: ``model`` (the config and its checks), ``data`` (real text + synthetic 
 ``attn`` (replacing every layer's prefill attention by a method), ``train``, ``eval``, ``dump``.
 Never imports sglang; runs on a machine with torch, transformers and tokenizers only.
 """
+
+import json
+from pathlib import Path
+
+
+def append_jsonl(path, rows) -> None:
+    """Append ``rows`` (dicts) to the JSON-lines file ``path``."""
+    with Path(path).open("a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")

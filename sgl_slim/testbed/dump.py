@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from sgl_slim.testbed import append_jsonl
+
 SINK = 4
 BAND = 128
 TOP_FRACTION = 0.01
@@ -203,9 +205,7 @@ def main(argv=None):
         rows += oracle(qkv, source="model", log=lambda r: print(json.dumps(r), flush=True))
         rows += oracle(gen, source="generator", log=lambda r: print(json.dumps(r), flush=True))
     if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        append_jsonl(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sgl_slim.testbed import append_jsonl
 from sgl_slim.testbed.attn import parse_method, use_method
 from sgl_slim.testbed.data import Pieces, corpus_stream, eval_samples, sample_rng
 
@@ -143,9 +144,7 @@ def main(argv=None):
                     time_budget=args.time_budget, block_size=args.block_size, segment_size=args.segment_size,
                     log=lambda r: print(json.dumps(r), flush=True))
     if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        append_jsonl(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from sgl_slim.testbed import append_jsonl
+
 PART_BYTES = 15 * 1024 * 1024
 
 
@@ -80,8 +82,7 @@ def main(argv=None):
     def log(r):
         r = dict(r, t_s=round(time.time() - t0, 1))
         print(json.dumps(r), flush=True)
-        with results.open("a") as f:
-            f.write(json.dumps(r) + "\n")
+        append_jsonl(results, [r])
 
     def stage(name, fn):
         t = time.time()
