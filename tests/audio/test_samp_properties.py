@@ -8,6 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from degenerate import token_matrix
+
 from sgl_slim.audio import SampAttention, samp_compress
 from sgl_slim.audio.samp import samp_compress_ref
 
@@ -22,17 +24,7 @@ def cases(draw):
     d = draw(st.integers(1, 6))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
     kind = draw(st.sampled_from(TOKEN_KINDS))
-    x = torch.randn(n, d, generator=gen)
-    if kind == "zeros":
-        x = torch.zeros(n, d)
-    elif kind == "identical":
-        x = x[:1].expand(n, d).clone()
-    elif kind == "tiny":
-        x = x * 1e-30
-    elif kind in ("one_huge", "max_float", "nan", "inf"):
-        x[draw(st.integers(0, n - 1)), draw(st.integers(0, d - 1))] = {
-            "one_huge": 1e30, "max_float": torch.finfo(torch.float32).max, "nan": float("nan"),
-            "inf": float("inf")}[kind]
+    x = token_matrix(draw, st, kind, n, d, gen)
 
     def stat():
         k = draw(st.sampled_from(STAT_KINDS))

@@ -8,6 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from degenerate import token_matrix
+
 from sgl_slim.vision import idpruner_select, idpruner_select_ref
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -21,17 +23,7 @@ def cases(draw):
     kind = draw(st.sampled_from(KINDS))
     seed = draw(st.integers(0, 2 ** 16))
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=gen)
-    if kind == "zeros":
-        x = torch.zeros(n, d)
-    elif kind == "identical":
-        x = x[:1].expand(n, d).clone()
-    elif kind == "tiny":
-        x = x * 1e-30
-    elif kind in ("one_huge", "max_float", "nan", "inf", "neg_inf"):
-        value = {"one_huge": 1e30, "max_float": torch.finfo(torch.float32).max, "nan": float("nan"),
-                 "inf": float("inf"), "neg_inf": float("-inf")}[kind]
-        x[draw(st.integers(0, n - 1)), draw(st.integers(0, d - 1))] = value
+    x = token_matrix(draw, st, kind, n, d, gen)
     keep = draw(st.sampled_from([1, n, max(1, n // 2), draw(st.integers(1, n))]))
     lam = draw(st.sampled_from([0.0, 0.5, 1.0, draw(st.floats(0.0, 1.0))]))
     importance = None
