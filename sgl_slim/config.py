@@ -3,13 +3,17 @@
 The launcher builds a :class:`SlimConfig` from its flags, validates it, and hands it to every SGLang
 process through ONE environment variable (:data:`ENV_VAR`, JSON). Processes read it back with
 :func:`SlimConfig.from_env` in exactly one place (the plugin). Nothing else reads the environment.
+
+:data:`FEATURES`, at the end, is the one table of sgl_slim's features: per feature its settings class, its
+launcher flags, its glue module in ``sgl_slim/integration/``, when that module is installed and the fields it
+reports per request. Nothing here imports sglang.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 ENV_VAR = "SGLSLIM_CONFIG"  # not SGL_*: SGLang treats that prefix as its own deprecated one
@@ -149,21 +153,104 @@ class MediaConfig:
             raise ConfigError("--allowed-local-media-path", f"not a readable directory: {path}")
 
 
+# -------------------------------------------------------------------------------------------------------------
+# The feature table: every part of sgl_slim, once. The launcher's flags, SlimConfig's sections, the plugin's
+# installs, the hooked-symbol check and the per-request metric fields are all read from it. A new feature is one
+# entry here plus its modules (its settings class above, its glue in sgl_slim/integration/, its algorithm).
+# -------------------------------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
-class SlimConfig:
-    s2o: S2OConfig = field(default_factory=S2OConfig)
-    idpruner: IDPrunerConfig = field(default_factory=IDPrunerConfig)
-    samp: SampConfig = field(default_factory=SampConfig)
-    eagle: EagleConfig = field(default_factory=EagleConfig)
-    media: MediaConfig = field(default_factory=MediaConfig)
+class Flag:
+    """One launcher flag: ``name`` sets the ``setting`` field of its feature's settings class."""
+    name: str
+    setting: str
+    kind: type          # bool: a switch (store_true); otherwise the value's type
+    help: str
+
+
+# When the plugin installs a part's glue module in an SGLang process:
+WHEN_ON = "on"              # its toggle is on
+ALWAYS = "always"           # in every process, whatever the flags (and it is a toggle too)
+WHEN_LAUNCHED = "launched"  # in every process of a server started by ``python -m sgl_slim.launch`` (the
+                            # configuration variable is set; a plain ``sglang.launch_server`` stays stock)
+WITH_ANY_ON = "with_any"    # whenever some toggle is on
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str                         # its section of SlimConfig (``cfg.<name>``) and its name in logs
+    module: str                       # its glue: sgl_slim.integration.<module> (install, HOOKED_SYMBOLS, and
+                                      # optionally adjust_server_args)
+    config: type | None = None        # its settings (a frozen dataclass with validate()); None: it has none
+    flags: tuple[Flag, ...] = ()
+    install: str = WHEN_ON
+    metric_fields: tuple[str, ...] = ()   # what it reports per request under meta_info["sgl_slim"]
+
+    @property
+    def toggled(self) -> bool:
+        """Whether it has an on/off toggle (``cfg.<name>.enabled``)."""
+        return self.install in (WHEN_ON, ALWAYS)
+
+
+FEATURES: tuple[Feature, ...] = (
+    # always: the backend name must be a valid choice in every process before SGLang parses its command line
+    Feature("s2o", "s2o_backend", S2OConfig, install=ALWAYS, metric_fields=("s2o_density", "s2o_sparse"), flags=(
+        Flag("--s2o", "enabled", bool, "S2O sparse prefill attention (prefill/extend; decode stays dense)"),
+        Flag("--s2o-tau", "tau", float, "early-stop threshold, >= 0 (0 = visit every block = dense); v2: the share "
+             "of each row's attention mass left unvisited (H200, benchmarks/s2o.md: 3e-3 -> rel-L2 3%% at density "
+             "0.78 at 128K; 1.5%% at 0.58 at 32K on mixed inputs)"),
+        Flag("--s2o-variant", "variant", str, "early-stop rule: v2 (predicted unvisited mass, default) or v1 "
+             "(per-block mass, the original rule)"),
+        Flag("--s2o-block-size", "block_size", int, "keys per virtual block: 16, 32, 64 or 128"),
+        Flag("--s2o-segment-size", "segment_size", int, "queries sharing one ranking; a multiple of the block size"),
+        Flag("--s2o-min-length", "min_length", int,
+             "sequences shorter than this (tokens) get exact dense attention, >= 0"),
+        Flag("--s2o-calibration", "calibration", str,
+             "JSON file of per-layer, per-KV-head taus (replaces --s2o-tau; block/segment size must match the file)"),
+    )),
+    Feature("idpruner", "idpruner_hooks", IDPrunerConfig,
+            metric_fields=("vision_tokens_kept", "vision_tokens_total"), flags=(
+        Flag("--idpruner", "enabled", bool, "IDPruner: prune vision tokens (MMR) before the LLM"),
+        Flag("--idpruner-keep-ratio", "keep_ratio", float, "kept share of each image's tokens, in (0, 1]"),
+        Flag("--idpruner-lambda", "mmr_lambda", float, "MMR trade-off in [0, 1]: 1 importance, 0 diversity"),
+        Flag("--idpruner-min-tokens", "min_tokens", int, "keep at least this many tokens per image, >= 1"),
+        Flag("--idpruner-scorer", "scorer", str, "directory of a trained importance scorer (optional)"),
+    )),
+    Feature("samp", "samp_hooks", SampConfig, metric_fields=("audio_tokens_kept", "audio_tokens_total"), flags=(
+        Flag("--samp", "enabled", bool, "Samp: merge then prune audio tokens before the LLM"),
+        Flag("--samp-keep-ratio", "keep_ratio", float, "kept share of each clip's tokens, in (0, 1]"),
+        Flag("--samp-merge-threshold", "merge_threshold", float,
+             "mean cosine similarity to join a cluster, >= -1 (> 1 disables merging)"),
+    )),
+    # the draft numbers are reported with any speculative decoding, --eagle-draft or SGLang's own flags
+    Feature("eagle", "eagle_cpu", EagleConfig, metric_fields=("draft_tokens_proposed", "draft_tokens_accepted"),
+            flags=(
+        Flag("--eagle-draft", "draft", str, "directory of an EAGLE-3 draft exported by sgl_slim.spec"),
+        Flag("--eagle-steps", "steps", int, "draft steps per verification, >= 1"),
+        Flag("--eagle-draft-tokens", "draft_tokens", int,
+             "tokens verified per step, >= 2 (default: --eagle-steps + 1, chain drafting)"),
+    )),
+    Feature("media", "input_checks", MediaConfig, install=WHEN_LAUNCHED, flags=(   # clear 4xx for bad input
+        Flag("--allowed-local-media-path", "allowed_local_media_path", str,
+             "directory whose files clients may name as media (file:// URLs, plain paths); default: none, every "
+             "local path is refused with a 400"),
+    )),
+    Feature("containment", "containment", install=WHEN_LAUNCHED),    # per-request failures contained
+    Feature("cpu_parallel", "cpu_parallel", install=WHEN_LAUNCHED),  # --tp-size / --dp-size on the CPU
+    Feature("metrics", "metrics", install=WITH_ANY_ON),             # the per-request numbers, for every feature
+)
+
+
+class _SlimConfigMethods:
+    """The methods of :class:`SlimConfig`; its fields are the settings sections of :data:`FEATURES`."""
 
     def validate(self) -> "SlimConfig":
-        for part in (self.s2o, self.idpruner, self.samp, self.eagle, self.media):
-            part.validate()
+        for part in fields(self):
+            getattr(self, part.name).validate()
         return self
 
     def enabled_features(self) -> list[str]:
-        return [name for name in ("s2o", "idpruner", "samp", "eagle") if getattr(self, name).enabled]
+        return [f.name for f in FEATURES if f.toggled and getattr(self, f.name).enabled]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -171,13 +258,11 @@ class SlimConfig:
     @classmethod
     def from_json(cls, text: str) -> "SlimConfig":
         data = json.loads(text)
-        parts = {f.name: f.type for f in fields(cls)}
-        kinds = {"s2o": S2OConfig, "idpruner": IDPrunerConfig, "samp": SampConfig, "eagle": EagleConfig,
-                 "media": MediaConfig}
-        unknown = set(data) - set(parts)
+        kinds = {part.name: part.default_factory for part in fields(cls)}
+        unknown = set(data) - set(kinds)
         if unknown:
             raise ValueError(f"{ENV_VAR}: unknown sections {sorted(unknown)}")
-        return cls(**{name: kinds[name](**data.get(name, {})) for name in kinds}).validate()
+        return cls(**{name: kind(**data.get(name, {})) for name, kind in kinds.items()}).validate()
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "SlimConfig":
@@ -187,3 +272,18 @@ class SlimConfig:
 
     def to_env(self, environ: dict | None = None) -> None:
         (os.environ if environ is None else environ)[ENV_VAR] = self.to_json()
+
+
+# One section per feature with settings, in table order: cfg.s2o, cfg.idpruner, cfg.samp, cfg.eagle, cfg.media.
+SlimConfig = make_dataclass(
+    "SlimConfig", [(f.name, f.config, field(default_factory=f.config)) for f in FEATURES if f.config is not None],
+    bases=(_SlimConfigMethods,), frozen=True, namespace={"__module__": __name__})
+SlimConfig.__doc__ = "sgl_slim's whole configuration: one frozen settings section per feature of FEATURES."
+
+
+def feature(name: str) -> Feature:
+    """The table entry called ``name``."""
+    for entry in FEATURES:
+        if entry.name == name:
+            return entry
+    raise KeyError(f"no sgl_slim feature {name!r} (known: {', '.join(f.name for f in FEATURES)})")

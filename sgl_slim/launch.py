@@ -24,8 +24,7 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-from sgl_slim.config import (ConfigError, EagleConfig, IDPrunerConfig, MediaConfig, S2OConfig, SampConfig,
-                             SlimConfig)
+from sgl_slim.config import FEATURES, ConfigError, Feature, Flag, SlimConfig
 
 logger = logging.getLogger("sgl_slim")
 
@@ -34,39 +33,11 @@ SHIM_DIR = Path(__file__).resolve().parent / "_cpu_shim"
 DEFAULT_MODEL = "demo"
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 
-# flag -> (section, field, type, help). Defaults come from the dataclasses in sgl_slim.config.
-_SECTIONS = {"s2o": S2OConfig, "idpruner": IDPrunerConfig, "samp": SampConfig, "eagle": EagleConfig,
-             "media": MediaConfig}
-_FLAGS = [
-    ("--s2o", "s2o", "enabled", bool, "S2O sparse prefill attention (prefill/extend; decode stays dense)"),
-    ("--s2o-tau", "s2o", "tau", float, "early-stop threshold, >= 0 (0 = visit every block = dense); v2: the share "
-     "of each row's attention mass left unvisited (H200, benchmarks/s2o.md: 3e-3 -> rel-L2 3%% at density 0.78 at "
-     "128K; 1.5%% at 0.58 at 32K on mixed inputs)"),
-    ("--s2o-variant", "s2o", "variant", str, "early-stop rule: v2 (predicted unvisited mass, default) or v1 "
-     "(per-block mass, the original rule)"),
-    ("--s2o-block-size", "s2o", "block_size", int, "keys per virtual block: 16, 32, 64 or 128"),
-    ("--s2o-segment-size", "s2o", "segment_size", int, "queries sharing one ranking; a multiple of the block size"),
-    ("--s2o-min-length", "s2o", "min_length", int,
-     "sequences shorter than this (tokens) get exact dense attention, >= 0"),
-    ("--s2o-calibration", "s2o", "calibration", str,
-     "JSON file of per-layer, per-KV-head taus (replaces --s2o-tau; block/segment size must match the file)"),
-    ("--idpruner", "idpruner", "enabled", bool, "IDPruner: prune vision tokens (MMR) before the LLM"),
-    ("--idpruner-keep-ratio", "idpruner", "keep_ratio", float, "kept share of each image's tokens, in (0, 1]"),
-    ("--idpruner-lambda", "idpruner", "mmr_lambda", float, "MMR trade-off in [0, 1]: 1 importance, 0 diversity"),
-    ("--idpruner-min-tokens", "idpruner", "min_tokens", int, "keep at least this many tokens per image, >= 1"),
-    ("--idpruner-scorer", "idpruner", "scorer", str, "directory of a trained importance scorer (optional)"),
-    ("--samp", "samp", "enabled", bool, "Samp: merge then prune audio tokens before the LLM"),
-    ("--samp-keep-ratio", "samp", "keep_ratio", float, "kept share of each clip's tokens, in (0, 1]"),
-    ("--samp-merge-threshold", "samp", "merge_threshold", float,
-     "mean cosine similarity to join a cluster, >= -1 (> 1 disables merging)"),
-    ("--eagle-draft", "eagle", "draft", str, "directory of an EAGLE-3 draft exported by sgl_slim.spec"),
-    ("--eagle-steps", "eagle", "steps", int, "draft steps per verification, >= 1"),
-    ("--eagle-draft-tokens", "eagle", "draft_tokens", int,
-     "tokens verified per step, >= 2 (default: --eagle-steps + 1, chain drafting)"),
-    ("--allowed-local-media-path", "media", "allowed_local_media_path", str,
-     "directory whose files clients may name as media (file:// URLs, plain paths); default: none, every local "
-     "path is refused with a 400"),
-]
+
+def _flags() -> list[tuple[Feature, Flag, str]]:
+    """Every sgl_slim flag with its feature and argparse destination (``slim_<feature>_<setting>``), in the
+    order of the feature table (sgl_slim.config.FEATURES); defaults come from each feature's settings class."""
+    return [(f, flag, f"slim_{f.name}_{flag.setting}") for f in FEATURES for flag in f.flags]
 
 
 def add_slim_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,14 +45,13 @@ def add_slim_arguments(parser: argparse.ArgumentParser) -> None:
         "sgl_slim", "sgl_slim's toggles (each off by default; every SGLang flag above still works)")
     group.add_argument("--recipe", default=None,
                        help=f"per-model defaults: a TOML path or a name in {RECIPE_DIR} (explicit flags win)")
-    for flag, section, name, kind, text in _FLAGS:
-        default = next(f.default for f in fields(_SECTIONS[section]) if f.name == name)
-        dest = f"slim_{section}_{name}"
-        if kind is bool:
-            group.add_argument(flag, dest=dest, action="store_true", default=False, help=text)
-        else:
-            group.add_argument(flag, dest=dest, type=kind, default=default, metavar=name.upper(),
-                               help=f"{text} (default: {default})")
+    for feature, flag, dest in _flags():
+        if flag.kind is bool:
+            group.add_argument(flag.name, dest=dest, action="store_true", default=False, help=flag.help)
+            continue
+        default = next(f.default for f in fields(feature.config) if f.name == flag.setting)
+        group.add_argument(flag.name, dest=dest, type=flag.kind, default=default, metavar=flag.setting.upper(),
+                           help=f"{flag.help} (default: {default})")
 
 
 def _slim_parser() -> argparse.ArgumentParser:
@@ -106,7 +76,7 @@ def load_recipe(name: str) -> dict:
     unknown = set(recipe) - {"model", "why", "sgl_slim", "sglang"}
     if unknown:
         raise ConfigError("--recipe", f"{path}: unknown keys {sorted(unknown)}")
-    flags = {f[0].lstrip("-") for f in _FLAGS}
+    flags = {flag.name.lstrip("-") for _, flag, _ in _flags()}
     bad = set(recipe.get("sgl_slim", {})) - flags
     if bad:
         raise ConfigError("--recipe", f"{path}: unknown sgl_slim flags {sorted(bad)}")
@@ -114,7 +84,7 @@ def load_recipe(name: str) -> dict:
 
 
 def _recipe_defaults(recipe: dict) -> dict:
-    by_flag = {f[0].lstrip("-"): f"slim_{f[1]}_{f[2]}" for f in _FLAGS}
+    by_flag = {flag.name.lstrip("-"): dest for _, flag, dest in _flags()}
     return {by_flag[k]: v for k, v in recipe.get("sgl_slim", {}).items()}
 
 
@@ -131,10 +101,12 @@ def _sglang_argv_from_recipe(recipe: dict) -> list[str]:
 
 def config_from_args(args: argparse.Namespace) -> SlimConfig:
     parts = {}
-    for section, cls in _SECTIONS.items():
-        kwargs = {f.name: getattr(args, f"slim_{section}_{f.name}") for f in fields(cls)
-                  if hasattr(args, f"slim_{section}_{f.name}")}
-        parts[section] = cls(**kwargs)
+    for feature in FEATURES:
+        if feature.config is None:
+            continue
+        kwargs = {f.name: getattr(args, f"slim_{feature.name}_{f.name}") for f in fields(feature.config)
+                  if hasattr(args, f"slim_{feature.name}_{f.name}")}
+        parts[feature.name] = feature.config(**kwargs)
     return SlimConfig(**parts).validate()
 
 
@@ -159,8 +131,8 @@ def parse_slim_args(argv: list[str]) -> tuple[SlimConfig, list[str], argparse.Na
 
 
 def _strip_slim_flags(argv: list[str]) -> list[str]:
-    takes_value = {f[0] for f in _FLAGS if f[3] is not bool} | {"--recipe"}
-    switches = {f[0] for f in _FLAGS if f[3] is bool}
+    takes_value = {flag.name for _, flag, _ in _flags() if flag.kind is not bool} | {"--recipe"}
+    switches = {flag.name for _, flag, _ in _flags() if flag.kind is bool}
     out, skip = [], False
     for arg in argv:
         if skip:

@@ -1,7 +1,8 @@
 """Per-request sgl_slim numbers: returned with the response and, with ``--enable-metrics``, exported to Prometheus.
 
 Installed in every SGLang process whenever any sgl_slim feature is on (with none on, nothing here runs and no
-response changes). What a finished request reports, under ``meta_info["sgl_slim"]`` (only the fields that apply):
+response changes). What a finished request reports, under ``meta_info["sgl_slim"]`` (only the fields that apply; each feature's
+fields are named in the feature table, ``sgl_slim.config.FEATURES``):
 
 - ``s2o_density`` (float), ``s2o_sparse`` (bool): with ``--s2o``, the fraction of causal score blocks S2O
   visited over the request's whole prefill (the per-chunk densities S2O logs, weighted by causal query-key
@@ -45,11 +46,17 @@ import logging
 import threading
 from collections import OrderedDict
 
-from sgl_slim.config import SlimConfig
+from sgl_slim.config import SlimConfig, feature
 
 logger = logging.getLogger("sgl_slim.metrics")
 
 KEY = "sgl_slim"          # the meta_info / customized-info / response-metadata key
+
+# The fields each feature reports per request, named in the feature table (sgl_slim.config.FEATURES).
+S2O_DENSITY, S2O_SPARSE = feature("s2o").metric_fields
+VISION_KEPT, VISION_TOTAL = feature("idpruner").metric_fields
+AUDIO_KEPT, AUDIO_TOTAL = feature("samp").metric_fields
+DRAFT_PROPOSED, DRAFT_ACCEPTED = feature("eagle").metric_fields
 
 _GET_STREAMER = "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class"
 _STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
@@ -137,7 +144,7 @@ class S2OTable:
             entry = self._data.pop(rid, None)
         if entry is None or entry[1] <= 0:
             return None
-        return {"s2o_density": entry[0] / entry[1], "s2o_sparse": bool(entry[2])}
+        return {S2O_DENSITY: entry[0] / entry[1], S2O_SPARSE: bool(entry[2])}
 
     def __len__(self) -> int:
         return len(self._data)
@@ -199,14 +206,14 @@ def request_numbers(req, cfg: SlimConfig, draft_tokens_per_verify: int | None) -
     if cfg.idpruner.enabled and items:
         kept, total = image_token_counts(items)
         if total:
-            out["vision_tokens_kept"], out["vision_tokens_total"] = kept, total
+            out[VISION_KEPT], out[VISION_TOTAL] = kept, total
     if cfg.samp.enabled and items:
         kept, total = audio_token_counts(items)
         if total:
-            out["audio_tokens_kept"], out["audio_tokens_total"] = kept, total
+            out[AUDIO_KEPT], out[AUDIO_TOTAL] = kept, total
     if draft_tokens_per_verify:
-        out["draft_tokens_proposed"] = int(req.spec_verify_ct) * (draft_tokens_per_verify - 1)
-        out["draft_tokens_accepted"] = int(req.spec_num_correct_drafts)
+        out[DRAFT_PROPOSED] = int(req.spec_verify_ct) * (draft_tokens_per_verify - 1)
+        out[DRAFT_ACCEPTED] = int(req.spec_num_correct_drafts)
     return out
 
 
@@ -363,19 +370,19 @@ class PrometheusSeries:
 
     def observe(self, numbers: dict, model_name: str) -> None:
         s = self._series()
-        if "s2o_density" in numbers:
+        if S2O_DENSITY in numbers:
             s["requests"].labels(model_name, "s2o").inc()
-            mode = "sparse" if numbers.get("s2o_sparse") else "dense"
-            s["s2o"].labels(model_name, mode).observe(float(numbers["s2o_density"]))
-        for feature, prefix in (("vision", "vision_tokens"), ("audio", "audio_tokens")):
-            if f"{prefix}_total" in numbers:
-                s["requests"].labels(model_name, feature).inc()
-                s[feature].labels(model_name, "original").inc(numbers[f"{prefix}_total"])
-                s[feature].labels(model_name, "kept").inc(numbers[f"{prefix}_kept"])
-        if "draft_tokens_proposed" in numbers:
+            mode = "sparse" if numbers.get(S2O_SPARSE) else "dense"
+            s["s2o"].labels(model_name, mode).observe(float(numbers[S2O_DENSITY]))
+        for label, kept, total in (("vision", VISION_KEPT, VISION_TOTAL), ("audio", AUDIO_KEPT, AUDIO_TOTAL)):
+            if total in numbers:
+                s["requests"].labels(model_name, label).inc()
+                s[label].labels(model_name, "original").inc(numbers[total])
+                s[label].labels(model_name, "kept").inc(numbers[kept])
+        if DRAFT_PROPOSED in numbers:
             s["requests"].labels(model_name, "draft").inc()
-            s["draft"].labels(model_name, "proposed").inc(numbers["draft_tokens_proposed"])
-            s["draft"].labels(model_name, "accepted").inc(numbers["draft_tokens_accepted"])
+            s["draft"].labels(model_name, "proposed").inc(numbers[DRAFT_PROPOSED])
+            s["draft"].labels(model_name, "accepted").inc(numbers[DRAFT_ACCEPTED])
 
 
 PROMETHEUS = PrometheusSeries()

@@ -11,7 +11,7 @@ import importlib
 import logging
 import os
 
-from sgl_slim.config import ENV_VAR, SlimConfig
+from sgl_slim.config import ALWAYS, ENV_VAR, FEATURES, WHEN_LAUNCHED, WITH_ANY_ON, SlimConfig, feature
 
 logger = logging.getLogger("sgl_slim")
 
@@ -26,34 +26,19 @@ def _ensure_log_handler() -> None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
 
-# feature name in SlimConfig -> module in sgl_slim.integration with install(cfg) / adjust_server_args(...)
-FEATURE_MODULES = {
-    "s2o": "s2o_backend",
-    "idpruner": "idpruner_hooks",
-    "samp": "samp_hooks",
-    "eagle": "eagle_cpu",
-}
-
-# Registered whenever sgl_slim is installed, whatever the flags: cheap, and needed before SGLang parses
-# its command line (e.g. the attention backend name must be a valid choice in every process).
-ALWAYS_MODULES = ("s2o_backend",)
-
-# Installed in every process of a server started by ``python -m sgl_slim.launch`` (the configuration variable
-# is set), whatever the toggles; a plain ``sglang.launch_server`` stays stock.
-LAUNCHED_MODULES = ("input_checks", "containment", "cpu_parallel")
 
 _state: dict = {"installed": set(), "config": None, "announced": False}
 
 
 def feature_module(name: str):
-    """The integration module of a feature; a clear error when that feature is not built yet."""
-    module = FEATURE_MODULES[name]
+    """The integration module of a feature of the table; a clear error when that feature is not built yet."""
+    module = f"sgl_slim.integration.{feature(name).module}"
     try:
-        return importlib.import_module(f"sgl_slim.integration.{module}")
+        return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name == f"sgl_slim.integration.{module}":
+        if exc.name == module:
             raise NotImplementedError(f"--{name} is not available in this build of sgl_slim "
-                                      f"(sgl_slim.integration.{module} is missing)") from exc
+                                      f"({module} is missing)") from exc
         raise
 
 
@@ -64,36 +49,29 @@ def register() -> SlimConfig:
     if _state["config"] is not None and _state["config"] != cfg:
         logger.warning("sgl_slim: configuration changed within process %d; installing the new features", os.getpid())
     _state["config"] = cfg
+    on = cfg.enabled_features()
+    # What to install, in the table's order within each step (SGLang composes the hooks on one function in
+    # registration order): (part, its name in the log line, its name in an error).
+    steps = [(p, p.module, p.module) for p in FEATURES if p.install == WHEN_LAUNCHED and ENV_VAR in os.environ]
+    steps += [(p, p.name, f"--{p.name}") for p in FEATURES if p.install == ALWAYS or p.name in on]
+    steps += [(p, p.name, f"sgl_slim {p.name}") for p in FEATURES if p.install == WITH_ANY_ON and on]
     new = []
-    launched = ENV_VAR in os.environ
-    for module in LAUNCHED_MODULES if launched else ():
-        if module not in _state["installed"]:
-            _install(importlib.import_module(f"sgl_slim.integration.{module}"), module, cfg)
-            _state["installed"].add(module)
-            new.append(module)
-    wanted = [m for m in ALWAYS_MODULES] + [FEATURE_MODULES[f] for f in cfg.enabled_features()]
-    for module in wanted:
-        if module in _state["installed"]:
+    for part, label, what in steps:
+        if part.module in _state["installed"]:
             continue
-        feature = next(f for f, m in FEATURE_MODULES.items() if m == module)
         try:
-            mod = feature_module(feature)
+            mod = feature_module(part.name)
         except NotImplementedError:
-            if module in ALWAYS_MODULES and feature not in cfg.enabled_features():
+            if part.install == ALWAYS and part.name not in on:   # not built, and not asked for
                 continue
             raise
-        _install(mod, f"--{feature}", cfg)
-        _state["installed"].add(module)
-        new.append(feature)
-    # Per-request numbers in meta_info and Prometheus (sgl_slim/integration/metrics.py): whenever a feature is on.
-    if cfg.enabled_features() and "metrics" not in _state["installed"]:
-        _install(importlib.import_module("sgl_slim.integration.metrics"), "sgl_slim metrics", cfg)
-        _state["installed"].add("metrics")
-        new.append("metrics")
+        _install(mod, what, cfg)
+        _state["installed"].add(part.module)
+        new.append(label)
     if new or not _state["announced"]:
         _state["announced"] = True
         logger.info("sgl_slim: registered in process %d (%s): %s; features on: %s", os.getpid(), process_role(),
-                    ", ".join(new) or "nothing new", ", ".join(cfg.enabled_features()) or "none")
+                    ", ".join(new) or "nothing new", ", ".join(on) or "none")
     return cfg
 
 

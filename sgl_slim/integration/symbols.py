@@ -1,4 +1,5 @@
-"""Every SGLang symbol sgl_slim hooks or relies on, in one place, with the SGLang version it was written for.
+"""Every SGLang symbol sgl_slim hooks or relies on, with the SGLang version it was written for: the launcher's
+own here, each feature's in the ``HOOKED_SYMBOLS`` of its glue module (named in the feature table).
 
 tests/integration/test_symbols.py resolves each one against the installed SGLang, so an SGLang upgrade that
 moves or renames a seam fails loudly in CI instead of silently disabling a feature.
@@ -7,6 +8,8 @@ moves or renames a seam fails loudly in CI instead of silently disabling a featu
 from __future__ import annotations
 
 import importlib
+
+from sgl_slim.config import FEATURES
 
 PINNED_SGLANG = "0.5.23"
 
@@ -25,14 +28,12 @@ CORE_SYMBOLS: list[str] = [
     "sgl_kernel.load_utils._load_architecture_specific_ops",          # ends with `import common_ops`
 ]
 
-FEATURE_MODULES = ("s2o_backend", "idpruner_hooks", "samp_hooks", "eagle_cpu", "input_checks", "metrics",
-                   "cpu_parallel", "containment")
-
 
 def all_symbols() -> dict[str, list[str]]:
-    """{owner: [dotted symbol, ...]} for the core and every feature module present in this build."""
+    """{owner: [dotted symbol, ...]} for the core and the glue module of every part of the feature table
+    (:data:`sgl_slim.config.FEATURES`) present in this build."""
     table = {"core": list(CORE_SYMBOLS)}
-    for name in FEATURE_MODULES:
+    for name in (part.module for part in FEATURES):
         try:
             module = importlib.import_module(f"sgl_slim.integration.{name}")
         except ModuleNotFoundError as exc:
