@@ -8,10 +8,11 @@ Three hooks (route proven in shared/SGLANG_NOTES.md), agreeing on K per image:
    placeholders shrinks to K (the tail is dropped; later offsets shift). ``mrope_positions`` loses the same
    columns (the K slots keep provisional positions, fixed in step 3); ``mrope_position_delta`` grows by the
    total dropped, so the text after an image and every decode step keep their unpruned positions. The image's
-   original (3, N) positions ride along in ``model_specific_data``; the item hash mixes in the pruning
-   settings (``set_hash``), so the radix and embedding caches never mix pruned and unpruned images.
+   N, K and original (3, N) positions ride along in ``model_specific_data``; the item hash mixes in the pruning
+   settings (``set_hash``), so the radix and embedding caches never mix pruned and unpruned images. The
+   shrinking and the hash are shared with Samp (:mod:`sgl_slim.integration.mm_hooks`).
 2. Scheduler, AFTER on ``<Model>.get_image_feature``: split the vision output per item (N = t*h*w / merge^2),
-   select K rows with :func:`sgl_slim.vision.idpruner_select`, return only those. The LOCAL keep indices are
+   select the tokenizer's K rows with :func:`sgl_slim.vision.idpruner_select`, return only those. The LOCAL keep indices are
    remembered per item hash (the embedding cache skips get_image_feature on a hit; a repeated image may sit
    at another offset).
 3. Scheduler, AROUND on ``mm_utils.prepare_mm_inputs`` (runs right before the language model, on every
@@ -26,7 +27,6 @@ buffers, caller-supplied ``mm_hashes`` (they overwrite the settings-mixed hash),
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -34,6 +34,7 @@ from collections import OrderedDict
 import torch
 
 from sgl_slim.config import IDPrunerConfig, SlimConfig
+from sgl_slim.integration import mm_hooks
 from sgl_slim.integration.containment import contain, contain_output, evenly_spaced, valid_keep
 
 logger = logging.getLogger(__name__)
@@ -50,40 +51,29 @@ HOOKED_SYMBOLS: list[str] = [
     _PROCESSOR,
     _PREPARE,
     *_IMAGE_FEATURE.values(),
-    "sglang.srt.managers.schedule_batch.MultimodalDataItem.set_hash",
-    "sglang.srt.managers.schedule_batch.MultimodalProcessorOutput.build_padded_input_ids",
-    "sglang.srt.multimodal.cache.identity.resolve_multimodal_item_hash",
-    "sglang.srt.plugins.hook_registry.HookRegistry.register",
+    *mm_hooks.HOOKED_SYMBOLS,
 ]
 
 # model_specific_data keys set by the tokenizer-side hook
+# model_specific_data keys set by the tokenizer-side hook on each image it shrank (N_KEY marks those images)
 N_KEY = "idpruner_n"                    # int: tokens the image has before pruning
+K_KEY = "idpruner_k"                    # int: tokens it keeps, keep_count(N)
 POS_KEY = "idpruner_positions"          # LongTensor [3, N]: the image's original M-RoPE positions
 KEEP_KEY = "idpruner_keep"              # LongTensor [K]: local kept indices (set in the scheduler)
 
-_CFG: IDPrunerConfig | None = None      # this process's settings, set by install()
-_REGISTERED = False
+# this process's settings (HOOKS.cfg, an IDPrunerConfig) and the three hooks
+HOOKS = mm_hooks.FeatureHooks("idpruner", lambda: [
+    (_PROCESSOR, _process_mm_data_around, "AROUND"),
+    *((target, _get_image_feature_after, "AFTER") for target in _IMAGE_FEATURE.values()),
+    (_PREPARE, _prepare_mm_inputs_around, "AROUND"),
+])
 _SCORER = None                           # loaded lazily in the scheduler when cfg.scorer is set
 _SCORER_LOCK = threading.Lock()
 
 
 def install(cfg: SlimConfig) -> None:
     """Register the three hooks (idempotent; runs in every SGLang process)."""
-    global _CFG, _REGISTERED
-    _CFG = cfg.idpruner
-    if _REGISTERED or not cfg.idpruner.enabled:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType  # noqa: PLC0415
-
-    HookRegistry.register(_PROCESSOR, _process_mm_data_around, HookType.AROUND)
-    for target in _IMAGE_FEATURE.values():
-        HookRegistry.register(target, _get_image_feature_after, HookType.AFTER)
-    HookRegistry.register(_PREPARE, _prepare_mm_inputs_around, HookType.AROUND)
-    _REGISTERED = True
-
-
-def _active(cfg: IDPrunerConfig | None) -> bool:
-    return cfg is not None and cfg.enabled
+    HOOKS.install(cfg)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -93,9 +83,8 @@ def _active(cfg: IDPrunerConfig | None) -> bool:
 def settings_hash(base: int, cfg: IDPrunerConfig) -> int:
     """64-bit hash of (item hash, pruning settings): a pruned image never shares a cache entry with another
     setting or with the unpruned image."""
-    text = (f"idpruner-v1|{base}|{cfg.keep_ratio!r}|{cfg.mmr_lambda!r}|{cfg.min_tokens}|"
-            f"{cfg.scorer or ''}").encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big")
+    return mm_hooks.hash_settings("idpruner-v1", base, repr(cfg.keep_ratio), repr(cfg.mmr_lambda),
+                                  str(cfg.min_tokens), cfg.scorer or "")
 
 
 def shrink_placeholders(out, cfg: IDPrunerConfig):
@@ -103,63 +92,39 @@ def shrink_placeholders(out, cfg: IDPrunerConfig):
 
     Returns ``out``. When no image loses a token (keep ratio 1.0, or tiny images) nothing is touched.
     """
-    from sglang.srt.managers.schedule_batch import MultimodalProcessorOutput  # noqa: PLC0415
-    from sglang.srt.multimodal.cache.identity import resolve_multimodal_item_hash  # noqa: PLC0415
-
     if out is None or not out.mm_items or out.input_ids is None:
         return out
-    runs = []                                          # (start, end, item, run index), inclusive ends
-    for item in out.mm_items:
-        for r, (start, end) in enumerate(item.offsets or []):
-            runs.append((start, end, item, r))
-    runs.sort(key=lambda run: run[0])
 
-    def prunable(item) -> bool:
-        return item.is_image() and item.feature is not None and len(item.offsets or []) == 1
+    def keep_count(item, n: int) -> int | None:
+        prunable = item.is_image() and item.feature is not None and len(item.offsets or []) == 1
+        return cfg.keep_count(n) if prunable else None
 
-    plan = {id(item): cfg.keep_count(end - start + 1) for start, end, item, _ in runs if prunable(item)}
-    if all(plan[id(item)] == end - start + 1 for start, end, item, _ in runs if id(item) in plan):
+    runs = mm_hooks.placeholder_runs(out, keep_count)
+    shrunk = [run for run in runs if run.keep < run.n]
+    if not shrunk:
         return out                                      # nothing to prune: leave the request as stock
-
-    ids = list(out.input_ids)
     positions = out.mrope_positions                     # [3, L] or None
-    keep_cols: list[range] = []                         # column ranges of the old sequence that survive
-    new_offsets = {id(item): list(item.offsets) for item in out.mm_items}
-    cursor, dropped = 0, 0
-    for start, end, item, r in runs:
-        n = end - start + 1
-        k = plan.get(id(item), n)
-        keep_cols.append(range(cursor, start + k))
-        cursor = end + 1
-        new_offsets[id(item)][r] = (start - dropped, start - dropped + k - 1)
-        if k < n:
-            item.model_specific_data[N_KEY] = n
-            if positions is not None:
-                item.model_specific_data[POS_KEY] = positions[:, start:end + 1].clone()
-        dropped += n - k
-    keep_cols.append(range(cursor, len(ids)))
-    cols = [c for rng in keep_cols for c in rng]
-
-    out.input_ids = [ids[c] for c in cols]
+    for run in shrunk:
+        run.item.model_specific_data[N_KEY] = run.n
+        run.item.model_specific_data[K_KEY] = run.keep
+        if positions is not None:
+            run.item.model_specific_data[POS_KEY] = positions[:, run.start:run.end + 1].clone()
+    cols = mm_hooks.drop_placeholders(out, runs)
     if positions is not None:
         out.mrope_positions = positions[:, cols]
     if out.mrope_position_delta is not None:
-        out.mrope_position_delta = out.mrope_position_delta + dropped
-    for item in out.mm_items:
-        item.offsets = new_offsets[id(item)]
-        if N_KEY in item.model_specific_data:
-            base = item.hash if item.hash is not None else resolve_multimodal_item_hash(feature=item.feature)
-            item.set_hash(settings_hash(base, cfg))
-    if out.padded_input_ids is not None:
-        out.padded_input_ids = MultimodalProcessorOutput.build_padded_input_ids(out.input_ids, out.mm_items)
+        out.mrope_position_delta = out.mrope_position_delta + sum(run.n - run.keep for run in shrunk)
+    for run in shrunk:
+        mm_hooks.mark_shrunk(run.item, run.n, lambda base: settings_hash(base, cfg))
+    mm_hooks.rebuild_padded_input_ids(out)
     return out
 
 
 async def _process_mm_data_around(original, self, *args, **kwargs):
     out = await original(self, *args, **kwargs)
-    if not _active(_CFG):
+    if not HOOKS.on:
         return out
-    return contain_output("vision", out, lambda o: shrink_placeholders(o, _CFG))
+    return contain_output("vision", out, lambda o: shrink_placeholders(o, HOOKS.cfg))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -198,13 +163,14 @@ _KEEP = _KeepStore()
 
 def _scorer(device, dtype):
     global _SCORER
-    if _CFG is None or _CFG.scorer is None:
+    cfg = HOOKS.cfg
+    if cfg is None or cfg.scorer is None:
         return None
     with _SCORER_LOCK:
         if _SCORER is None:
             from sgl_slim.vision.scorer import load_scorer  # noqa: PLC0415
-            _SCORER = load_scorer(_CFG.scorer, device=device)
-            logger.info("sgl_slim idpruner: loaded importance scorer from %s", _CFG.scorer)
+            _SCORER = load_scorer(cfg.scorer, device=device)
+            logger.info("sgl_slim idpruner: loaded importance scorer from %s", cfg.scorer)
     return _SCORER
 
 
@@ -233,7 +199,7 @@ def select_rows(rows: torch.Tensor, keep: int, cfg: IDPrunerConfig, *, feature_w
 
 
 def _get_image_feature_after(result, self, items, *args, **kwargs):
-    if not _active(_CFG) or not any(N_KEY in item.model_specific_data for item in items):
+    if not HOOKS.on or not any(N_KEY in item.model_specific_data for item in items):
         return None                                     # AFTER hook: None keeps the original result
     # A failure outside the per-image selection (shapes that do not line up) keeps the unpruned rows: SGLang
     # then fits them to the placeholders (with its own warning) instead of the scheduler dying.
@@ -262,9 +228,9 @@ def prune_rows(result, self, items) -> torch.Tensor:
         if n != rows.shape[0]:
             raise RuntimeError(f"idpruner: image has {rows.shape[0]} vision tokens but its placeholders were "
                                f"sized for {n}")
-        k = sum(end - start + 1 for start, end in item.offsets)
+        k = item.model_specific_data[K_KEY]
         keep = contain("vision", f"image of {n} tokens (keep {k})",
-                       lambda rows=rows, k=k: select_rows(rows, k, _CFG, feature_width=width),
+                       lambda rows=rows, k=k: select_rows(rows, k, HOOKS.cfg, feature_width=width),
                        lambda n=n, k=k: evenly_spaced(n, k), data=rows,
                        valid=lambda kp, n=n, k=k: valid_keep(kp, n, k))
         item.model_specific_data[KEEP_KEY] = keep
@@ -290,7 +256,7 @@ def _keep_for(item) -> torch.Tensor:
 
 
 def _prepare_mm_inputs_around(original, input_ids, forward_batch, *args, **kwargs):
-    if not _active(_CFG):
+    if not HOOKS.on:
         return original(input_ids, forward_batch, *args, **kwargs)
     # The original sets forward_batch.mm_inputs to None: take what we need first.
     mode = forward_batch.forward_mode

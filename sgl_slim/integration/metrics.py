@@ -1,8 +1,8 @@
 """Per-request sgl_slim numbers: returned with the response and, with ``--enable-metrics``, exported to Prometheus.
 
 Installed in every SGLang process whenever any sgl_slim feature is on (with none on, nothing here runs and no
-response changes). What a finished request reports, under ``meta_info["sgl_slim"]`` (only the fields that apply; each feature's
-fields are named in the feature table, ``sgl_slim.config.FEATURES``):
+response changes). What a finished request reports, under ``meta_info["sgl_slim"]`` (only the fields that apply;
+each feature's fields are named in the feature table, ``sgl_slim.config.FEATURES``):
 
 - ``s2o_density`` (float), ``s2o_sparse`` (bool): with ``--s2o``, the fraction of causal score blocks S2O
   visited over the request's whole prefill (the per-chunk densities S2O logs, weighted by causal query-key
@@ -21,7 +21,8 @@ Where the numbers come from, and how they travel (SGLang's customized-info seam,
    adds, for each request that finishes in this output batch, one ``{"sgl_slim": [numbers]}`` entry (nothing at
    all for batches where no request finishes, so the per-token path is untouched). Image / audio counts are
    read from the request's multimodal items (the tokenizer-side hooks shrank each placeholder run to K and left
-   the original N in ``model_specific_data``; the scheduler-side hooks return exactly K rows per run). S2O
+   the item's original token count under :data:`TOKENS_BEFORE_KEY` in ``model_specific_data``; the scheduler-side
+   hooks return exactly K rows per run). S2O
    densities come from :func:`record_s2o` (called by the S2O backend per request and forward, kept per rid
    until the request finishes; bounded). Draft counts are the request's own ``spec_verify_ct`` /
    ``spec_num_correct_drafts``.
@@ -57,6 +58,10 @@ S2O_DENSITY, S2O_SPARSE = feature("s2o").metric_fields
 VISION_KEPT, VISION_TOTAL = feature("idpruner").metric_fields
 AUDIO_KEPT, AUDIO_TOTAL = feature("samp").metric_fields
 DRAFT_PROPOSED, DRAFT_ACCEPTED = feature("eagle").metric_fields
+
+# model_specific_data key where a multimodal feature's tokenizer-side hook leaves the tokens an item had before it
+# shrank the item's placeholders (sgl_slim.integration.mm_hooks.mark_shrunk); absent: the item was not shrunk.
+TOKENS_BEFORE_KEY = "sgl_slim_tokens_before"
 
 _GET_STREAMER = "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class"
 _STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
@@ -162,36 +167,26 @@ def _runs(item) -> int:
     return sum(end - start + 1 for start, end in (item.offsets or []))
 
 
-def image_token_counts(items) -> tuple[int, int]:
-    """(kept, original) image tokens over a request's multimodal items (after IDPruner's tokenizer hook)."""
-    from sgl_slim.integration.idpruner_hooks import N_KEY  # noqa: PLC0415
-
+def _token_counts(items, counted) -> tuple[int, int]:
+    """(kept, original) tokens over the items for which ``counted(item)``: kept = their placeholders now."""
     kept = total = 0
     for item in items:
-        if not item.is_image():
+        if not counted(item):
             continue
         k = _runs(item)
         kept += k
-        total += int(item.model_specific_data.get(N_KEY, k))   # set only where the run was shrunk
+        total += int(item.model_specific_data.get(TOKENS_BEFORE_KEY, k))   # set only where the runs were shrunk
     return kept, total
+
+
+def image_token_counts(items) -> tuple[int, int]:
+    """(kept, original) image tokens over a request's multimodal items (after IDPruner's tokenizer hook)."""
+    return _token_counts(items, lambda item: item.is_image())
 
 
 def audio_token_counts(items) -> tuple[int, int]:
     """(kept, original) audio tokens over a request's multimodal items (after Samp's tokenizer hook)."""
-    from sgl_slim.integration.samp_hooks import KEEP_KEY  # noqa: PLC0415
-
-    kept = total = 0
-    for item in items:
-        if not item.is_audio():
-            continue
-        k = _runs(item)
-        kept += k
-        lens = getattr(item, "audio_feature_lens", None)
-        if KEEP_KEY in item.model_specific_data and lens is not None:
-            total += int(sum(int(n) for n in lens.reshape(-1).tolist()))
-        else:
-            total += k
-    return kept, total
+    return _token_counts(items, lambda item: item.is_audio())
 
 
 def request_numbers(req, cfg: SlimConfig, draft_tokens_per_verify: int | None) -> dict:

@@ -7,7 +7,8 @@ Two hooks, one per process, agreeing on one number per clip: ``SampConfig.keep_c
    item's ``offsets`` shift left). Each item records its clip lengths (``audio_feature_lens``, one per clip,
    which also fixes stock SGLang putting every clip's length on the first item only) and ``samp_keep`` (K per
    clip), and gets a hash that mixes in the Samp settings (``set_hash``), so the embedding cache and the radix
-   cache never mix compressed and uncompressed clips, nor two settings.
+   cache never mix compressed and uncompressed clips, nor two settings. The shrinking and the hash are shared
+   with IDPruner (:mod:`sgl_slim.integration.mm_hooks`).
 2. Scheduler process, AROUND on ``Qwen2AudioForConditionalGeneration.get_audio_feature``: a forward pre-hook on
    the audio tower's last layer captures that layer's input while the original runs (SGLang's encoder returns
    no attention maps); its attention statistics are recomputed from its own Q/K
@@ -25,12 +26,12 @@ Items without raw features (precomputed embeddings) are passed through.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import torch
 
 from sgl_slim.config import SampConfig, SlimConfig
+from sgl_slim.integration import mm_hooks
 from sgl_slim.integration.containment import (audio_token_lengths, contain, contain_output, evenly_spaced,
                                                prepare_audio_output)
 
@@ -42,32 +43,21 @@ _AUDIO_FEATURE = "sglang.srt.models.qwen2_audio.Qwen2AudioForConditionalGenerati
 HOOKED_SYMBOLS: list[str] = [
     _PROCESSOR,
     _AUDIO_FEATURE,
-    "sglang.srt.managers.schedule_batch.MultimodalDataItem.set_hash",
-    "sglang.srt.managers.schedule_batch.MultimodalProcessorOutput.build_padded_input_ids",
-    "sglang.srt.multimodal.cache.identity.resolve_multimodal_item_hash",
-    "sglang.srt.plugins.hook_registry.HookRegistry.register",
+    *mm_hooks.HOOKED_SYMBOLS,
 ]
 
 KEEP_KEY = "samp_keep"            # model_specific_data: K per clip (list[int]) set by the tokenizer-side hook
-_SAMP: SampConfig | None = None   # settings of this process, set once by install()
-_REGISTERED = False
+
+# this process's settings (HOOKS.cfg, a SampConfig) and both hooks
+HOOKS = mm_hooks.FeatureHooks("samp", lambda: [
+    (_PROCESSOR, _process_mm_data_around, "AROUND"),
+    (_AUDIO_FEATURE, _get_audio_feature_around, "AROUND"),
+])
 
 
 def install(cfg: SlimConfig) -> None:
     """Register both hooks (idempotent; safe in every SGLang process)."""
-    global _SAMP, _REGISTERED
-    _SAMP = cfg.samp
-    if _REGISTERED or not cfg.samp.enabled:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(_PROCESSOR, _process_mm_data_around, HookType.AROUND)
-    HookRegistry.register(_AUDIO_FEATURE, _get_audio_feature_around, HookType.AROUND)
-    _REGISTERED = True
-
-
-def _active(samp: SampConfig | None) -> bool:
-    return samp is not None and samp.enabled and samp.keep_ratio < 1.0
+    HOOKS.install(cfg)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -76,8 +66,7 @@ def _active(samp: SampConfig | None) -> bool:
 
 def settings_hash(base: int, samp: SampConfig) -> int:
     """64-bit hash of (item hash, Samp settings): a compressed clip never shares a cache entry with another."""
-    text = f"samp-v1|{base}|{samp.keep_ratio!r}|{samp.merge_threshold!r}".encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big")
+    return mm_hooks.hash_settings("samp-v1", base, repr(samp.keep_ratio), repr(samp.merge_threshold))
 
 
 def shrink_placeholders(out, samp: SampConfig):
@@ -90,65 +79,41 @@ def shrink_placeholders(out, samp: SampConfig):
     """
     if out is None or not out.mm_items or out.input_ids is None:
         return out
-    ids = list(out.input_ids)
-    runs = []                                             # (start, end, item, run index)
-    for item in out.mm_items:
-        for r, (start, end) in enumerate(item.offsets or []):
-            runs.append((start, end, item, r))
-    runs.sort(key=lambda run: run[0])
 
-    new_offsets: dict[int, list] = {id(item): list(item.offsets or []) for item in out.mm_items}
-    new_ids: list[int] = []
-    cursor, dropped = 0, 0
-    keeps: dict[int, list[int]] = {}
-    lens: dict[int, list[int]] = {}
-    for start, end, item, r in runs:
-        n = end - start + 1
-        compress = item.is_audio() and item.feature is not None
-        k = samp.keep_count(n) if compress and n >= 1 else n
-        new_ids += ids[cursor:start + k]
-        cursor = end + 1
-        new_offsets[id(item)][r] = (start - dropped, start - dropped + k - 1)
-        dropped += n - k
-        if compress:
-            keeps.setdefault(id(item), []).append(k)
-            lens.setdefault(id(item), []).append(n)
-    new_ids += ids[cursor:]
+    def compressed(item) -> bool:                        # raw audio (not precomputed embeddings)
+        return item.is_audio() and item.feature is not None
 
+    runs = mm_hooks.placeholder_runs(out, lambda item, n: samp.keep_count(n) if compressed(item) and n >= 1 else None)
+    mm_hooks.drop_placeholders(out, runs)
     for item in out.mm_items:
-        item.offsets = new_offsets[id(item)]
-        if id(item) not in keeps:
+        item_runs = [run for run in runs if run.item is item]
+        if not compressed(item) or not item_runs:
             continue
-        clip_lens, clip_keeps = lens[id(item)], keeps[id(item)]
+        run_lens, run_keeps = [run.n for run in item_runs], [run.keep for run in item_runs]
+        clip_lens, clip_keeps = run_lens, run_keeps
         mask = item.model_specific_data.get("feature_attention_mask")
         if mask is not None:
             # a clip too short for one token has length 0 and no placeholder run: keep 0 of 0
             clip_lens = audio_token_lengths(mask)
-            if [n for n in clip_lens if n > 0] != lens[id(item)]:
-                raise ValueError(f"Samp: audio placeholder runs {lens[id(item)]} disagree with the clip lengths "
+            if [n for n in clip_lens if n > 0] != run_lens:
+                raise ValueError(f"Samp: audio placeholder runs {run_lens} disagree with the clip lengths "
                                  f"{clip_lens} from feature_attention_mask")
-            run_keeps = iter(keeps[id(item)])
-            clip_keeps = [next(run_keeps) if n > 0 else 0 for n in clip_lens]
+            kept = iter(run_keeps)
+            clip_keeps = [next(kept) if n > 0 else 0 for n in clip_lens]
         item.audio_feature_lens = torch.tensor(clip_lens, dtype=torch.long)
         if clip_keeps == clip_lens:
             continue
         item.model_specific_data[KEEP_KEY] = clip_keeps
-        if item.hash is None:
-            from sglang.srt.multimodal.cache.identity import resolve_multimodal_item_hash
-            item.hash = resolve_multimodal_item_hash(feature=item.feature)
-        item.set_hash(settings_hash(item.hash, samp))
-    out.input_ids = new_ids
-    if out.padded_input_ids is not None:
-        from sglang.srt.managers.schedule_batch import MultimodalProcessorOutput
-        out.padded_input_ids = MultimodalProcessorOutput.build_padded_input_ids(new_ids, out.mm_items)
+        mm_hooks.mark_shrunk(item, sum(run_lens), lambda base: settings_hash(base, samp))
+    mm_hooks.rebuild_padded_input_ids(out)
     return out
 
 
 async def _process_mm_data_around(original, self, *args, **kwargs):
     out = prepare_audio_output(await original(self, *args, **kwargs))   # bad clips: 400 here
-    if _SAMP is None or not _SAMP.enabled:
+    if not HOOKS.on:
         return out
-    return contain_output("audio", out, lambda o: shrink_placeholders(o, _SAMP))
+    return contain_output("audio", out, lambda o: shrink_placeholders(o, HOOKS.cfg))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -226,7 +191,7 @@ def _compress_tokens(tokens, captured, items, keeps, layer, samp: SampConfig) ->
 
 
 def _get_audio_feature_around(original, self, items):
-    if not _active(_SAMP):
+    if not HOOKS.on or HOOKS.cfg.keep_ratio >= 1.0:     # keep ratio 1.0 is the identity
         return original(self, items)
     with torch.no_grad():
-        return compress_audio_feature(original, self, items, _SAMP)
+        return compress_audio_feature(original, self, items, HOOKS.cfg)

@@ -7,6 +7,7 @@ from torch import nn
 
 from sgl_slim.audio import attention_stats, layer_attention_probs, pool_stats, samp_compress_ref
 from sgl_slim.config import SampConfig
+from sgl_slim.integration.metrics import audio_token_counts
 from sgl_slim.integration.samp_hooks import (KEEP_KEY, audio_token_lengths, compress_audio_feature,
                                              settings_hash, shrink_placeholders)
 
@@ -57,6 +58,7 @@ def test_shrink_two_clips_and_an_image():
     assert a1.hash == settings_hash(111, samp) != 111 and img.hash == 222
     assert settings_hash(111, SampConfig(enabled=True, keep_ratio=0.4)) != a1.hash
     assert settings_hash(111, SampConfig(enabled=True, keep_ratio=0.6, merge_threshold=0.8)) != a1.hash
+    assert audio_token_counts([a1, img, a2]) == (6 + 3, 10 + 5)                     # what the request reports
 
 
 def test_shrink_refuses_runs_that_disagree_with_the_mask():

@@ -8,8 +8,8 @@ import torch
 
 from sgl_slim.config import IDPrunerConfig, S2OConfig, SampConfig, SlimConfig
 from sgl_slim.integration import metrics
-from sgl_slim.integration.idpruner_hooks import N_KEY
-from sgl_slim.integration.samp_hooks import KEEP_KEY
+
+BEFORE = metrics.TOKENS_BEFORE_KEY    # set by a feature's tokenizer hook on the items it shrank
 
 ALL_ON = SlimConfig(s2o=S2OConfig(enabled=True), idpruner=IDPrunerConfig(enabled=True),
                     samp=SampConfig(enabled=True))
@@ -71,9 +71,9 @@ def test_s2o_short_request_reports_dense_and_table_is_bounded(s2o_table):
 
 def test_image_and_audio_counts():
     items = [
-        Item("image", [(3, 10)], {N_KEY: 32}),        # pruned: 8 of 32
+        Item("image", [(3, 10)], {BEFORE: 32}),        # pruned: 8 of 32
         Item("image", [(20, 23)]),                     # not pruned (K == N): 4 of 4
-        Item("audio", [(30, 35), (40, 41)], {KEEP_KEY: [6, 2]}, audio_lens=[10, 4]),   # 8 of 14
+        Item("audio", [(30, 35), (40, 41)], {BEFORE: 14}, audio_lens=[10, 4]),   # 8 of 14
         Item("audio", [(50, 52)], audio_lens=[3]),     # keep ratio 1.0: 3 of 3
         Item("video", [(60, 99)]),                     # neither
     ]
@@ -83,7 +83,7 @@ def test_image_and_audio_counts():
 
 def test_request_numbers_only_the_fields_that_apply(s2o_table):
     metrics.record_s2o("v", 100, 100, 0.25, True)
-    req = Req("v", [Item("image", [(3, 10)], {N_KEY: 32})])
+    req = Req("v", [Item("image", [(3, 10)], {BEFORE: 32})])
     assert metrics.request_numbers(req, ALL_ON, None) == {
         "s2o_density": 0.25, "s2o_sparse": True, "vision_tokens_kept": 8, "vision_tokens_total": 32}
     only_samp = SlimConfig(samp=SampConfig(enabled=True))
@@ -126,9 +126,9 @@ def test_streamer_emits_once_per_finished_request(monkeypatch, s2o_table):
     streamer = cls()
     assert streamer.is_request_level_customized_info_key(metrics.KEY)
     assert not streamer.is_request_level_customized_info_key("other")
-    running = Req("run", [Item("image", [(0, 3)], {N_KEY: 16})], finished=False)
+    running = Req("run", [Item("image", [(0, 3)], {BEFORE: 16})], finished=False)
     assert streamer.build_additional_customized_info([running]) == {}   # nothing finished: nothing sent
-    done = Req("done", [Item("image", [(0, 3)], {N_KEY: 16})])
+    done = Req("done", [Item("image", [(0, 3)], {BEFORE: 16})])
     text = Req("text")
     out = streamer.build_additional_customized_info([running, done, text])
     assert out == {metrics.KEY: [[], [{"vision_tokens_kept": 4, "vision_tokens_total": 16}], []]}

@@ -13,6 +13,7 @@ from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem, Mul
 
 from sgl_slim.config import IDPrunerConfig  # noqa: E402
 from sgl_slim.integration import idpruner_hooks as hooks  # noqa: E402
+from sgl_slim.integration import metrics  # noqa: E402
 from sgl_slim.vision import idpruner_select  # noqa: E402
 
 PAD, TEXT = 151655, 7
@@ -55,6 +56,8 @@ def test_shrink_two_images_keeps_text_positions_and_offsets():
     assert int(out.mrope_position_delta) == 5 + 6 + 9
     assert torch.equal(out.mm_items[1].model_specific_data[hooks.POS_KEY], old_pos[:, 12:24])
     assert out.mm_items[0].model_specific_data[hooks.N_KEY] == 8
+    assert [it.model_specific_data[hooks.K_KEY] for it in out.mm_items] == [k0, k1]
+    assert metrics.image_token_counts(out.mm_items) == (k0 + k1, 8 + 12)     # what the request reports
 
 
 def test_hash_mixes_settings_and_is_deterministic():
@@ -80,7 +83,7 @@ def test_keep_ratio_one_changes_nothing():
 
 def test_get_image_feature_selects_per_item_and_positions_follow():
     cfg = IDPrunerConfig(enabled=True, keep_ratio=0.5)
-    hooks._CFG = cfg
+    hooks.HOOKS.cfg = cfg
     out = _output([(1, 6), (9, 10)], total=22)
     hooks.shrink_placeholders(out, cfg)
     items = out.mm_items
@@ -110,7 +113,7 @@ def test_get_image_feature_selects_per_item_and_positions_follow():
 
 def test_cache_hit_item_gets_keep_from_the_store():
     cfg = IDPrunerConfig(enabled=True, keep_ratio=0.5)
-    hooks._CFG = cfg
+    hooks.HOOKS.cfg = cfg
     a, b = _output([(0, 6)], total=8), _output([(2, 6)], total=10)   # same image, another offset
     for o in (a, b):
         hooks.shrink_placeholders(o, cfg)
@@ -141,7 +144,7 @@ def slim_log():
 
 def test_size_mismatch_keeps_the_unpruned_rows():
     cfg = IDPrunerConfig(enabled=True, keep_ratio=0.5)
-    hooks._CFG = cfg
+    hooks.HOOKS.cfg = cfg
     out = _output([(0, 6)], total=8)
     hooks.shrink_placeholders(out, cfg)
     model = types.SimpleNamespace(visual=types.SimpleNamespace(spatial_merge_size=2), config=types.SimpleNamespace())
