@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import shlex
 import signal
 import socket
@@ -114,11 +115,19 @@ def free_port(start: int = 0) -> int:
                 port += 1
 
 
+# What SGLang (or uvicorn under it) logs when a port it binds is taken: the server port, or one it derives.
+PORT_TAKEN = re.compile(r"address already in use|port is already in use|port\w* at \d+ is not available", re.I)
+
+
 class LaunchedServer:
     """A server in its own process group, stopped with it: ``python -m sgl_slim.launch ARGS --host 127.0.0.1
     --port P``, or with ``plain=True`` stock ``python -m sglang.launch_server ARGS`` with sgl_slim's plugin
     excluded (the baseline of comparisons; demo names are resolved and, without CUDA, the same CPU set-up as
-    the launcher's is applied)."""
+    the launcher's is applied).
+
+    The port is free when chosen, but another process may bind it before the server does: a server that exits
+    while starting because a port was taken (:data:`PORT_TAKEN` in its log) is started again, once, on a new
+    free port (``port`` and ``base_url`` follow)."""
 
     def __init__(self, args: str | list[str], port: int = 0, log_path: str | Path | None = None, *,
                  plain: bool = False, env: dict | None = None):
@@ -129,6 +138,8 @@ class LaunchedServer:
         self.log_path = Path(log_path) if log_path is not None else \
             Path(tempfile.mkstemp(prefix=f"sgl_slim_srv{self.port}_", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
+        self.port_retried = False          # started again on a new port after a port was taken
+        self._log_head = ""                # written at the top of the log before the server's own output
 
     @property
     def base_url(self) -> str:
@@ -151,6 +162,8 @@ class LaunchedServer:
     def start(self) -> "LaunchedServer":
         cmd = self.command()
         with self.log_path.open("w") as log:
+            log.write(self._log_head)
+            log.flush()
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
         return self
@@ -163,6 +176,9 @@ class LaunchedServer:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                if not self.port_retried and PORT_TAKEN.search(self.log()):
+                    self._restart_on_new_port()
+                    continue
                 tail = self.log_path.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"server `{shlex.join(self.proc.args)}` exited with {self.proc.returncode}:\n"
                                    f"{tail}")
@@ -175,6 +191,15 @@ class LaunchedServer:
         self.stop()
         raise TimeoutError(f"server `{shlex.join(self.proc.args)}` not ready after {timeout:.0f} s; log "
                            f"{self.log_path}:\n{self.log()[-3000:]}")
+
+    def _restart_on_new_port(self) -> None:
+        taken, first_log = self.port, self.log()
+        self.port_retried = True
+        self.port = free_port(0)
+        self._log_head = (f"[sgl_slim.bench] a port was taken while the server started on port {taken}; started "
+                          f"again on port {self.port}. The first attempt's log:\n{first_log}"
+                          f"[sgl_slim.bench] end of the first attempt's log\n")
+        self.start()
 
     def __enter__(self) -> "LaunchedServer":
         self.start()
