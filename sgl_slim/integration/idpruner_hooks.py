@@ -12,9 +12,9 @@ Three hooks (route proven in shared/SGLANG_NOTES.md), agreeing on K per image:
    settings (``set_hash``), so the radix and embedding caches never mix pruned and unpruned images. The
    shrinking and the hash are shared with Samp (:mod:`sgl_slim.integration.mm_hooks`).
 2. Scheduler, AFTER on ``<Model>.get_image_feature``: split the vision output per item (N = t*h*w / merge^2),
-   select the tokenizer's K rows with :func:`sgl_slim.vision.idpruner_select`, return only those. The LOCAL keep indices are
-   remembered per item hash (the embedding cache skips get_image_feature on a hit; a repeated image may sit
-   at another offset).
+   select the tokenizer's K rows with :func:`sgl_slim.vision.idpruner_select`, return only those. The LOCAL
+   keep indices are remembered per item hash (the embedding cache skips get_image_feature on a hit; a repeated
+   image may sit at another offset).
 3. Scheduler, AROUND on ``mm_utils.prepare_mm_inputs`` (runs right before the language model, on every
    prefill chunk): overwrite, in place, the positions of this chunk's kept slots in
    ``forward_batch.mrope_positions`` (the tensor the model reads) with the kept tokens' original positions.
@@ -54,7 +54,6 @@ HOOKED_SYMBOLS: list[str] = [
     *mm_hooks.HOOKED_SYMBOLS,
 ]
 
-# model_specific_data keys set by the tokenizer-side hook
 # model_specific_data keys set by the tokenizer-side hook on each image it shrank (N_KEY marks those images)
 N_KEY = "idpruner_n"                    # int: tokens the image has before pruning
 K_KEY = "idpruner_k"                    # int: tokens it keeps, keep_count(N)
