@@ -20,7 +20,7 @@ fi
 if ! (cd / && "$venv/bin/python" - "$root" <<'PY' 2>/dev/null); then
 import importlib.metadata as m, pathlib, sys, sgl_slim
 assert pathlib.Path(sgl_slim.__file__).resolve().parent.parent == pathlib.Path(sys.argv[1]).resolve()
-assert any(ep.name == "sgl_slim" for ep in m.entry_points(group="sglang.srt.plugins"))
+assert {"sgl_slim", "sgl_slim_gpu_standins"} <= {ep.name for ep in m.entry_points(group="sglang.srt.plugins")}
 assert m.version("sgl-slim") == [l.split('"')[1] for l in open(pathlib.Path(sys.argv[1]) / "pyproject.toml") if l.startswith("version")][0]
 PY
   "$venv/bin/pip" install --quiet --no-deps -e "$root" >&2

@@ -223,7 +223,7 @@ FEATURES: tuple[Feature, ...] = (
              "mean cosine similarity to join a cluster, >= -1 (> 1 disables merging)"),
     )),
     # the draft numbers are reported with any speculative decoding, --eagle-draft or SGLang's own flags
-    Feature("eagle", "eagle_cpu", EagleConfig, metric_fields=("draft_tokens_proposed", "draft_tokens_accepted"),
+    Feature("eagle", "eagle", EagleConfig, metric_fields=("draft_tokens_proposed", "draft_tokens_accepted"),
             flags=(
         Flag("--eagle-draft", "draft", str, "directory of an EAGLE-3 draft exported by sgl_slim.spec"),
         Flag("--eagle-steps", "steps", int, "draft steps per verification, >= 1"),
@@ -236,7 +236,7 @@ FEATURES: tuple[Feature, ...] = (
              "local path is refused with a 400"),
     )),
     Feature("containment", "containment", install=WHEN_LAUNCHED),    # per-request failures contained
-    Feature("cpu_parallel", "cpu_parallel", install=WHEN_LAUNCHED),  # --tp-size / --dp-size on the CPU
+    Feature("cpu_parallel", "standins.cpu_parallel", install=WHEN_LAUNCHED),  # --tp-size / --dp-size on the CPU
     Feature("metrics", "metrics", install=WITH_ANY_ON),             # the per-request numbers, for every feature
 )
 

@@ -29,7 +29,7 @@ from sgl_slim.config import FEATURES, ConfigError, Feature, Flag, SlimConfig
 logger = logging.getLogger("sgl_slim")
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "launch"
-SHIM_DIR = Path(__file__).resolve().parent / "_cpu_shim"
+SHIM_DIR = Path(__file__).resolve().parent / "standins" / "cpu_shim"
 DEFAULT_MODEL = "demo"
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 

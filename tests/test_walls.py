@@ -1,10 +1,11 @@
 """The walls between sgl_slim's parts: only ``sgl_slim.integration`` imports SGLang; benchmarks import no test
 module.
 
-Two checks, each able to fail on its own: the source of every module outside ``integration`` (and the CPU shim,
-which SGLang itself imports) has no ``import sglang`` / ``import sgl_kernel`` anywhere, lazy imports inside
-functions included; and importing every module of the algorithm packages and the launcher in a fresh
-interpreter leaves ``sglang`` out of ``sys.modules`` (so no indirect import sneaks it in either).
+Two checks, each able to fail on its own: the source of every module outside ``integration`` (the stand-ins'
+``common_ops`` shims included, which sgl_kernel's loader imports) has no ``import sglang`` / ``import sgl_kernel``
+anywhere, lazy imports inside functions included; and importing every module of the algorithm packages, the
+stand-ins and the launcher in a fresh interpreter leaves ``sglang`` out of ``sys.modules`` (so no indirect import
+sneaks it in either).
 """
 
 import ast
@@ -17,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sgl_slim"
-OUTSIDE_THE_WALL = {"integration", "_cpu_shim"}
+OUTSIDE_THE_WALL = {"integration"}
 ALGORITHM_PACKAGES = ["attention", "vision", "audio", "spec"]
 SGLANG_ROOTS = {"sglang", "sgl_kernel"}
 
@@ -77,7 +78,7 @@ def _sglang_modules_after_importing(modules: list[str]) -> dict:
 def imports_in_a_fresh_process():
     # one interpreter for all (torch's import dominates); the first module that pulls sglang in is the culprit
     return _sglang_modules_after_importing(["sgl_slim.launch", "sgl_slim.config", "sgl_slim.demo",
-                                            "sgl_slim.integration.server",
+                                            "sgl_slim.integration.server", "sgl_slim.standins",
                                             *(f"sgl_slim.{p}" for p in ALGORITHM_PACKAGES)])
 
 
@@ -93,6 +94,13 @@ def test_importing_the_launcher_leaves_sglang_out(imports_in_a_fresh_process):
     # module imports sglang only when it is called
     got = imports_in_a_fresh_process["sgl_slim.integration.server"]
     assert got["sglang"] == [], f"importing the launcher pulled in {got['sglang'][:10]}"
+
+
+def test_importing_the_standins_leaves_sglang_out(imports_in_a_fresh_process):
+    # the launcher decides the GPU stand-in mode and sets its environment before sglang is first imported
+    got = imports_in_a_fresh_process["sgl_slim.standins"]
+    assert "sgl_slim.standins.gpu_ops" in got["imported"], got["imported"]
+    assert got["sglang"] == [], f"importing sgl_slim.standins pulled in {got['sglang'][:10]}"
 
 
 def test_the_import_check_sees_sglang():

@@ -2,8 +2,9 @@
 
 ``sgl_slim.launch`` turns argv into a validated :class:`~sgl_slim.config.SlimConfig` and SGLang's argv, and
 prepares the process (CPU mode, demo models, the configuration in the environment). Everything from there on
-needs sglang, so it lives here: loading the plugins, SGLang's argument parser with each enabled feature's
-``adjust_server_args``, the CPU rank binding, ``run_server`` and the process-tree clean-up.
+needs sglang, so it lives here: the GPU stand-in mode where sgl_kernel's library is missing, loading the
+plugins, SGLang's argument parser with each enabled feature's ``adjust_server_args``, the CPU rank binding,
+``run_server`` and the process-tree clean-up.
 
 The SGLang symbols used here are in :data:`sgl_slim.integration.symbols.CORE_SYMBOLS`.
 """
@@ -16,6 +17,7 @@ import os
 
 from sgl_slim.config import ConfigError, SlimConfig
 from sgl_slim.launch import add_slim_arguments, cpu_thread_binding
+from sgl_slim.standins import gpu as gpu_standins
 
 logger = logging.getLogger("sgl_slim")
 
@@ -59,8 +61,21 @@ def install_plugins() -> None:
     HookRegistry.apply_hooks()
 
 
+def prepare_gpu_standins(sglang_argv: list[str], *, cpu: bool) -> list[str]:
+    """On a GPU host whose sgl_kernel has no compiled library, the GPU stand-in mode (sgl_slim/standins/gpu.py):
+    environment for this process and SGLang's, and SGLang's flags for it where the user set none. Must run
+    before sglang is imported; returns SGLang's argv."""
+    if cpu or not gpu_standins.compiled_sgl_kernel_missing():
+        return sglang_argv
+    gpu_standins.enable_gpu_standins()
+    logger.info("sgl_slim: sgl_kernel has no compiled library here: GPU stand-in mode (plain-torch sgl_kernel "
+                "ops, Triton attention, no CUDA graphs where not set otherwise)")
+    return gpu_standins.apply_gpu_defaults(sglang_argv)
+
+
 def serve(cfg: SlimConfig, sglang_argv: list[str], *, cpu: bool) -> None:
     """Run SGLang's server until it exits, then end every process it started."""
+    sglang_argv = prepare_gpu_standins(sglang_argv, cpu=cpu)
     install_plugins()
     server_args = build_server_args(cfg, sglang_argv, cpu=cpu)
     world = server_args.tp_size * server_args.dp_size * server_args.pp_size

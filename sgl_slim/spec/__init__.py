@@ -15,8 +15,8 @@ Public API:
 Training and the demo target are command lines (``python -m sgl_slim.spec.train``, ``python -m
 sgl_slim.spec.target_lm``) and stay out of this namespace: import ``sgl_slim.spec.train.train_draft`` /
 ``ensure_eagle_draft`` and ``sgl_slim.spec.target_lm.ensure_eagle_target`` from their modules.
-``sgl_slim.spec.cpu_ops`` holds the pure-torch ports of SGLang's speculative kernels that its CPU engine needs
-(registered by ``sgl_slim.integration.eagle_cpu``).
+The pure-torch ports of SGLang's speculative kernels that its CPU engine needs are stand-ins, in
+``sgl_slim.standins.spec_ops`` (registered by ``sgl_slim.integration.eagle``).
 """
 
 from sgl_slim.spec.decode import speculative_greedy

@@ -1,4 +1,4 @@
-"""sgl_slim.integration.cpu_parallel: the hook turns PyNccl off for CPU process groups, whichever way SGLang
+"""sgl_slim.integration.standins.cpu_parallel: the hook turns PyNccl off for CPU process groups, whichever way SGLang
 passes the argument, and leaves every other argument alone."""
 
 import inspect
@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from sgl_slim.integration.cpu_parallel import no_pynccl  # noqa: E402
+from sgl_slim.integration.standins.cpu_parallel import no_pynccl  # noqa: E402
 
 
 def test_use_pynccl_is_the_fourth_parameter_of_sglangs_function():

@@ -25,8 +25,9 @@ def test_every_hooked_symbol_resolves():
             "        try: resolve(s)\n"
             "        except Exception as e: missing.append(f'{owner}: {s}: {type(e).__name__}: {e}')\n"
             "print(json.dumps(missing))")
+    shim = ROOT / "sgl_slim" / "standins" / "cpu_shim"
     env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "sgl_slim" / "_cpu_shim"), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json

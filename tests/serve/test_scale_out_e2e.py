@@ -3,7 +3,7 @@
 
 Needs sgl_slim's two CPU fixes (stock SGLang 0.5.23 cannot start either on this machine): the launcher's
 per-rank core split (SGLANG_CPU_OMP_THREADS_BIND; SGLang refuses more ranks than NUMA nodes) and
-sgl_slim.integration.cpu_parallel (no PyNccl communicator on the CPU engine)."""
+sgl_slim.integration.standins.cpu_parallel (no PyNccl communicator on the CPU engine)."""
 
 import pytest
 

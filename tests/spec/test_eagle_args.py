@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sgl_slim.config import ConfigError, EagleConfig, SlimConfig
-from sgl_slim.integration import eagle_cpu
+from sgl_slim.integration import eagle
 from sgl_slim.spec.draft import DraftConfig, Eagle3Draft
 from sgl_slim.spec.export import export_eagle3
 from sgl_slim.spec.textlm import TextConfig
@@ -49,35 +49,35 @@ def cfg_for(ddir, steps=3, tokens=4):
 def test_flags_map_to_sglang_eagle3(tmp_path, cpu):
     tdir, ddir = make_pair(tmp_path)
     args = server_args(tdir)
-    eagle_cpu.adjust_server_args(cfg_for(ddir, 5, 6), args, cpu=cpu)
+    eagle.adjust_server_args(cfg_for(ddir, 5, 6), args, cpu=cpu)
     assert (args.speculative_algorithm, args.speculative_draft_model_path, args.speculative_num_steps,
             args.speculative_eagle_topk, args.speculative_num_draft_tokens) == ("EAGLE3", str(ddir), 5, 1, 6)
 
 
 def test_disabled_changes_nothing(tmp_path):
     args = server_args(tmp_path)
-    eagle_cpu.adjust_server_args(SlimConfig(), args, cpu=True)
+    eagle.adjust_server_args(SlimConfig(), args, cpu=True)
     assert args.speculative_algorithm is None
 
 
 def test_conflicting_user_flag_is_an_error(tmp_path):
     tdir, ddir = make_pair(tmp_path)
     with pytest.raises(ConfigError, match=r"--eagle-draft: conflicts with --speculative-eagle-topk 4"):
-        eagle_cpu.adjust_server_args(cfg_for(ddir), server_args(tdir, speculative_eagle_topk=4), cpu=True)
+        eagle.adjust_server_args(cfg_for(ddir), server_args(tdir, speculative_eagle_topk=4), cpu=True)
     same = server_args(tdir, speculative_algorithm="EAGLE3", speculative_num_steps=3)
-    eagle_cpu.adjust_server_args(cfg_for(ddir), same, cpu=True)          # equal values are fine
+    eagle.adjust_server_args(cfg_for(ddir), same, cpu=True)          # equal values are fine
     assert same.speculative_num_draft_tokens == 4
 
 
 def test_draft_tokens_must_be_steps_plus_one(tmp_path):
     tdir, ddir = make_pair(tmp_path)
     with pytest.raises(ConfigError, match="--eagle-draft-tokens: .*use --eagle-draft-tokens 4"):
-        eagle_cpu.adjust_server_args(cfg_for(ddir, 3, 6), server_args(tdir), cpu=False)
+        eagle.adjust_server_args(cfg_for(ddir, 3, 6), server_args(tdir), cpu=False)
 
 
 def test_fitting_draft_passes(tmp_path):
     tdir, ddir = make_pair(tmp_path)
-    eagle_cpu.check_draft_fits(ddir, tdir)
+    eagle.check_draft_fits(ddir, tdir)
 
 
 @pytest.mark.parametrize("kind, message", [
@@ -89,18 +89,18 @@ def test_incompatible_draft_is_named(tmp_path, kind, message):
     kw = {"vocab": dict(draft_full_vocab=100), "hidden": dict(draft_hidden=48), "layers": dict(layers=(0, 1, 3))}
     tdir, ddir = make_pair(tmp_path, **kw[kind])
     with pytest.raises(ConfigError, match="--eagle-draft: draft .* does not fit target .*" + message):
-        eagle_cpu.adjust_server_args(cfg_for(ddir), server_args(tdir), cpu=True)
+        eagle.adjust_server_args(cfg_for(ddir), server_args(tdir), cpu=True)
 
 
 def test_not_an_eagle3_checkpoint(tmp_path):
     tdir, ddir = make_pair(tmp_path)
     (ddir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ConfigError, match="is not an EAGLE-3 draft"):
-        eagle_cpu.check_draft_fits(ddir, tdir)
+        eagle.check_draft_fits(ddir, tdir)
 
 
 def test_draft_tokens_default_to_steps_plus_one(tmp_path):
     tdir, ddir = make_pair(tmp_path)
     args = server_args(tdir)
-    eagle_cpu.adjust_server_args(SlimConfig(eagle=EagleConfig(draft=str(ddir), steps=5)).validate(), args, cpu=True)
+    eagle.adjust_server_args(SlimConfig(eagle=EagleConfig(draft=str(ddir), steps=5)).validate(), args, cpu=True)
     assert (args.speculative_num_steps, args.speculative_num_draft_tokens) == (5, 6)

@@ -2,7 +2,7 @@
 
 SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) imports these from ``sgl_kernel``, whose PyPI wheel is
 CUDA-only; its loader falls back to ``import common_ops``. sgl_slim ships a ``common_ops`` module
-(``sgl_slim/_cpu_shim/common_ops.py``, put on the path by the launcher in CPU mode only) that calls
+(``sgl_slim/standins/cpu_shim/common_ops.py``, put on the path by the launcher in CPU mode only) that calls
 :func:`register`. Each op below is the plain-loop meaning of SGLang's own Triton kernel of the same name.
 
 Deliberately NOT defined: ops SGLang probes with ``hasattr`` to detect Intel AMX or fused CPU kernels
@@ -16,8 +16,7 @@ import ctypes
 
 import torch
 
-NAMESPACE = "sgl_kernel"
-_LIB: torch.library.Library | None = None
+from sgl_slim.standins import define_ops
 
 AMX_PROBES = ("convert_weight_packed", "fused_qk_norm_rope_cpu", "fused_qk_norm_cpu", "shm_group_initialize")
 
@@ -100,22 +99,6 @@ _OPS = {
         "(Tensor mixed_qkvz, Tensor mixed_ba, int num_heads_qk, int num_heads_v, int head_qk, int head_v)"
         " -> (Tensor, Tensor, Tensor, Tensor)", _unsupported("fused_qkvzba_split_reshape_cat_contiguous_cpu")),
 }
-
-
-def define_ops(ops: dict) -> list[str]:
-    """Define ``{name: (schema, fn)}`` under ``torch.ops.sgl_kernel``, skipping names already there
-    (idempotent). Returns the names defined by this call. Shared by every sgl_slim module that adds CPU ops."""
-    global _LIB
-    added = []
-    for name, (schema, fn) in ops.items():
-        if hasattr(torch.ops.sgl_kernel, name):
-            continue
-        if _LIB is None:
-            _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
-        _LIB.define(name + schema)
-        _LIB.impl(name, fn, "CompositeExplicitAutograd")
-        added.append(name)
-    return added
 
 
 def register() -> list[str]:

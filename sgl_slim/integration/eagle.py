@@ -5,7 +5,7 @@ On a GPU this module only maps sgl_slim's flags onto SGLang's (:func:`adjust_ser
 torch_native") and lacks the speculative ``sgl_kernel`` CPU ops; :func:`install` supplies the missing pieces,
 no SGLang file changed:
 
-1. pure-torch ``torch.ops.sgl_kernel.*_cpu`` ops, ports of SGLang's Triton kernels (``sgl_slim.spec.cpu_ops``);
+1. pure-torch ``torch.ops.sgl_kernel.*_cpu`` ops, ports of SGLang's Triton kernels (``sgl_slim.standins.spec_ops``);
 2. AROUND hooks on ``DraftBackendFactory.create_decode_backend`` / ``create_draft_extend_backend``: for
    ``torch_native`` they return a multi-step torch_native draft backend (draft step i attends to
    ``seq_lens + i + 1`` tokens) and a plain ``TorchNativeAttnBackend``;
@@ -145,9 +145,9 @@ def install(cfg: SlimConfig) -> None:
     _INSTALLED = True
     if not is_cpu():
         return
-    from sgl_slim.spec import cpu_ops  # noqa: PLC0415
+    from sgl_slim.standins import spec_ops  # noqa: PLC0415
 
-    cpu_ops.register()
+    spec_ops.register()
     factory = "sglang.srt.speculative.draft_utils.DraftBackendFactory"
     HookRegistry.register(f"{factory}.create_decode_backend", _create_decode_backend, HookType.AROUND)
     HookRegistry.register(f"{factory}.create_draft_extend_backend", _create_draft_extend_backend, HookType.AROUND)
@@ -167,7 +167,7 @@ def _create_decode_backend(original, self):
     if (self.speculative_num_steps <= 1 or self.qsa_profile is not None
             or _configured_backend(self, phase) != "torch_native"):
         return original(self)
-    from sgl_slim.integration._eagle_cpu_backends import TorchNativeMultiStepDraftBackend  # noqa: PLC0415
+    from sgl_slim.integration.standins.eagle_backends import TorchNativeMultiStepDraftBackend  # noqa: PLC0415
 
     return self._create_backend(
         phase,
@@ -203,6 +203,6 @@ def _create_draft_extend_backend(original, self):
 def _forward_extend(original, self, q, k, v, layer, forward_batch, save_kv_cache=True):
     if not forward_batch.forward_mode.is_target_verify():
         return original(self, q, k, v, layer, forward_batch, save_kv_cache)
-    from sgl_slim.integration._eagle_cpu_backends import forward_target_verify  # noqa: PLC0415
+    from sgl_slim.integration.standins.eagle_backends import forward_target_verify  # noqa: PLC0415
 
     return forward_target_verify(self, q, k, v, layer, forward_batch, save_kv_cache)

@@ -12,7 +12,8 @@ loop iteration, quirks included:
 - ``fill_accept_out_cache_loc``           kernels/ops/speculative/eagle.py      (tree drafts, topk > 1)
 
 Integer tensors are small (one row per request); the loops run on Python ints.
-No sglang import: :func:`register` defines the ops through ``sgl_slim.cpu_ops.define_ops`` (a ``sgl_kernel`` FRAGMENT library).
+No sglang import: :func:`register` defines the ops through ``sgl_slim.standins.define_ops`` (a ``sgl_kernel``
+FRAGMENT library).
 """
 
 from __future__ import annotations
@@ -195,6 +196,6 @@ OP_NAMES = tuple(_OPS)
 
 def register() -> list[str]:
     """Define the ops under ``torch.ops.sgl_kernel`` unless already there (idempotent); returns those added."""
-    from sgl_slim.cpu_ops import define_ops  # noqa: PLC0415 (one registration helper for all CPU ops)
+    from sgl_slim.standins import define_ops  # noqa: PLC0415 (one registration helper for all stand-ins)
 
     return define_ops(_OPS)

@@ -2,7 +2,7 @@
 
 import torch
 
-from sgl_slim import cpu_ops
+from sgl_slim.standins import cpu_ops
 
 
 def setup_module():

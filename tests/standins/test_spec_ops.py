@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sgl_slim.spec import cpu_ops
+from sgl_slim.standins import spec_ops
 
 HERE = Path(__file__).resolve().parent
 
@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 def chain_tree_inputs(seq_lens, steps, mode):
     bs, n = len(seq_lens), steps + 1
     seq = torch.tensor(seq_lens, dtype=torch.long)
-    mask_len = n * n * bs if mode == cpu_ops.QLEN_ONLY else sum(seq_lens) * n + n * n * bs
+    mask_len = n * n * bs if mode == spec_ops.QLEN_ONLY else sum(seq_lens) * n + n * n * bs
     return dict(
         parent_list=torch.arange(-1, steps - 1, dtype=torch.long).repeat(bs, 1),     # SGLang's topk=1 prealloc
         selected_index=torch.arange(steps, dtype=torch.long).repeat(bs, 1),
@@ -30,19 +30,19 @@ def chain_tree_inputs(seq_lens, steps, mode):
 
 
 def run_tree(c):
-    cpu_ops.build_tree_kernel_efficient(*[c[k] for k in (
+    spec_ops.build_tree_kernel_efficient(*[c[k] for k in (
         "parent_list", "selected_index", "verified_seq_len", "tree_mask", "positions", "retrive_index",
         "retrive_next_token", "retrive_next_sibling", "topk", "depth", "draft_token_num", "tree_mask_mode")])
 
 
 def run_verify(c):
-    cpu_ops.verify_tree_greedy(*[c[k] for k in (
+    spec_ops.verify_tree_greedy(*[c[k] for k in (
         "predicts", "accept_index", "accept_token_num", "candidates", "retrive_index", "retrive_next_token",
         "retrive_next_sibling", "target_predict")])
 
 
 def test_chain_tree_is_a_causal_chain():
-    c = chain_tree_inputs([5, 9], steps=3, mode=cpu_ops.QLEN_ONLY)
+    c = chain_tree_inputs([5, 9], steps=3, mode=spec_ops.QLEN_ONLY)
     run_tree(c)
     n = 4
     assert c["retrive_index"].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -54,7 +54,7 @@ def test_chain_tree_is_a_causal_chain():
 
 
 def test_chain_full_mask_layout():
-    c = chain_tree_inputs([3, 2], steps=2, mode=cpu_ops.FULL_MASK)
+    c = chain_tree_inputs([3, 2], steps=2, mode=spec_ops.FULL_MASK)
     run_tree(c)
     n = 3
     first = c["tree_mask"][: 3 * (3 + n)].view(n, 3 + n)               # request 0: rows of seq_len + n columns
@@ -71,7 +71,7 @@ def test_verify_greedy_accepts_the_matching_prefix(accepted):
     drafts = [11, 12, 13]
     if accepted < 3:
         drafts[accepted] = 99
-    c = chain_tree_inputs([7], steps=3, mode=cpu_ops.QLEN_ONLY)
+    c = chain_tree_inputs([7], steps=3, mode=spec_ops.QLEN_ONLY)
     run_tree(c)
     v = dict(predicts=torch.full((n,), -5, dtype=torch.long), accept_index=torch.full((1, n), -1, dtype=torch.long),
              accept_token_num=torch.zeros(1, dtype=torch.long), candidates=torch.tensor([[10] + drafts]),
@@ -88,25 +88,25 @@ def test_verify_greedy_accepts_the_matching_prefix(accepted):
 def test_small_ops_plain_meaning():
     req_to_token = torch.arange(40, dtype=torch.int32).view(4, 10) + 100
     out = torch.zeros(6, dtype=torch.long)
-    cpu_ops.assign_draft_cache_locs_contiguous(torch.tensor([2, 0]), req_to_token, torch.tensor([3, 7]), out,
+    spec_ops.assign_draft_cache_locs_contiguous(torch.tensor([2, 0]), req_to_token, torch.tensor([3, 7]), out,
                                                10, 1, 3)
     assert out.tolist() == [123, 124, 125, 107, 108, 109]
     out = torch.zeros(5, dtype=torch.long)
-    cpu_ops.assign_extend_cache_locs(torch.tensor([1, 3]), req_to_token, torch.tensor([2, 8]),
+    spec_ops.assign_extend_cache_locs(torch.tensor([1, 3]), req_to_token, torch.tensor([2, 8]),
                                      torch.tensor([5, 10]), out, 10)
     assert out.tolist() == [112, 113, 114, 138, 139]
     bonus = torch.zeros(2, dtype=torch.long)
-    cpu_ops.fill_bonus_tokens(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([2, 3]), bonus, 3)
+    spec_ops.fill_bonus_tokens(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([2, 3]), bonus, 3)
     assert bonus.tolist() == [2, 6]
     acc = torch.zeros(3, dtype=torch.long)
-    cpu_ops.fill_accept_out_cache_loc(torch.tensor([0, -1, 2, 3, -1]), torch.tensor([50, 51, 52, 53, 54]), acc)
+    spec_ops.fill_accept_out_cache_loc(torch.tensor([0, -1, 2, 3, -1]), torch.tensor([50, 51, 52, 53, 54]), acc)
     assert acc.tolist() == [50, 52, 53]
 
 
 def test_ops_register_under_sgl_kernel():
-    cpu_ops.register()
-    cpu_ops.register()                                   # idempotent
-    for name in cpu_ops.OP_NAMES:
+    spec_ops.register()
+    spec_ops.register()                                   # idempotent
+    for name in spec_ops.OP_NAMES:
         assert hasattr(torch.ops.sgl_kernel, name), name
     out = torch.zeros(3, dtype=torch.long)
     torch.ops.sgl_kernel.assign_draft_cache_locs_contiguous_cpu(
@@ -117,7 +117,7 @@ def test_ops_register_under_sgl_kernel():
 def _random_cases(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     cases = {}
-    for mode in (cpu_ops.FULL_MASK, cpu_ops.QLEN_ONLY):
+    for mode in (spec_ops.FULL_MASK, spec_ops.QLEN_ONLY):
         cases[f"chain{mode}"] = dict(chain_tree_inputs([6, 3, 11], steps=4, mode=mode), kind="tree")
         # tree drafts: topk 2, 3 steps, 6 verified tokens; parents/selection drawn within range
         bs, topk, depth, n = 3, 2, 3, 6
@@ -125,7 +125,7 @@ def _random_cases(seed: int) -> dict:
         seq = torch.randint(2, 9, (bs,), generator=g)
         sel = torch.stack([torch.randperm(topk * width, generator=g)[: n - 1].sort().values for _ in range(bs)])
         par = torch.cat([torch.full((bs, 1), -1), torch.randint(0, topk * width, (bs, width - 1), generator=g)], 1)
-        mask_len = n * n * bs if mode == cpu_ops.QLEN_ONLY else int(seq.sum()) * n + n * n * bs
+        mask_len = n * n * bs if mode == spec_ops.QLEN_ONLY else int(seq.sum()) * n + n * n * bs
         cases[f"tree{mode}"] = dict(
             kind="tree", parent_list=par, selected_index=sel, verified_seq_len=seq,
             tree_mask=torch.ones(mask_len, dtype=torch.bool), positions=torch.empty(bs * n, dtype=torch.long),
@@ -134,7 +134,7 @@ def _random_cases(seed: int) -> dict:
             retrive_next_sibling=torch.full((bs, n), -1, dtype=torch.long),
             topk=topk, depth=depth, draft_token_num=n, tree_mask_mode=mode)
     # verification over a real tree built by the CPU op (the tree op is checked separately above)
-    t = dict(cases[f"tree{cpu_ops.QLEN_ONLY}"])
+    t = dict(cases[f"tree{spec_ops.QLEN_ONLY}"])
     t = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in t.items()}
     run_tree(t)
     bs, n = t["retrive_index"].shape
@@ -169,16 +169,16 @@ def _run_cpu(case: dict) -> dict:
     elif kind == "verify":
         run_verify(c)
     elif kind == "draft_locs":
-        cpu_ops.assign_draft_cache_locs_contiguous(c["req_pool_indices"], c["req_to_token"], c["seq_lens"],
+        spec_ops.assign_draft_cache_locs_contiguous(c["req_pool_indices"], c["req_to_token"], c["seq_lens"],
                                                    c["out_cache_loc"], c["req_to_token"].shape[1], c["topk"],
                                                    c["num_steps"])
     elif kind == "extend_locs":
-        cpu_ops.assign_extend_cache_locs(c["req_pool_indices"], c["req_to_token"], c["start_offset"],
+        spec_ops.assign_extend_cache_locs(c["req_pool_indices"], c["req_to_token"], c["start_offset"],
                                          c["end_offset"], c["out_cache_loc"], c["req_to_token"].shape[1])
     elif kind == "bonus":
-        cpu_ops.fill_bonus_tokens(c["accept_tokens"], c["accept_lens"], c["bonus_tokens"], c["accept_stride"])
+        spec_ops.fill_bonus_tokens(c["accept_tokens"], c["accept_lens"], c["bonus_tokens"], c["accept_stride"])
     elif kind == "accept_locs":
-        cpu_ops.fill_accept_out_cache_loc(c["accept_index"], c["out_cache_loc"], c["accept_out_cache_loc"])
+        spec_ops.fill_accept_out_cache_loc(c["accept_index"], c["out_cache_loc"], c["accept_out_cache_loc"])
     return c
 
 

@@ -1,4 +1,5 @@
-"""torch_native attention pieces for SGLang's EAGLE worker on a CPU (imported lazily by ``eagle_cpu``)."""
+"""torch_native attention pieces for SGLang's EAGLE worker on a CPU (imported lazily by
+``sgl_slim.integration.eagle``)."""
 
 from __future__ import annotations
 
