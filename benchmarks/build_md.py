@@ -7,7 +7,7 @@
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ["s2o", "testbed", "idpruner", "samp", "eagle", "serving"]
+SECTIONS = ["s2o", "serving_gpu", "testbed", "idpruner", "samp", "eagle", "serving"]
 
 
 def _title(path: Path) -> str:
