@@ -123,7 +123,8 @@ class LaunchedServer:
     """A server in its own process group, stopped with it: ``python -m sgl_slim.launch ARGS --host 127.0.0.1
     --port P``, or with ``plain=True`` stock ``python -m sglang.launch_server ARGS`` with sgl_slim's plugin
     excluded (the baseline of comparisons; demo names are resolved and, without CUDA, the same CPU set-up as
-    the launcher's is applied).
+    the launcher's is applied; on a GPU host without sgl_kernel's compiled library, the launcher's GPU
+    stand-ins, sgl_slim/standins/gpu.py).
 
     The port is free when chosen, but another process may bind it before the server does: a server that exits
     while starting because a port was taken (:data:`PORT_TAKEN` in its log) is started again, once, on a new
@@ -151,12 +152,19 @@ class LaunchedServer:
         if not self.plain:
             return [sys.executable, "-m", "sgl_slim.launch", *self.args, *common]
         from sgl_slim import launch  # noqa: PLC0415
+        from sgl_slim.standins import gpu as gpu_standins  # noqa: PLC0415
 
         args = launch.resolve_model(self.args)
         self.env["SGLANG_PLUGINS"] = "none-but-sglang"    # an allow-list naming no plugin: plain SGLang
         if not launch.cuda_available():
             launch.enable_cpu_mode(self.env)
             args = launch.apply_cpu_defaults(args)
+        elif gpu_standins.compiled_sgl_kernel_missing():
+            # a GPU host without sgl_kernel's library: the launcher's stand-ins, and of sgl_slim's plugins only the
+            # one that guards SGLang's dual GEMM against the missing cutlass (it changes no output)
+            gpu_standins.enable_gpu_standins(self.env)
+            self.env["SGLANG_PLUGINS"] = gpu_standins.PLUGIN_NAME
+            args = gpu_standins.apply_gpu_defaults(args)
         return [sys.executable, "-m", "sglang.launch_server", *args, *common]
 
     def start(self) -> "LaunchedServer":

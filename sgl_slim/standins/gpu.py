@@ -23,6 +23,7 @@ from pathlib import Path
 
 SHIM_DIR = Path(__file__).resolve().parent / "gpu_shim"
 MODE_VAR = "SGLSLIM_GPU_STANDINS"
+PLUGIN_NAME = "sgl_slim_gpu_standins"   # its SGLang plugin entry point (pyproject.toml)
 
 ENV = {
     "SGLANG_IS_FLASHINFER_AVAILABLE": "false",          # no flashinfer package / JIT on such a host

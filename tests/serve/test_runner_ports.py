@@ -1,6 +1,7 @@
 """sgl_slim.bench.runner.LaunchedServer when its port is taken between choosing it and binding it: started again,
 once, on a new port. A few-line HTTP server stands in for SGLang (it binds the port or dies the way uvicorn does)."""
 
+import os
 import socket
 import sys
 
@@ -71,3 +72,22 @@ def test_a_server_that_fails_for_another_reason_is_not_retried():
         with srv:
             pass
     assert len(srv.starts) == 1 and not srv.port_retried
+
+
+def test_plain_server_on_a_gpu_host_without_sgl_kernel_library_gets_the_standins(monkeypatch):
+    from sgl_slim import launch
+    from sgl_slim.standins import gpu
+
+    monkeypatch.setattr(launch, "cuda_available", lambda: True)
+    monkeypatch.setattr(gpu, "compiled_sgl_kernel_missing", lambda: True)
+    server = LaunchedServer(["--model-path", "/models/m"], plain=True, env={"PYTHONPATH": "/x"})
+    cmd = server.command()
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    assert server.env[gpu.MODE_VAR] == "1" and server.env["SGLANG_PLUGINS"] == gpu.PLUGIN_NAME
+    assert server.env["PYTHONPATH"].split(os.pathsep)[0] == str(gpu.SHIM_DIR)
+    assert cmd[cmd.index("--attention-backend") + 1] == "triton"
+    monkeypatch.setattr(gpu, "compiled_sgl_kernel_missing", lambda: False)   # a normal GPU install: untouched
+    server = LaunchedServer(["--model-path", "/models/m"], plain=True)
+    cmd = server.command()
+    assert gpu.MODE_VAR not in server.env and "--attention-backend" not in cmd
+    assert server.env["SGLANG_PLUGINS"] == "none-but-sglang"
