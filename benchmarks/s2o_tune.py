@@ -1,6 +1,6 @@
 """S2O kernel tuning on the GPU: launch configurations (num_warps, num_stages, early-stop chunk) and the
 contiguous vs paged K/V path on the same inputs, in one process.  (The tuning runs of 2026-11-29 also ran
-the previous kernel, since removed, as "impl v1": results/s2o_tune_run1.jsonl, s2o_tune_run2.jsonl.)
+the previous kernel, since removed, as "impl v1": results/archive/s2o_tune_run1.jsonl, s2o_tune_run2.jsonl.)
 
     python -m benchmarks.s2o_tune --lengths 32768,131072 --out benchmarks/results
 
