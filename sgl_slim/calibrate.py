@@ -91,13 +91,11 @@ def calibrate(model, prompts: list[torch.Tensor], *, model_name: str, error_budg
               block_size: int | None = None, segment_size: int | None = None, taus=LADDER):
     """-> (S2OCalibration, summary dict)."""
     from sgl_slim.attention.calibration import S2OCalibration  # noqa: PLC0415
-    from sgl_slim.testbed.attn import s2o_defaults, s2o_has_variants  # noqa: PLC0415
+    from sgl_slim.testbed.attn import s2o_defaults  # noqa: PLC0415
     from sgl_slim.testbed.dump import capture_qkv  # noqa: PLC0415
 
     bs, ss = s2o_defaults()
     block_size, segment_size = block_size or bs, segment_size or ss
-    if not s2o_has_variants():
-        variant = "v1"
     errs, denss = [], []
     for ids in prompts:
         qkv = capture_qkv(model, ids)

@@ -50,12 +50,6 @@ def s2o_defaults() -> tuple[int, int]:
     return p["block_size"].default, p["segment_size"].default
 
 
-def s2o_has_variants() -> bool:
-    from sgl_slim.attention import s2o_attention  # noqa: PLC0415
-
-    return "variant" in inspect.signature(s2o_attention).parameters
-
-
 def parse_method(text: str, *, block_size: int | None = None, segment_size: int | None = None) -> Method:
     """Parse a method string (module doc); ValueError names the string and what is wrong."""
     bs, ss = s2o_defaults()
@@ -120,7 +114,7 @@ def _dense(q, k, v, scale):
 def _s2o(q, k, v, *, tau, variant, block_size, segment_size, scale):
     from sgl_slim.attention import s2o_attention  # noqa: PLC0415
 
-    kw = {"variant": variant} if variant and s2o_has_variants() else {}
+    kw = {"variant": variant} if variant else {}
     return s2o_attention(q, k, v, tau=tau, block_size=block_size, segment_size=segment_size, sm_scale=scale,
                          return_stats=True, **kw)
 
