@@ -237,6 +237,7 @@ FEATURES: tuple[Feature, ...] = (
     )),
     Feature("containment", "containment", install=WHEN_LAUNCHED),    # per-request failures contained
     Feature("cpu_parallel", "standins.cpu_parallel", install=WHEN_LAUNCHED),  # --tp-size / --dp-size on the CPU
+    Feature("request_settings", "request_hooks", install=WHEN_LAUNCHED),  # a request's own sgl_slim settings
     Feature("metrics", "metrics", install=WITH_ANY_ON),             # the per-request numbers, for every feature
 )
 

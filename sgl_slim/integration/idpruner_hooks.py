@@ -36,6 +36,7 @@ import torch
 from sgl_slim.config import IDPrunerConfig, SlimConfig
 from sgl_slim.integration import mm_hooks
 from sgl_slim.integration.containment import contain, contain_output, evenly_spaced, valid_keep
+from sgl_slim.integration.request_hooks import settings_of_request
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,9 @@ async def _process_mm_data_around(original, self, *args, **kwargs):
     out = await original(self, *args, **kwargs)
     if not HOOKS.on:
         return out
-    return contain_output("vision", out, lambda o: shrink_placeholders(o, HOOKS.cfg))
+    request_obj = kwargs.get("request_obj", args[2] if len(args) > 2 else None)   # (image_data, input_text, obj)
+    cfg = settings_of_request(request_obj).idpruner(HOOKS.cfg)         # the request's own keep ratio, if any
+    return contain_output("vision", out, lambda o: shrink_placeholders(o, cfg))
 
 
 # -------------------------------------------------------------------------------------------------------------

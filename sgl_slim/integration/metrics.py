@@ -13,6 +13,8 @@ each feature's fields are named in the feature table, ``sgl_slim.config.FEATURES
 - ``draft_tokens_proposed`` / ``draft_tokens_accepted`` (int): with speculative decoding, SGLang's own
   ``spec_num_proposed_drafts`` (verifies x (draft tokens per verify - 1)) and ``spec_num_correct_drafts``
   under stable names (0 and 0 when the request never reached a verify).
+- ``idpruner_keep_ratio``, ``samp_keep_ratio``, ``s2o_tau``, ``s2o``: the request's own settings (its
+  ``sgl_slim`` object, :mod:`sgl_slim.request_settings`), echoed as applied; absent when it sent none.
 
 Where the numbers come from, and how they travel (SGLang's customized-info seam, no SGLang file changed):
 
@@ -48,6 +50,7 @@ import threading
 from collections import OrderedDict
 
 from sgl_slim.config import SlimConfig, feature
+from sgl_slim.integration.request_hooks import SCHEDULED, settings_of_req
 
 logger = logging.getLogger("sgl_slim.metrics")
 
@@ -209,6 +212,8 @@ def request_numbers(req, cfg: SlimConfig, draft_tokens_per_verify: int | None) -
     if draft_tokens_per_verify:
         out[DRAFT_PROPOSED] = int(req.spec_verify_ct) * (draft_tokens_per_verify - 1)
         out[DRAFT_ACCEPTED] = int(req.spec_num_correct_drafts)
+    out.update(settings_of_req(req).to_dict())          # the request's own settings, echoed
+    SCHEDULED.pop(req.rid)                              # finished: the S2O backend needs them no more
     return out
 
 

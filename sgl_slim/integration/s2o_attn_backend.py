@@ -18,6 +18,7 @@ from sglang.srt.runtime_context import get_exec, get_parallel
 from sgl_slim.config import ConfigError, S2OConfig
 from sgl_slim.integration import s2o_backend as glue
 from sgl_slim.integration.metrics import record_s2o
+from sgl_slim.integration.request_hooks import s2o_taus
 from sgl_slim.integration.s2o_backend import STATS, LayerTaus, Route
 
 logger = logging.getLogger("sgl_slim.s2o")
@@ -90,7 +91,7 @@ class S2OAttnBackend(AttentionBackend):
                        else fb.extend_seq_lens.tolist())
         rids = tuple(fb.rids) if getattr(fb, "rids", None) else None
         self.plan = glue.plan_batch(self.req_to_token, fb.req_pool_indices, seq_lens, extend_lens, taus=self.taus,
-                                    min_length=self.cfg.min_length, rids=rids)
+                                    min_length=self.cfg.min_length, rids=rids, seq_taus=s2o_taus(rids))
         if self.plan.route is Route.STOCK or self.taus.any_dense_layer:
             self.stock.init_forward_metadata(fb)
         self._plan_batch = fb
@@ -117,7 +118,7 @@ class S2OAttnBackend(AttentionBackend):
         if self._plan_batch is not forward_batch or self.plan is None:
             self.init_forward_metadata(forward_batch)
         plan = self.plan
-        if plan.route is Route.STOCK or self.taus.dense(layer.layer_id):
+        if plan.route is Route.STOCK or (self.taus.dense(layer.layer_id) and not plan.own_taus):
             out = self.stock.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
             self._count_layer(None)
             return out
@@ -161,7 +162,9 @@ class S2OAttnBackend(AttentionBackend):
             rid = plan.rids[b] if plan.rids else None
             STATS.record(rid, kv_len, q_len, density, sparse)
             record_s2o(rid, kv_len, q_len, density, sparse)     # per-request numbers (metrics.py)
+            own = plan.seq_taus[b] if plan.seq_taus else None
+            how = (f"tau={own:g} (request)" if own is not None else self.taus.describe()) if sparse \
+                else reason.value.format(min_length=self.cfg.min_length)
             logger.info("S2O prefill rid=%s kv_len=%d new=%d density=%.4f %s (mean of %d layers)", rid, kv_len,
-                        q_len, density, self.taus.describe() if sparse
-                        else reason.value.format(min_length=self.cfg.min_length), layers)
+                        q_len, density, how, layers)
         self._layers_seen, self._dense_layers, self._sparse_sum = 0, 0, None

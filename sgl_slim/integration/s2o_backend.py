@@ -10,13 +10,16 @@ plan (:func:`plan_batch`), the statistics and the checks.
 
 Routing, decided once per forward batch (:func:`plan_batch`):
 
-* **stock** — the batch is dense: ``--s2o-tau 0`` (and no calibration with a non-zero tau), or every sequence
-  is shorter than ``--s2o-min-length``. The whole batch runs through the stock backend the same server would
+* **stock** — the batch is dense: ``--s2o-tau 0`` (and no calibration with a non-zero tau), every sequence
+  is shorter than ``--s2o-min-length``, or its requests asked for dense attention (``sgl_slim`` settings
+  ``s2o: false`` or ``s2o_tau: 0``). The whole batch runs through the stock backend the same server would
   use for prefill without ``--s2o`` (held by the S2O backend), so its outputs are bit-identical to that server.
-* **s2o** — some sequence reaches ``--s2o-min-length``: the WHOLE batch runs through
-  ``sgl_slim.attention.s2o_attention_paged`` in at most two launches: the long sequences with their tau, the
-  short ones with tau 0 (dense attention, equal to the stock backend up to summation order: stock backends
-  plan whole batches, so a short sequence sharing a batch with a long one is not split off to them).
+* **s2o** — some sequence reaches ``--s2o-min-length`` with a tau above 0: the WHOLE batch runs through
+  ``sgl_slim.attention.s2o_attention_paged``, one launch per tau: the long sequences with the server's tau,
+  those whose requests sent their own ``s2o_tau`` one launch per value, and the short or dense-by-request ones
+  with tau 0 (dense attention, equal to the stock backend up to summation order: stock backends plan whole
+  batches, so a dense sequence sharing a batch with a sparse one is not split off to them). Without
+  per-request settings that is at most two launches.
   With ``--s2o-calibration`` every KV head runs with its own tau and the file's S2O variant; a layer whose
   calibrated taus are all 0 runs through the stock backend even in such a batch.
 
@@ -279,6 +282,7 @@ class DenseReason(enum.Enum):
     NONE = ""
     TAU_ZERO = "dense (--s2o-tau 0)"
     SHORT = "dense (kv_len < --s2o-min-length {min_length})"
+    REQUEST = "dense (the request's sgl_slim settings)"
 
 
 @dataclass(frozen=True)
@@ -292,6 +296,7 @@ class LaunchGroup:
     kv_indices: torch.Tensor        # [sum kv_len] token slots, per sequence in position order
     qo_indptr_host: tuple[int, ...]   # the same offsets on the host (read once per batch, never per layer)
     kv_indptr_host: tuple[int, ...]
+    tau: float | None = None        # a sparse group's tau from its requests' settings; None: the layer's tau
     # per batch: the attention API's launch plan and the device copy of seq_ids, made at the first layer
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -315,6 +320,13 @@ class S2OBatchPlan:
     extend_lens: tuple[int, ...]        # new (query) tokens per sequence
     reasons: tuple[DenseReason, ...]    # per sequence: why it is dense (NONE: served sparse)
     rids: tuple[str, ...] | None
+    seq_taus: tuple[float | None, ...] | None = None   # per sequence: its request's own tau (None: the server's)
+
+    @property
+    def own_taus(self) -> bool:
+        """Some sparse group runs with a request's own tau (a layer dense by the server's taus is not dense
+        for it)."""
+        return any(g.sparse and g.tau is not None for g in self.groups)
 
     @property
     def sparse(self) -> tuple[bool, ...]:
@@ -337,8 +349,11 @@ def _offsets(lens: list[int]) -> tuple[int, ...]:
 
 
 def build_launch_groups(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: list[int],
-                        extend_lens: list[int], *, min_length: int) -> tuple[LaunchGroup, ...]:
-    """Split a batch into at most two launches (sparse: kv_len >= min_length; dense: shorter, tau = 0).
+                        extend_lens: list[int], *, min_length: int,
+                        seq_taus: list[float | None] | None = None) -> tuple[LaunchGroup, ...]:
+    """Split a batch into launches: sparse (kv_len >= min_length) with the server's tau, then one per request
+    tau in ``seq_taus`` (per sequence: None = the server's, 0 = dense), then dense (shorter, or tau 0). Without
+    ``seq_taus``: at most two launches.
 
     req_to_token:     [max_reqs, max_context] token slot of position p of request row r.
     req_pool_indices: [B] request rows of the batch (device tensor).
@@ -347,14 +362,23 @@ def build_launch_groups(req_to_token: torch.Tensor, req_pool_indices: torch.Tens
                       in batch order.
     """
     _check_lengths(req_pool_indices, seq_lens, extend_lens)
+    own = list(seq_taus) if seq_taus is not None else [None] * len(seq_lens)
+    keys = [None if n < min_length or tau == 0 else ("tau", tau) for n, tau in zip(seq_lens, own)]
+    return _build_groups(req_to_token, req_pool_indices, seq_lens, extend_lens, keys)
+
+
+def _build_groups(req_to_token, req_pool_indices, seq_lens, extend_lens, keys) -> tuple[LaunchGroup, ...]:
+    """One launch per distinct key (in order: the server's tau ``("tau", None)``, the requests' own taus in
+    order of appearance, then None: dense)."""
     device = req_to_token.device
     q_starts = _offsets(extend_lens)[:-1]
-    sparse_ids = [b for b, n in enumerate(seq_lens) if n >= min_length]
-    dense_ids = [b for b, n in enumerate(seq_lens) if n < min_length]
+    order = sorted({key for key in keys if key is not None}, key=lambda key: (key[1] is not None, keys.index(key)))
     groups = []
-    for ids, sparse in ((sparse_ids, True), (dense_ids, False)):
+    for key in [*order, None]:
+        ids = [b for b, k in enumerate(keys) if k == key]
         if not ids:
             continue
+        sparse, tau = key is not None, None if key is None else key[1]
         kv_lens = [seq_lens[b] for b in ids]
         q_lens = [extend_lens[b] for b in ids]
         idx = torch.tensor(ids, dtype=torch.int64, device=req_pool_indices.device)
@@ -371,7 +395,7 @@ def build_launch_groups(req_to_token: torch.Tensor, req_pool_indices: torch.Tens
         groups.append(LaunchGroup(sparse=sparse, seq_ids=tuple(ids), q_rows=q_rows,
                                   qo_indptr=torch.tensor(qo_host, dtype=torch.int32, device=device),
                                   kv_indptr=torch.tensor(kv_host, dtype=torch.int32, device=device),
-                                  kv_indices=kv_indices, qo_indptr_host=qo_host, kv_indptr_host=kv_host))
+                                  kv_indices=kv_indices, qo_indptr_host=qo_host, kv_indptr_host=kv_host, tau=tau))
     return tuple(groups)
 
 
@@ -386,20 +410,38 @@ def _check_lengths(req_pool_indices: torch.Tensor, seq_lens: list[int], extend_l
 
 def plan_batch(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: list[int],
                extend_lens: list[int], *, taus: LayerTaus, min_length: int,
-               rids: tuple[str, ...] | None = None) -> S2OBatchPlan:
-    """Route a batch (see the module docstring) and, for S2O, build its launch groups. Host lists in, once."""
+               rids: tuple[str, ...] | None = None,
+               seq_taus: tuple[float | None, ...] | None = None) -> S2OBatchPlan:
+    """Route a batch (see the module docstring) and, for S2O, build its launch groups. Host lists in, once.
+
+    ``seq_taus``: per sequence, its request's own tau (``sgl_slim.request_settings``: 0 for ``s2o`` false),
+    None for the server's; a sequence with its own tau >= 0 ignores ``--s2o-tau`` (a server at tau 0 still runs
+    it sparse), never ``--s2o-min-length``."""
     _check_lengths(req_pool_indices, seq_lens, extend_lens)
-    short = [n < min_length for n in seq_lens]
-    if taus.all_dense:
-        reasons = tuple(DenseReason.TAU_ZERO for _ in seq_lens)
-    else:
-        reasons = tuple(DenseReason.SHORT if s else DenseReason.NONE for s in short)
+    if seq_taus is not None:
+        if len(seq_taus) != len(seq_lens):
+            raise ValueError(f"{len(seq_taus)} per-request taus for a batch of {len(seq_lens)} sequences")
+        if taus.rows is None:      # a request asking for the server's own (sparse) tau runs in its launch
+            seq_taus = tuple(None if t == taus.default and t != 0 else t for t in seq_taus)
+        if all(t is None for t in seq_taus):
+            seq_taus = None
+    own = seq_taus if seq_taus is not None else (None,) * len(seq_lens)
+    reasons = []
+    for n, tau in zip(seq_lens, own):
+        if tau == 0:
+            reasons.append(DenseReason.REQUEST)
+        elif tau is None and taus.all_dense:
+            reasons.append(DenseReason.TAU_ZERO)
+        else:
+            reasons.append(DenseReason.SHORT if n < min_length else DenseReason.NONE)
+    reasons = tuple(reasons)
     if all(r is not DenseReason.NONE for r in reasons):
         return S2OBatchPlan(route=Route.STOCK, groups=(), seq_lens=tuple(seq_lens),
-                            extend_lens=tuple(extend_lens), reasons=reasons, rids=rids)
-    groups = build_launch_groups(req_to_token, req_pool_indices, seq_lens, extend_lens, min_length=min_length)
+                            extend_lens=tuple(extend_lens), reasons=reasons, rids=rids, seq_taus=seq_taus)
+    keys = [("tau", tau) if r is DenseReason.NONE else None for r, tau in zip(reasons, own)]
+    groups = _build_groups(req_to_token, req_pool_indices, seq_lens, extend_lens, keys)
     return S2OBatchPlan(route=Route.S2O, groups=groups, seq_lens=tuple(seq_lens), extend_lens=tuple(extend_lens),
-                        reasons=reasons, rids=rids)
+                        reasons=reasons, rids=rids, seq_taus=seq_taus)
 
 
 def run_s2o_layer(plan: S2OBatchPlan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *,
@@ -409,7 +451,8 @@ def run_s2o_layer(plan: S2OBatchPlan, q: torch.Tensor, k_pool: torch.Tensor, v_p
     plan (built at the first layer), so a layer reads nothing back from the device.
 
     q: [T, Hq, D] the batch's queries; k_pool, v_pool: [slots, Hkv, D] (the new tokens already written).
-    tau: a float, or [Hkv] one per KV head (host tensor); variant: None for the API's default.
+    tau: a float, or [Hkv] one per KV head (host tensor), for groups without their own tau (``g.tau``: a
+    request's, used instead); variant: None for the API's default.
     Returns out [T, Hq, D] and the density of each sequence of the batch, fp64 [B] on q's device (1.0 for the
     dense group): the caller reads the layers' sum once per batch.
     """
@@ -423,8 +466,8 @@ def run_s2o_layer(plan: S2OBatchPlan, q: torch.Tensor, k_pool: torch.Tensor, v_p
         q_g = q if g.q_rows is None else q.index_select(0, g.q_rows)
         o_g, (computed, causal) = s2o_attention_paged(
             q_g, k_pool, v_pool, qo_indptr=g.qo_indptr, kv_indptr=g.kv_indptr, kv_indices=g.kv_indices,
-            tau=tau if g.sparse else 0.0, block_size=block_size, segment_size=segment_size, sm_scale=sm_scale,
-            plan=launch_plan, return_counts=True, **extra)
+            tau=(tau if g.tau is None else g.tau) if g.sparse else 0.0, block_size=block_size,
+            segment_size=segment_size, sm_scale=sm_scale, plan=launch_plan, return_counts=True, **extra)
         if g.q_rows is None:
             out = o_g
         else:

@@ -34,6 +34,7 @@ from sgl_slim.config import SampConfig, SlimConfig
 from sgl_slim.integration import mm_hooks
 from sgl_slim.integration.containment import (audio_token_lengths, contain, contain_output, evenly_spaced,
                                                prepare_audio_output)
+from sgl_slim.integration.request_hooks import settings_of_request
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ HOOKED_SYMBOLS: list[str] = [
 ]
 
 KEEP_KEY = "samp_keep"            # model_specific_data: K per clip (list[int]) set by the tokenizer-side hook
+RATIO_KEY = "samp_keep_ratio"     # model_specific_data: the keep ratio K was computed with (the request's own)
 
 # this process's settings (HOOKS.cfg, a SampConfig) and both hooks
 HOOKS = mm_hooks.FeatureHooks("samp", lambda: [
@@ -104,6 +106,7 @@ def shrink_placeholders(out, samp: SampConfig):
         if clip_keeps == clip_lens:
             continue
         item.model_specific_data[KEEP_KEY] = clip_keeps
+        item.model_specific_data[RATIO_KEY] = samp.keep_ratio
         mm_hooks.mark_shrunk(item, sum(run_lens), lambda base: settings_hash(base, samp))
     mm_hooks.rebuild_padded_input_ids(out)
     return out
@@ -113,7 +116,8 @@ async def _process_mm_data_around(original, self, *args, **kwargs):
     out = prepare_audio_output(await original(self, *args, **kwargs))   # bad clips: 400 here
     if not HOOKS.on:
         return out
-    return contain_output("audio", out, lambda o: shrink_placeholders(o, HOOKS.cfg))
+    samp = settings_of_request(kwargs.get("request_obj")).samp(HOOKS.cfg)   # the request's own keep ratio, if any
+    return contain_output("audio", out, lambda o: shrink_placeholders(o, samp))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -123,10 +127,12 @@ async def _process_mm_data_around(original, self, *args, **kwargs):
 def compress_audio_feature(original, model, items, samp: SampConfig) -> torch.Tensor:
     """Run ``original(model, items)`` (concatenated [sum N, D] tokens) and return [sum K, D] Samp tokens."""
     keeps: list[int | None] = []
+    ratios: list[float] = []               # per clip: the keep ratio its tokenizer-side K was computed with
     for item in items:
         item_keeps = item.model_specific_data.get(KEEP_KEY)
         clips = item.feature.shape[0]
         keeps += list(item_keeps) if item_keeps is not None else [None] * clips
+        ratios += [item.model_specific_data.get(RATIO_KEY, samp.keep_ratio)] * clips
     if all(k is None for k in keeps):
         return original(model, items)
 
@@ -144,11 +150,11 @@ def compress_audio_feature(original, model, items, samp: SampConfig) -> torch.Te
     # From here on the work is sgl_slim's: if the clips do not line up (an sgl_slim bug), the uncompressed
     # tokens go back and SGLang fits them to the placeholders (keeping the last rows, with its own warning).
     return contain("audio", f"{len(items)} audio items",
-                   lambda: _compress_tokens(tokens, captured, items, keeps, layer, samp), lambda: tokens,
+                   lambda: _compress_tokens(tokens, captured, items, keeps, ratios, layer, samp), lambda: tokens,
                    instead="the uncompressed tokens")
 
 
-def _compress_tokens(tokens, captured, items, keeps, layer, samp: SampConfig) -> torch.Tensor:
+def _compress_tokens(tokens, captured, items, keeps, ratios, layer, samp: SampConfig) -> torch.Tensor:
     from sgl_slim.audio import encoder_attention_stats, samp_compress
 
     lens = [int(n) for n in torch.cat([item.audio_feature_lens.reshape(-1) for item in items]).tolist()]
@@ -161,9 +167,10 @@ def _compress_tokens(tokens, captured, items, keeps, layer, samp: SampConfig) ->
     for c in todo:
         if not 1 <= keeps[c] <= lens[c]:
             raise RuntimeError(f"Samp: tokenizer kept {keeps[c]} of {lens[c]} tokens of clip {c}")
-        if keeps[c] != samp.keep_count(lens[c]):
-            raise RuntimeError(f"Samp: tokenizer kept {keeps[c]} of {lens[c]} tokens but this scheduler's settings "
-                               f"keep {samp.keep_count(lens[c])}: all processes must share --samp-* flags")
+        expected = SampConfig(keep_ratio=ratios[c]).keep_count(lens[c])
+        if keeps[c] != expected:
+            raise RuntimeError(f"Samp: tokenizer kept {keeps[c]} of {lens[c]} tokens but keep ratio {ratios[c]} "
+                               f"keeps {expected}: all processes must share --samp-* flags")
 
     def _stats() -> dict:   # statistics over the 2N frames that pool into each clip's N tokens
         per_clip = encoder_attention_stats(layer, captured[0][todo], valid_frames=[2 * lens[c] for c in todo],
@@ -191,7 +198,9 @@ def _compress_tokens(tokens, captured, items, keeps, layer, samp: SampConfig) ->
 
 
 def _get_audio_feature_around(original, self, items):
-    if not HOOKS.on or HOOKS.cfg.keep_ratio >= 1.0:     # keep ratio 1.0 is the identity
+    # Only clips the tokenizer shrank carry keep counts (keep ratio 1.0, the server's or a request's, is the
+    # identity and leaves none): a batch without any runs the original as is.
+    if not HOOKS.on or not any(KEEP_KEY in item.model_specific_data for item in items):
         return original(self, items)
     with torch.no_grad():
         return compress_audio_feature(original, self, items, HOOKS.cfg)

@@ -8,7 +8,7 @@ from torch import nn
 from sgl_slim.audio import attention_stats, layer_attention_probs, pool_stats, samp_compress_ref
 from sgl_slim.config import SampConfig
 from sgl_slim.integration.metrics import audio_token_counts
-from sgl_slim.integration.samp_hooks import (KEEP_KEY, audio_token_lengths, compress_audio_feature,
+from sgl_slim.integration.samp_hooks import (KEEP_KEY, RATIO_KEY, audio_token_lengths, compress_audio_feature,
                                              settings_hash, shrink_placeholders)
 
 AUDIO, TEXT = 7, 1
@@ -150,6 +150,24 @@ def test_compress_without_keep_counts_is_the_stock_output(model):
     with torch.no_grad():
         assert torch.equal(compress_audio_feature(stock_get_audio_feature, model, items, SampConfig(enabled=True)),
                            stock_get_audio_feature(model, items))
+
+
+def test_clips_of_requests_with_their_own_keep_ratio_share_one_batch(model):
+    """A batch mixing the server's keep ratio (0.6) and a request's own (0.3, recorded on its item by the
+    tokenizer-side hook): each clip is compressed with its own K, exactly as in a batch of its own."""
+    server = SampConfig(enabled=True, keep_ratio=0.6)
+    own = SampConfig(enabled=True, keep_ratio=0.3)
+    items = _items([(20, server.keep_count(20)), (20, own.keep_count(20))])
+    items[1].model_specific_data[RATIO_KEY] = own.keep_ratio
+    lines, done = _log_lines()
+    try:
+        with torch.no_grad():
+            got = compress_audio_feature(stock_get_audio_feature, model, items, server)
+            alone = compress_audio_feature(stock_get_audio_feature, model, items[1:], server)
+    finally:
+        done()
+    assert lines == [] and got.shape == (12 + 6, 24)
+    torch.testing.assert_close(got[12:], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_compress_refuses_settings_mismatch_without_failing_the_batch(model):

@@ -1,0 +1,89 @@
+"""Per-request settings on the shared CPU image server (IDPruner on, --idpruner-keep-ratio 0.25): a request's
+``sgl_slim`` object changes that request alone, in a concurrent batch mixing settings and with the radix cache on;
+a bad object is a 400 and the server lives on."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from serving import VL_ARGS, image_message, png_data_url
+from sgl_slim.config import IDPrunerConfig
+
+pytestmark = pytest.mark.e2e
+
+SERVER_KEEP = float(VL_ARGS[VL_ARGS.index("--idpruner-keep-ratio") + 1])
+PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Per-request settings: what is shown?"
+          "<|im_end|>\n<|im_start|>assistant\n")
+IMAGE = png_data_url(224, 168, seed=7)
+
+
+def generate(srv, settings=None, **extra):
+    body = {"text": PROMPT, "image_data": IMAGE, "sampling_params": {"temperature": 0, "max_new_tokens": 6},
+            **extra}
+    if settings is not None:
+        body["sgl_slim"] = settings
+    return requests.post(f"{srv.base_url}/generate", json=body, timeout=600)
+
+
+def ok(response) -> dict:
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def kept(out) -> tuple[int, int]:
+    numbers = out["meta_info"]["sgl_slim"]
+    return numbers["vision_tokens_kept"], numbers["vision_tokens_total"]
+
+
+def test_keep_ratios_in_one_batch_equal_each_alone(vl_server):
+    alone = {0.5: ok(generate(vl_server, {"idpruner_keep_ratio": 0.5}))}
+    # an image pruned at 0.5 is never reused for 1.0: only the text before the image can come from the cache
+    alone[1.0] = ok(generate(vl_server, {"idpruner_keep_ratio": 1.0}))
+    assert alone[1.0]["meta_info"]["cached_tokens"] < 8, alone[1.0]["meta_info"]
+    settings = [{"idpruner_keep_ratio": 0.5}, {"idpruner_keep_ratio": 1.0}, None,
+                {"idpruner_keep_ratio": SERVER_KEEP}] * 2
+    with ThreadPoolExecutor(len(settings)) as pool:
+        batch = [ok(r) for r in pool.map(lambda s: generate(vl_server, s), settings)]
+    total = kept(alone[0.5])[1]
+    for s, out in zip(settings, batch):
+        ratio = SERVER_KEEP if s is None else s["idpruner_keep_ratio"]
+        assert kept(out) == (IDPrunerConfig(keep_ratio=ratio).keep_count(total), total), (s, out["meta_info"])
+        if ratio in alone:
+            assert kept(out) == kept(alone[ratio]) and out["output_ids"] == alone[ratio]["output_ids"], s
+        # the settings are echoed as applied, and only when sent
+        assert {k: v for k, v in out["meta_info"]["sgl_slim"].items() if not k.startswith("vision_")} == (s or {})
+    assert kept(alone[1.0]) == (total, total) and kept(alone[0.5])[0] < total
+    # the server's own keep ratio sent explicitly: the same output as no object at all
+    plain, same = batch[2], batch[3]
+    assert same["output_ids"] == plain["output_ids"] and same["text"] == plain["text"]
+    assert same["meta_info"]["prompt_tokens"] == plain["meta_info"]["prompt_tokens"]
+
+
+def test_openai_extra_body_and_echo(vl_server):
+    client = vl_server.openai()
+    messages = image_message("Per-request settings: describe.", IMAGE)
+    resp = client.chat.completions.create(model="default", messages=messages, max_tokens=4, temperature=0,
+                                          extra_body={"sgl_slim": {"idpruner_keep_ratio": 1.0}})
+    numbers = resp.to_dict()["metadata"]["sgl_slim"]
+    assert numbers["idpruner_keep_ratio"] == 1.0
+    assert numbers["vision_tokens_kept"] == numbers["vision_tokens_total"]
+
+
+@pytest.mark.parametrize("settings,words", [
+    ({"idpruner_keep_ratio": 1.5}, ["sgl_slim.idpruner_keep_ratio", "--idpruner-keep-ratio"]),
+    ({"idpruner_keep_ratio": "half"}, ["sgl_slim.idpruner_keep_ratio", "must be a number"]),
+    ({"samp_keep_ratio": 0.5}, ["sgl_slim.samp_keep_ratio", "started without --samp"]),
+    ({"s2o": False}, ["sgl_slim.s2o", "started without --s2o"]),
+    ({"keep": 0.5}, ["unknown field 'keep'"]),
+    ("0.5", ["sgl_slim must be a JSON object"]),
+])
+def test_bad_objects_are_400_naming_the_field(vl_server, settings, words):
+    chat = {"model": "default", "messages": image_message("hi", None), "max_tokens": 2, "sgl_slim": settings}
+    answers = [generate(vl_server, settings), generate(vl_server, settings, stream=True),
+               requests.post(f"{vl_server.base_url}/v1/chat/completions", json=chat, timeout=120),
+               requests.post(f"{vl_server.base_url}/v1/chat/completions", json={**chat, "stream": True}, timeout=120)]
+    for r in answers:
+        assert r.status_code == 400, r.text
+        assert all(w in r.text for w in words), r.text
+    assert requests.get(f"{vl_server.base_url}/health", timeout=60).status_code == 200
