@@ -1,14 +1,14 @@
-"""Per-request settings on the shared CPU image server (IDPruner on, --idpruner-keep-ratio 0.25): a request's
-``sgl_slim`` object changes that request alone, in a concurrent batch mixing settings and with the radix cache on;
-a bad object is a 400 and the server lives on."""
+"""Per-request settings on the shared CPU image server (IDPruner on, --idpruner-keep-ratio 0.25) and audio server
+(Samp on): a request's ``sgl_slim`` object changes that request alone, in a concurrent batch mixing settings and
+with the radix cache on; a bad object is a 400 and the server lives on."""
 
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from serving import VL_ARGS, image_message, png_data_url
-from sgl_slim.config import IDPrunerConfig
+from serving import VL_ARGS, audio_message, image_message, png_data_url, wav_data_url
+from sgl_slim.config import IDPrunerConfig, SampConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -87,3 +87,29 @@ def test_bad_objects_are_400_naming_the_field(vl_server, settings, words):
         assert r.status_code == 400, r.text
         assert all(w in r.text for w in words), r.text
     assert requests.get(f"{vl_server.base_url}/health", timeout=60).status_code == 200
+
+
+def test_samp_keep_ratios_in_one_batch_equal_each_alone(audio_server):
+    clip = wav_data_url(2.0, seed=3)
+
+    def chat(settings):
+        body = {"model": "default", "messages": audio_message("Per-request settings: what is heard?", clip),
+                "max_tokens": 4, "temperature": 0, **({"sgl_slim": settings} if settings else {})}
+        return ok(requests.post(f"{audio_server.base_url}/v1/chat/completions", json=body, timeout=600))
+
+    def audio(out) -> tuple[int, int]:
+        numbers = out["metadata"]["sgl_slim"]
+        return numbers["audio_tokens_kept"], numbers["audio_tokens_total"]
+
+    alone = {r: chat({"samp_keep_ratio": r}) for r in (0.3, 1.0)}
+    settings = [{"samp_keep_ratio": 0.3}, {"samp_keep_ratio": 1.0}, None] * 2
+    with ThreadPoolExecutor(len(settings)) as pool:
+        batch = list(pool.map(chat, settings))
+    total = audio(alone[1.0])[1]
+    assert audio(alone[1.0]) == (total, total)
+    for s, out in zip(settings, batch):
+        ratio = SampConfig().keep_ratio if s is None else s["samp_keep_ratio"]
+        assert audio(out) == (SampConfig(keep_ratio=ratio).keep_count(total), total), (s, out["metadata"])
+        if s is not None:
+            assert out["choices"][0]["message"]["content"] == alone[ratio]["choices"][0]["message"]["content"], s
+            assert out["metadata"]["sgl_slim"]["samp_keep_ratio"] == ratio
