@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .s2o_ref import VARIANTS, dense_attention_ref, rank_keys, s2o_attention_ref, tau_per_head
+from .s2o_ref import FP8_KV, VARIANTS, dense_attention_ref, rank_keys, s2o_attention_ref, tau_per_head
 
 __all__ = ["s2o_attention", "s2o_attention_paged", "s2o_attention_ref", "dense_attention_ref", "rank_keys",
            "plan_paged", "VARIANTS", "DEFAULT_VARIANT"]
@@ -50,6 +50,10 @@ def _validate(q, k_pool, v_pool, tau, block_size, segment_size, variant):
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k_pool.shape[1]})")
     if q.shape[2] != k_pool.shape[2]:
         raise ValueError(f"head dims differ: q {q.shape[2]}, k {k_pool.shape[2]}")
+    if (k_pool.dtype in FP8_KV or v_pool.dtype in FP8_KV) and (
+            v_pool.dtype != k_pool.dtype or q.dtype not in (torch.bfloat16, torch.float16)):
+        raise ValueError(f"an fp8 K/V pool needs K and V in the same fp8 dtype and q in bf16 / fp16; got q "
+                         f"{q.dtype}, k {k_pool.dtype}, v {v_pool.dtype}")
 
 
 def _density(counts_computed: torch.Tensor, counts_causal: torch.Tensor) -> float:
@@ -61,7 +65,8 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
                         qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                         tau, block_size: int = 128, segment_size: int = 2048,
                         sm_scale: float | None = None, return_lse: bool = False, return_stats: bool = False,
-                        variant: str = DEFAULT_VARIANT, plan=None, return_counts: bool = False):
+                        variant: str = DEFAULT_VARIANT, plan=None, return_counts: bool = False,
+                        k_scale: float = 1.0, v_scale: float = 1.0):
     """S2O prefill for a batch of sequences whose K/V live in a token-slot pool (page size 1).
 
     q:          [Tq, Hq, D]   queries of all sequences, packed (sequence b owns rows
@@ -76,6 +81,9 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     variant:    "v2" (default) or "v1", see the module doc.
     plan:       this batch's ``plan_paged(...)`` (built once, reused by every layer): then the call reads
                 nothing back from the GPU (no host synchronisation).  Without it the offsets are read here.
+    k_scale,
+    v_scale:    an fp8 K/V pool (float8_e4m3fn / e5m2, q in bf16 / fp16) holds K / k_scale and V / v_scale,
+                as a serving engine's fp8 KV cache stores them; every other pool ignores them (1.0).
 
     Returns out [Tq, Hq, D] (q's dtype); plus lse [Tq, Hq] fp32 (natural log) if return_lse; plus
     stats dict if return_stats: density (float), density_per_seq [B], density_per_head [Hq] (host reads);
@@ -86,7 +94,7 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     return _paged(q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
                   block_size=block_size, segment_size=segment_size, sm_scale=sm_scale, return_lse=return_lse,
                   return_stats=return_stats, kv_contiguous=False, variant=variant, plan=plan,
-                  return_counts=return_counts)
+                  return_counts=return_counts, k_scale=k_scale, v_scale=v_scale)
 
 
 def plan_paged(qo_indptr, kv_indptr, *, block_size: int = 128, segment_size: int = 2048, device="cuda"):
@@ -99,9 +107,15 @@ def plan_paged(qo_indptr, kv_indptr, *, block_size: int = 128, segment_size: int
 
 
 def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, sm_scale,
-           return_lse, return_stats, kv_contiguous, variant, plan=None, return_counts=False):
+           return_lse, return_stats, kv_contiguous, variant, plan=None, return_counts=False, k_scale=1.0,
+           v_scale=1.0):
     # kv_contiguous: kv_indices == arange (one sequence stored in order): the kernel computes the slots
     _validate(q, k_pool, v_pool, tau, block_size, segment_size, variant)
+    fp8 = k_pool.dtype in FP8_KV
+    if not fp8:
+        k_scale = v_scale = 1.0
+    elif not (math.isfinite(k_scale) and math.isfinite(v_scale) and k_scale > 0 and v_scale > 0):
+        raise ValueError(f"k_scale and v_scale must be finite and > 0, got {k_scale}, {v_scale}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[2])
     settings = VARIANTS[variant]
     dense = float(torch.as_tensor(tau).max()) == 0
@@ -110,7 +124,8 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
         out, lse, computed, causal = s2o_triton.s2o_paged(
             q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
             block_size=block_size, segment_size=segment_size, q_tile=_q_tile(segment_size), sm_scale=scale,
-            return_lse=return_lse, kv_contiguous=kv_contiguous, plan=plan, **settings)
+            return_lse=return_lse, kv_contiguous=kv_contiguous, plan=plan, k_scale=k_scale, v_scale=v_scale,
+            **settings)
     else:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
@@ -121,13 +136,16 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
             if qo[b + 1] == qo[b]:
                 continue
             slots = kv_indices[kvp[b]:kvp[b + 1]].long()
+            kb, vb = k_pool[slots], v_pool[slots]
+            if fp8:     # the reference reads the dequantised cache in q's dtype, as the kernel's ranking does
+                kb, vb = kb.to(q.dtype) * k_scale, vb.to(q.dtype) * v_scale
             if dense:
                 # every causal block is visited: plain dense attention (fp32, batched matmuls) is the same
                 # computation as the block-by-block reference, without its Python loop over blocks
-                o, l_ = _dense_chunked(q[qo[b]:qo[b + 1]], k_pool[slots], v_pool[slots], scale, return_lse)
+                o, l_ = _dense_chunked(q[qo[b]:qo[b + 1]], kb, vb, scale, return_lse)
                 computed[b] = causal[b] = 1
             else:
-                o, l_, cnt = s2o_attention_ref(q[qo[b]:qo[b + 1]], k_pool[slots], v_pool[slots], tau=tau,
+                o, l_, cnt = s2o_attention_ref(q[qo[b]:qo[b + 1]], kb, vb, tau=tau,
                                                block_size=block_size, segment_size=segment_size,
                                                q_tile=_q_tile(segment_size), sm_scale=scale, **settings)
                 computed[b], causal[b] = cnt["computed"].cpu(), cnt["causal"].cpu()

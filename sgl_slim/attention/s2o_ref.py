@@ -77,6 +77,7 @@ NUM_BUCKETS = 256
 BUCKETS_PER_SPAN = 64  # buckets between the max and the mean of the estimate
 RECENT = 0            # keys just before the segment ranked first; 0: measured best (benchmarks/s2o.md)
 STOP_RULES = ("block", "remaining")
+FP8_KV = (torch.float8_e4m3fn, torch.float8_e5m2)   # K/V cache dtypes read with a scale (q in bf16 / fp16)
 TAIL_ESTIMATES = ("flat", "estimate")
 # named settings of (stop rule, local window, tail compensation); "v2" is the default of the public API
 VARIANTS = {

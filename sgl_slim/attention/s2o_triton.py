@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .s2o_ref import check_settings, estimate_scores, rank_from_scores, remaining_ratio, tau_per_head, value_means
+from .s2o_ref import (FP8_KV, check_settings, estimate_scores, rank_from_scores, remaining_ratio, tau_per_head,
+                      value_means)
 
 LOG2E = 1.4426950408889634
 # kernel modes (constexpr MODE)
@@ -33,7 +34,11 @@ STOP_BLOCK, STOP_REMAINING = 1, 2            # constexpr STOP: s2o_ref's "block"
 
 @triton.jit
 def _attend_block(q, k, v, m_i, l_i, acc, qk_mask, qk_scale, IEEE: tl.constexpr):
-    # k: [HEAD_DIM, BLOCK_N] gathered columns, v: [BLOCK_N, HEAD_DIM] gathered rows
+    # k: [HEAD_DIM, BLOCK_N] gathered columns, v: [BLOCK_N, HEAD_DIM] gathered rows; an fp8 cache's K/V are
+    # widened to q's dtype here (exact: every e4m3 / e5m2 value is a bf16 / fp16 value), their scales are folded
+    # into qk_scale and the final output
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
     if IEEE:
         qk = tl.dot(q, k, input_precision="ieee")
     else:
@@ -64,7 +69,7 @@ def _kv_block(K, V, slot, ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, of
 @triton.jit
 def _s2o_fwd(Q, K, V, O, LSE, VISITED,
              KV_IDX, QO_INDPTR, KV_INDPTR, TILE_SEQ, TILE_START, TILE_ROW, RANK, RANK_LEN, TAU, RATIO, VBAR,
-             qk_scale, forced,
+             qk_scale, v_scale, forced,
              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
              stride_lt, stride_lh, stride_rr, stride_rh, stride_nr, stride_xr, stride_xh, stride_br, stride_bh,
              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -79,7 +84,9 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     with the value mean VBAR.  TAU: one threshold per KV head.
     MODE_RANKED_ALL: tau = 0 with a rank array: all ``n_rank`` ranked keys, one pipelined loop.
     MODE_DENSE: tau = 0 without a rank: the earlier keys in position order (dense attention).
-    RANK holds token SLOTS (the rank composed with kv_indices on the host); KV_CONTIG: slot = kv_beg + pos."""
+    RANK holds token SLOTS (the rank composed with kv_indices on the host); KV_CONTIG: slot = kv_beg + pos.
+    An fp8 K/V cache: qk_scale carries k_scale, v_scale multiplies the output (1.0 otherwise); VBAR is then
+    in the cache's units, like acc."""
     h = tl.program_id(0)              # query head (fastest: the heads of one tile share K/V in L2)
     tile = tl.program_id(1)
     n_heads = tl.num_programs(0)
@@ -192,7 +199,7 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
             acc += rem[:, None] * vbar[None, :]
             l_i += rem
 
-    out = acc / l_i[:, None]
+    out = acc / l_i[:, None] * v_scale
     tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
     if RETURN_LSE:
@@ -272,11 +279,13 @@ def plan_paged(qo_indptr, kv_indptr, *, block_size: int, segment_size: int, q_ti
 def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None = None, *,
                 qo_indptr: list[int], kv_indptr: list[int], kv_indices: torch.Tensor, segment_size: int,
                 sm_scale: float, n_rows: int, block_size: int = 128, n_sample: int = 0, local_window: int = 0,
-                group_reduce: str = "max", ratio: bool = False, compensate: bool = False) -> dict:
+                group_reduce: str = "max", ratio: bool = False, compensate: bool = False,
+                k_scale: float = 1.0) -> dict:
     """Per-(sequence, segment) index data in ``plan_tiles`` row order (torch ops on the GPU):
     rank [n_rows, Hkv, Lmax] int32 (the ``local_window`` keys before each segment first), and when asked,
     ratio [n_rows, Hkv, ceil(Lmax / block_size)] fp32 (``s2o_ref.remaining_ratio``) and
-    vbar [n_rows, Hkv, D] fp32 (``s2o_ref.value_means``, needs v_pool)."""
+    vbar [n_rows, Hkv, D] fp32 (``s2o_ref.value_means``, needs v_pool).  An fp8 K cache is ranked on its
+    dequantised keys (k * k_scale in q's dtype); vbar stays in the V cache's units (the kernel scales the output)."""
     Hkv = k_pool.shape[1]
     seqs = [b for b in range(len(qo_indptr) - 1) if qo_indptr[b + 1] > qo_indptr[b]]
     Lmax = max(kv_indptr[b + 1] - kv_indptr[b] for b in range(len(kv_indptr) - 1))
@@ -285,6 +294,8 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
         slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]].long()
         k = k_pool[slots]                                               # [L, Hkv, D] (ranking only)
         qb = q[qo_indptr[b]:qo_indptr[b + 1]]
+        if k.dtype != q.dtype:
+            k = k.to(q.dtype) * k_scale
         L = k.shape[0]
         first = (L - qb.shape[0]) // segment_size
         e = estimate_scores(qb, k, segment_size=segment_size, sm_scale=sm_scale, group_reduce=group_reduce,
@@ -296,7 +307,7 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
             rr = remaining_ratio(e, rb, seg_starts, block_size)
             parts["ratio"].append(torch.nn.functional.pad(rr, (0, -(-Lmax // block_size) - rr.shape[-1])))
         if compensate:
-            parts["vbar"].append(value_means(v_pool[slots], seg_starts, chunk=segment_size))
+            parts["vbar"].append(value_means(v_pool[slots].to(q.dtype), seg_starts, chunk=segment_size))
     out = {name: torch.cat(xs) for name, xs in parts.items() if xs}
     if out["rank"].shape[0] != n_rows and n_rows:
         raise ValueError(f"index has {out['rank'].shape[0]} rows, the launch plans {n_rows}")
@@ -336,22 +347,24 @@ def default_config(dtype, head_dim: int, q_tile: int, block_size: int):
 def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, q_tile,
               sm_scale, return_lse=False, rank=None, rank_len=None, num_warps=None, num_stages=None,
               kv_contiguous=False, chunk=None, stop="block", local_window=0, compensate=False,
-              tail_estimate="flat", plan: PagedPlan | None = None):
+              tail_estimate="flat", plan: PagedPlan | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
     """Launch the kernel.  Returns out, lse (or None), computed [B, Hq], causal [B, Hq] block counts.
     tau: float or [Hkv] tensor.  stop / local_window / compensate / tail_estimate: s2o_ref's semantics.
     rank / rank_len override the S2O ranking (baselines use this to run on the same kernel).
     kv_contiguous: the caller guarantees kv_indices == arange(total) (one sequence stored in order), so
     the kernel computes slots instead of loading them.  tau = 0 without a rank skips the ranking (dense
     attention in position order; the same result up to summation order).  plan: this batch's ``plan_paged``
-    (else built here from a host copy of the offsets, which synchronises with the device)."""
+    (else built here from a host copy of the offsets, which synchronises with the device).  An fp8 K/V cache
+    (``FP8_KV``) holds K / k_scale and V / v_scale (host floats) and is read as such, with q in bf16 or fp16."""
     Tq, Hq, D = q.shape
     Hkv = k_pool.shape[1]
     if D not in (64, 128):
         raise ValueError(f"the S2O kernel supports head dim 64 or 128, got {D}")
-    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or k_pool.dtype != q.dtype \
-            or v_pool.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype of bf16/fp16/fp32; got {q.dtype}, {k_pool.dtype}, "
-                         f"{v_pool.dtype}")
+    fp8 = k_pool.dtype in FP8_KV and v_pool.dtype == k_pool.dtype and q.dtype in (torch.bfloat16, torch.float16)
+    if not fp8 and (q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or k_pool.dtype != q.dtype
+                    or v_pool.dtype != q.dtype):
+        raise ValueError(f"q, k, v must share one dtype of bf16/fp16/fp32, or K/V be one fp8 dtype with q in "
+                         f"bf16/fp16; got {q.dtype}, {k_pool.dtype}, {v_pool.dtype}")
     if k_pool.stride(2) != 1 or v_pool.stride(2) != 1 or q.stride(2) != 1:
         raise ValueError("q, k_pool, v_pool need a contiguous last (head-dim) axis")
     dev = q.device
@@ -386,7 +399,7 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
         index = build_index(q, k_pool, v_pool, qo_indptr=qo, kv_indptr=kvp, kv_indices=kv_indices,
                             segment_size=segment_size, sm_scale=sm_scale, n_rows=len(rows), block_size=block_size,
                             local_window=local_window if rank is None else 0, ratio=has_ratio,
-                            compensate=compensate)
+                            compensate=compensate, k_scale=k_scale)
         rank = index["rank"] if rank is None else rank
         ratio, vbar = index.get("ratio"), index.get("vbar")
     forced = -(-local_window // block_size) if rank_len is None else 0
@@ -406,7 +419,7 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     chunk = chunk or ch
     args = (q, k_pool, v_pool, out, lse, visited,
             kv_indices, plan.qo_d, plan.kvp_d, meta[0], meta[1], meta[2], rank, rl,
-            taus, ratio, vbar, sm_scale * LOG2E, forced,
+            taus, ratio, vbar, sm_scale * LOG2E * k_scale, v_scale, forced,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
             out.stride(0), out.stride(1), lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
             rank.stride(0), rank.stride(1), rl.stride(0), ratio.stride(0), ratio.stride(1), vbar.stride(0),

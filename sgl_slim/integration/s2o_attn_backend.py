@@ -123,13 +123,17 @@ class S2OAttnBackend(AttentionBackend):
             self._count_layer(None)
             return out
         if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+            # an fp8 cache with scales stores K / k_scale, V / v_scale (as the stock backends write it)
+            scales = () if layer.k_scale is None else (layer.k_scale, layer.v_scale)
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v,
+                                                *scales)
         hq, d = layer.tp_q_head_num, layer.qk_head_dim
         tau = self._head_taus.get(layer.layer_id, self.taus.tau(layer.layer_id))
         out, densities = glue.run_s2o_layer(
             plan, q.reshape(-1, hq, d), self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id), tau=tau, block_size=self.cfg.block_size,
-            segment_size=self.cfg.segment_size, sm_scale=layer.scaling, variant=self.taus.variant)
+            segment_size=self.cfg.segment_size, sm_scale=layer.scaling, variant=self.taus.variant,
+            k_scale=layer.k_scale_float or 1.0, v_scale=layer.v_scale_float or 1.0)
         self._count_layer(densities)
         return out.reshape(q.shape[0], hq * layer.v_head_dim)
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sgl_slim.attention.s2o_ref import FP8_KV
 from sgl_slim.config import ConfigError, S2OConfig, SlimConfig
 
 logger = logging.getLogger("sgl_slim.s2o")
@@ -53,6 +54,7 @@ BACKEND_NAME = "s2o"
 GPU_HEAD_DIMS = (64, 128)
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP8_QUERY_DTYPES = (torch.float16, torch.bfloat16)     # model dtypes that can read an fp8 KV cache
 
 HOOKED_SYMBOLS: list[str] = [
     "sglang.srt.layers.attention.attention_registry.ATTENTION_BACKENDS",
@@ -446,13 +448,14 @@ def plan_batch(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_l
 
 def run_s2o_layer(plan: S2OBatchPlan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *,
                   tau: float | torch.Tensor, block_size: int, segment_size: int, sm_scale: float,
-                  variant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  variant: str | None = None, k_scale: float = 1.0,
+                  v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer of a Route.S2O batch: one ``s2o_attention_paged`` launch per group, with the group's launch
     plan (built at the first layer), so a layer reads nothing back from the device.
 
     q: [T, Hq, D] the batch's queries; k_pool, v_pool: [slots, Hkv, D] (the new tokens already written).
     tau: a float, or [Hkv] one per KV head (host tensor), for groups without their own tau (``g.tau``: a
-    request's, used instead); variant: None for the API's default.
+    request's, used instead); variant: None for the API's default; k_scale / v_scale: an fp8 cache's scales.
     Returns out [T, Hq, D] and the density of each sequence of the batch, fp64 [B] on q's device (1.0 for the
     dense group): the caller reads the layers' sum once per batch.
     """
@@ -467,7 +470,8 @@ def run_s2o_layer(plan: S2OBatchPlan, q: torch.Tensor, k_pool: torch.Tensor, v_p
         o_g, (computed, causal) = s2o_attention_paged(
             q_g, k_pool, v_pool, qo_indptr=g.qo_indptr, kv_indptr=g.kv_indptr, kv_indices=g.kv_indices,
             tau=(tau if g.tau is None else g.tau) if g.sparse else 0.0, block_size=block_size,
-            segment_size=segment_size, sm_scale=sm_scale, plan=launch_plan, return_counts=True, **extra)
+            segment_size=segment_size, sm_scale=sm_scale, plan=launch_plan, return_counts=True, k_scale=k_scale,
+            v_scale=v_scale, **extra)
         if g.q_rows is None:
             out = o_g
         else:
@@ -518,6 +522,14 @@ STATS = S2OStats()
 # Startup and first-use checks: refuse what S2O cannot serve exactly, naming the flag to change
 # ----------------------------------------------------------------------------------------------------
 
+def check_kv_cache_dtype(model_dtype: torch.dtype, cache_dtype: torch.dtype) -> None:
+    """S2O reads a KV cache in the model's dtype or, for a bf16 / fp16 model, an fp8 one (with its scales)."""
+    if cache_dtype != model_dtype and not (cache_dtype in FP8_KV and model_dtype in FP8_QUERY_DTYPES):
+        raise ConfigError("--kv-cache-dtype", f"S2O reads a KV cache in the model dtype ({model_dtype}) or, for a "
+                                              f"bf16 / fp16 model, in fp8 (fp8_e4m3, fp8_e5m2); this one is "
+                                              f"{cache_dtype}; use --kv-cache-dtype auto or fp8_e4m3")
+
+
 def check_runner(runner) -> None:
     """Startup checks from the model runner (the model config and resolved server arguments)."""
     from sglang.srt.runtime_context import get_exec, get_spec  # noqa: PLC0415
@@ -538,9 +550,7 @@ def check_runner(runner) -> None:
     if dtype not in allowed:
         raise ConfigError("--dtype", f"S2O runs in {', '.join(str(d).removeprefix('torch.') for d in allowed)} "
                                      f"on {'CPU' if cpu else 'GPU'}, the model runs in {dtype}")
-    if runner.kv_cache_dtype != dtype:
-        raise ConfigError("--kv-cache-dtype", f"S2O reads K/V in the model dtype ({dtype}), the KV cache is "
-                                              f"{runner.kv_cache_dtype}; use --kv-cache-dtype auto")
+    check_kv_cache_dtype(dtype, runner.kv_cache_dtype)
     head_dim = getattr(mc, "head_dim", None)
     if not cpu and head_dim not in GPU_HEAD_DIMS:
         raise ConfigError("--s2o", f"the Triton kernel supports head dims {GPU_HEAD_DIMS}, this model has "
@@ -575,6 +585,6 @@ def check_layer(layer, *, cpu: bool) -> None:
     if not cpu and layer.qk_head_dim not in GPU_HEAD_DIMS:
         raise ConfigError("--s2o", f"{where} has head dim {layer.qk_head_dim}; the kernel supports "
                                    f"{GPU_HEAD_DIMS}; drop --s2o")
-    if layer.k_scale is not None or layer.v_scale is not None:
-        raise ConfigError("--kv-cache-dtype", f"{where} has a quantised KV cache (k/v scales); S2O reads "
-                                              f"K/V in the model dtype; use --kv-cache-dtype auto")
+    if (layer.k_scale is None) != (layer.v_scale is None):
+        raise ConfigError("--kv-cache-dtype", f"{where} has a scale for only one of K and V; S2O reads an fp8 "
+                                              f"cache with both (or neither); use --kv-cache-dtype auto")

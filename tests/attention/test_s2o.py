@@ -161,6 +161,45 @@ def test_cpu_dense_fast_path_equals_block_reference(monkeypatch, need_lse):
     assert stats["density_per_seq"] == [1.0, 1.0]
 
 
+def _fp8_cache(k, v, k_scale, v_scale, dtype=torch.float8_e4m3fn):
+    """K/V stored as an fp8 KV cache stores them (x / scale), and the values that cache stands for."""
+    k8, v8 = (k.float() / k_scale).to(dtype), (v.float() / v_scale).to(dtype)
+    return k8, v8, k8.float() * k_scale, v8.float() * v_scale
+
+
+@pytest.mark.parametrize("tau,variant", [(0.0, "v2"), (0.02, "v2"), (1e-3, "v1")])
+def test_fp8_kv_pool_reads_the_dequantised_cache(tau, variant):
+    # an fp8 pool with scales is S2O on the values the cache stands for: with power-of-two scales those are
+    # exact bf16 values, so the bf16 pool holding them must give the SAME output, lse and visited blocks
+    L, Hq, Hkv, D = 700, 4, 2, 64
+    q, k, v = make_qkv(L, Hq, Hkv, D, seed=8, dtype=torch.bfloat16)
+    k8, v8, kd, vd = _fp8_cache(k, v, 0.25, 2.0)
+    ind = torch.tensor([0, L])
+    idx = torch.arange(L, dtype=torch.int32)
+    kw = dict(qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=tau, block_size=64, segment_size=128,
+              return_lse=True, return_stats=True, variant=variant)
+    o8, l8, s8 = s2o_attention_paged(q, k8, v8, k_scale=0.25, v_scale=2.0, **kw)
+    ob, lb, sb = s2o_attention_paged(q, kd.bfloat16(), vd.bfloat16(), **kw)
+    assert torch.equal(o8, ob), f"tau {tau}: fp8 pool output differs from its dequantised values'"
+    assert torch.equal(l8, lb) and s8 == sb
+    # and the scales are applied (without them the output is that of K/scale, V/scale)
+    o_raw, _, _ = s2o_attention_paged(q, k8, v8, **kw)
+    assert (o_raw.float() - o8.float()).abs().max() > 0.1
+
+
+def test_fp8_kv_pool_is_checked_by_name():
+    q = torch.randn(8, 4, 32, dtype=torch.bfloat16)
+    k8 = torch.randn(8, 2, 32).to(torch.float8_e4m3fn)
+    ind, idx = torch.tensor([0, 8]), torch.arange(8, dtype=torch.int32)
+    kw = dict(qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=0.01)
+    with pytest.raises(ValueError, match="fp8 K/V pool"):
+        s2o_attention_paged(q.float(), k8, k8, **kw)                       # fp32 queries
+    with pytest.raises(ValueError, match="fp8 K/V pool"):
+        s2o_attention_paged(q, k8, k8.to(torch.float8_e5m2), **kw)         # mixed fp8 dtypes
+    with pytest.raises(ValueError, match="k_scale"):
+        s2o_attention_paged(q, k8, k8, k_scale=0.0, **kw)
+
+
 def test_api_rejects_bad_arguments_by_name():
     q, k = torch.randn(8, 4, 32), torch.randn(8, 3, 32)
     with pytest.raises(ValueError, match="multiple of kv heads"):

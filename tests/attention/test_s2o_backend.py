@@ -342,7 +342,8 @@ def _layer(hq=4, hkv=2, d=16, **kw):
     from sglang.srt.layers.radix_attention import AttentionType
     base = dict(layer_id=0, tp_q_head_num=hq, tp_k_head_num=hkv, tp_v_head_num=hkv, qk_head_dim=d, v_head_dim=d,
                 head_dim=d, scaling=d ** -0.5, is_cross_attention=False, attn_type=AttentionType.DECODER,
-                sliding_window_size=-1, use_irope=False, logit_cap=0.0, k_scale=None, v_scale=None)
+                sliding_window_size=-1, use_irope=False, logit_cap=0.0, k_scale=None, v_scale=None,
+                k_scale_float=None, v_scale_float=None)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -530,12 +531,12 @@ def test_encoder_only_layers_verify_decode_sinks_and_graphs_are_refused(backend_
 def test_startup_checks_refuse_gpu_head_dims_and_dtypes():
     pytest.importorskip("sglang")
 
-    def runner(**kw):
+    def runner(kv_cache_dtype=None, **kw):
         mc = dict(is_encoder_decoder=False, is_generation=True, is_hybrid_swa=False, attention_chunk_size=None,
                   dtype=torch.bfloat16, head_dim=128, num_hidden_layers=2)
         mc.update(kw)
         return SimpleNamespace(model_config=SimpleNamespace(**mc), device="cuda", use_mla_backend=False,
-                               kv_cache_dtype=mc["dtype"], decode_attention_backend_str="fa3")
+                               kv_cache_dtype=kv_cache_dtype or mc["dtype"], decode_attention_backend_str="fa3")
     with pytest.raises(ConfigError, match="head dims") as exc:
         sb.check_runner(runner(head_dim=96))
     assert exc.value.flag == "--s2o"
@@ -546,6 +547,20 @@ def test_startup_checks_refuse_gpu_head_dims_and_dtypes():
         sb.check_runner(runner(is_hybrid_swa=True))
     with pytest.raises(ConfigError, match="encoder-only"):
         sb.check_runner(runner(is_generation=False))
+    with pytest.raises(ConfigError, match="fp8_e4m3") as exc:
+        sb.check_runner(runner(kv_cache_dtype=torch.float16))
+    assert exc.value.flag == "--kv-cache-dtype"
+
+
+def test_an_fp8_kv_cache_is_read_for_bf16_and_fp16_models_only():
+    sb.check_kv_cache_dtype(torch.bfloat16, torch.float8_e4m3fn)
+    sb.check_kv_cache_dtype(torch.float16, torch.float8_e5m2)
+    sb.check_kv_cache_dtype(torch.bfloat16, torch.bfloat16)
+    for model_dtype, cache in ((torch.bfloat16, torch.float16), (torch.bfloat16, torch.uint8),
+                               (torch.float32, torch.float8_e4m3fn)):
+        with pytest.raises(ConfigError, match="fp8_e4m3") as exc:
+            sb.check_kv_cache_dtype(model_dtype, cache)
+        assert exc.value.flag == "--kv-cache-dtype"
 
 
 # ---------------------------------------------------------------- GPU: no host sync inside a layer

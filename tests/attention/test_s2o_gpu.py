@@ -109,3 +109,22 @@ def test_stop_rules_match_reference_at_real_shape(settings):
     e_ker = ((out.float() - dense).norm() / dense.norm()).item()
     e_ref = ((ref - dense).norm() / dense.norm()).item()
     assert e_ker <= 1.2 * e_ref + 5e-3, f"{settings}: kernel rel-L2 {e_ker:.4g} vs reference {e_ref:.4g}"
+
+
+@pytest.mark.parametrize("tau", [0.0, 1e-3])
+def test_fp8_kv_kernel_equals_its_dequantised_values(tau):
+    # fp8 K/V with power-of-two scales: the kernel folds k_scale into the logit scale and v_scale into the
+    # output; the bf16 pool holding the dequantised values is the same computation, up to summation order only
+    L, Hq, Hkv, D = 8192, 32, 8, 128
+    q, k, v = make_qkv(L, Hq, Hkv, D, seed=9, dtype=torch.bfloat16, device="cuda")
+    k8, v8 = (k.float() / 0.5).to(torch.float8_e4m3fn), (v.float() / 0.25).to(torch.float8_e4m3fn)
+    kd, vd = (k8.float() * 0.5).bfloat16(), (v8.float() * 0.25).bfloat16()
+    ind = torch.tensor([0, L], device="cuda", dtype=torch.int32)
+    idx = torch.arange(L, device="cuda", dtype=torch.int32)
+    kw = dict(qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=tau, return_stats=True)
+    o8, s8 = s2o_attention_paged(q, k8, v8, k_scale=0.5, v_scale=0.25, **kw)
+    ob, sb = s2o_attention_paged(q, kd, vd, **kw)
+    assert s8["density_per_head"] == sb["density_per_head"], "fp8 and dequantised pools visit different blocks"
+    err = ((o8.float() - ob.float()).norm() / ob.float().norm()).item()
+    assert err < 1e-3, f"tau {tau}: fp8 kernel vs its dequantised values rel-L2 {err:.3g}"
+
