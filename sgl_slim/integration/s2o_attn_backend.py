@@ -71,13 +71,8 @@ class S2OAttnBackend(AttentionBackend):
             total_kv_heads = mc.get_total_num_kv_heads()
             glue.check_calibration(calibration, cfg, num_layers=mc.num_hidden_layers, num_kv_heads=total_kv_heads,
                                    head_dim=mc.head_dim)
-            per_head = glue.api_takes_head_taus()
-            if not per_head:
-                raise ConfigError("--s2o-calibration", f"{cfg.calibration} is for S2O variant "
-                                  f"{calibration.variant!r}, but this build's attention kernel has no variants "
-                                  f"(nor per-head taus); drop --s2o-calibration or update sgl_slim")
             kv_heads = glue.local_kv_heads(total_kv_heads, get_parallel().tp_rank, get_parallel().tp_size)
-            taus = LayerTaus.from_config(cfg, calibration, kv_heads=kv_heads, per_head=per_head)
+            taus = LayerTaus.from_config(cfg, calibration, kv_heads=kv_heads)
         stock = ATTENTION_BACKENDS[stock_backend_name(model_runner)](model_runner)
         return cls(model_runner, cfg, stock=stock, taus=taus)
 

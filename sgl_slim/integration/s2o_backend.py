@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-import inspect
 import logging
 import threading
 from collections import deque
@@ -211,12 +210,6 @@ def local_kv_heads(total: int, tp_rank: int, tp_size: int) -> tuple[int, ...]:
     return (tp_rank // (tp_size // total),)
 
 
-def api_takes_head_taus() -> bool:
-    """Whether ``s2o_attention_paged`` takes ``variant`` and one tau per KV head (the same API change)."""
-    from sgl_slim.attention import s2o_attention_paged  # noqa: PLC0415
-    return "variant" in inspect.signature(s2o_attention_paged).parameters
-
-
 @dataclass(frozen=True)
 class LayerTaus:
     """The taus each attention layer runs with: ``--s2o-tau`` everywhere, or a calibration's per layer and
@@ -231,15 +224,15 @@ class LayerTaus:
     variant: str | None = None                          # the calibration's S2O variant; None: the API's default
 
     @classmethod
-    def from_config(cls, cfg: S2OConfig, calibration=None, *, kv_heads: tuple[int, ...] | None = None,
-                    per_head: bool = False) -> "LayerTaus":
+    def from_config(cls, cfg: S2OConfig, calibration=None, *,
+                    kv_heads: tuple[int, ...] | None = None) -> "LayerTaus":
         if calibration is None:
             return cls(default=cfg.tau, variant=cfg.variant)
         heads = kv_heads if kv_heads is not None else tuple(range(calibration.num_kv_heads))
         rows = []
         for layer in range(calibration.num_layers):
             taus = tuple(calibration.layer_tau(layer)[h] for h in heads)
-            rows.append(taus if per_head else (min(taus),))
+            rows.append(taus)
         return cls(default=cfg.tau, rows=tuple(rows), variant=calibration.variant)
 
     def tau(self, layer_id: int) -> float | tuple[float, ...]:

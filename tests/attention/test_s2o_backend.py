@@ -91,13 +91,13 @@ def _calibration(taus, **kw):
     return S2OCalibration(**base)
 
 
-def test_layer_taus_take_the_smallest_head_tau_of_each_layer():
+def test_layer_taus_from_the_flag_or_a_calibration_per_kv_head():
     cfg = S2OConfig(enabled=True, tau=0.7)
     plain = sb.LayerTaus.from_config(cfg)
     assert plain.tau(0) == plain.tau(31) == 0.7 and not plain.all_dense and not plain.any_dense_layer
     assert not plain.dense(3) and plain.describe() == "tau=0.7" and plain.variant == cfg.variant == "v2"
-    cal = sb.LayerTaus.from_config(cfg, _calibration(((0.3, 0.1), (0.0, 0.2), (0.5, 0.5))))
-    assert [cal.tau(i) for i in range(3)] == [0.1, 0.0, 0.5]     # min over heads: each head within budget
+    cal = sb.LayerTaus.from_config(cfg, _calibration(((0.3, 0.1), (0.0, 0.0), (0.5, 0.5))))
+    assert [cal.tau(i) for i in range(3)] == [(0.3, 0.1), 0.0, 0.5]   # one float when the heads agree
     assert [cal.dense(i) for i in range(3)] == [False, True, False] and cal.variant == "v1"
     assert cal.any_dense_layer and not cal.all_dense and cal.describe() == "tau=calibrated (0..0.5)"
     zero = sb.LayerTaus.from_config(cfg, _calibration(((0.0, 0.0), (0.0, 0.0))))
@@ -109,12 +109,11 @@ def test_layer_taus_take_the_smallest_head_tau_of_each_layer():
 def test_layer_taus_per_head_keep_this_ranks_heads():
     cal = _calibration(((0.1, 0.2, 0.3, 0.4), (0.0, 0.0, 0.5, 0.5), (0.0, 0.0, 0.0, 0.0)))
     cfg = S2OConfig(enabled=True)
-    rank1 = sb.LayerTaus.from_config(cfg, cal, kv_heads=(2, 3), per_head=True)
+    rank1 = sb.LayerTaus.from_config(cfg, cal, kv_heads=(2, 3))
     assert rank1.tau(0) == (0.3, 0.4) and rank1.tau(1) == 0.5          # one float when the heads agree
     assert [rank1.dense(i) for i in range(3)] == [False, False, True]
-    rank0 = sb.LayerTaus.from_config(cfg, cal, kv_heads=(0, 1), per_head=True)
+    rank0 = sb.LayerTaus.from_config(cfg, cal, kv_heads=(0, 1))
     assert rank0.tau(0) == (0.1, 0.2) and rank0.dense(1) and rank0.dense(2)
-    assert sb.LayerTaus.from_config(cfg, cal, kv_heads=(2, 3)).tau(0) == 0.3   # no per-head API: the min
 
 
 @pytest.mark.parametrize("total, size, expect", [
@@ -127,7 +126,6 @@ def test_local_kv_heads_follow_sglangs_sharding(total, size, expect):
     assert [sb.local_kv_heads(total, r, size) for r in range(size)] == expect
 
 
-@pytest.mark.skipif(not sb.api_takes_head_taus(), reason="the attention API takes no per-head taus yet")
 def test_run_s2o_layer_passes_per_head_taus_and_the_variant():
     g = torch.Generator().manual_seed(3)
     k_pool, v_pool = torch.randn(256, 2, 16, generator=g), torch.randn(256, 2, 16, generator=g)
@@ -363,7 +361,6 @@ def _batch_and_backend(backend_cls, monkeypatch, cfg, seq_lens, ext, hq=4, hkv=2
     monkeypatch.setattr(sb, "check_runner", lambda runner: None)
     monkeypatch.setattr(s2o_attn_backend, "stock_backend_name", lambda runner: "torch_native")
     monkeypatch.setattr(s2o_attn_backend, "get_parallel", lambda: SimpleNamespace(tp_rank=0, tp_size=1))
-    monkeypatch.setattr(sb, "api_takes_head_taus", lambda: True)
     g = torch.Generator().manual_seed(seed)
     slots = 512
     pool = _Pool(slots, hkv, d, torch.float32, layers)
@@ -464,15 +461,6 @@ def test_calibrated_taus_per_layer_and_dense_layers_on_the_stock_backend(backend
     assert torch.equal(out1, _torch_native(pool, r2t, fb, _layer(), q)), "a tau-0 layer is the stock backend's"
     (line,) = _log_lines(caplog)
     assert "density=0.7500" in line and "tau=calibrated (0..0.002)" in line      # mean of 0.5 and 1.0
-
-
-def test_a_calibration_needs_an_api_with_variants(backend_cls, monkeypatch, tmp_path):
-    cfg = S2OConfig(enabled=True, block_size=16, segment_size=32, calibration=_write_calibration(tmp_path / "c.json"))
-    monkeypatch.setattr(sb, "check_runner", lambda runner: None)
-    monkeypatch.setattr(sb, "api_takes_head_taus", lambda: False)
-    with pytest.raises(ConfigError, match="has no variants") as exc:
-        backend_cls.from_runner(_runner(_Pool(8, 2, 16, torch.float32, 2), torch.zeros(1, 1), layers=2), cfg)
-    assert exc.value.flag == "--s2o-calibration"
 
 
 def test_a_calibration_for_another_model_fails_at_startup(backend_cls, monkeypatch, tmp_path):
