@@ -45,6 +45,20 @@ def test_tiny_keys_are_save_pretrained_keys(tiny_dir, tmp_path):
     assert (tiny_dir / "processor_config.json").is_file() and (tiny_dir / "tokenizer.json").is_file()
 
 
+def test_shards_and_their_index_load(tmp_path, monkeypatch):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    import sgl_slim.random_vl as random_vl
+
+    monkeypatch.setattr(random_vl, "SHARD_BYTES", 256 << 10)
+    out = random_vl.build_random_vl(tmp_path / "sharded", "tiny", device="cpu")
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(files) > 1 and set(weight_map.values()) == set(files), files
+    _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), f"keys not matched on load: {info}"
+
+
 def test_7b_shape_matches_qwen25_vl_7b():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
