@@ -46,3 +46,22 @@ def test_ranks_are_bound_and_registered(scaled_server):
     # sgl_slim registered in every process: the launcher (which runs the tokenizer), both scheduler ranks, the
     # detokenizer, and with --dp-size the data-parallel controller too
     assert len(set(srv.registered_pids())) >= {"tp": 4, "dp": 5}[kind], srv.registered_pids()
+
+
+def test_per_request_settings_hold_on_two_workers(vl_server, scaled_server):
+    # a request's own keep ratio is applied by whichever worker serves it: the same answer and prompt length as
+    # on one worker, and a different prompt length from the server's default ratio
+    kind, srv = scaled_server
+    messages = image_message("Describe the image.", png_data_url(width=448, height=224, seed=4))
+    asks = [{"sgl_slim": {"idpruner_keep_ratio": r}} for r in (0.5, 1.0)]
+
+    def run(server, body):
+        r = greedy(server.openai(), messages, extra_body=body)
+        return r.choices[0].message.content, r.usage.prompt_tokens
+
+    for body in asks:
+        assert run(srv, body) == run(vl_server, body), f"--{kind}-size 2 differs from one worker for {body}"
+    default_len = run(srv, None)[1]
+    lens = [run(srv, body)[1] for body in asks]
+    # 128 vision tokens at 448x224: the server's 0.25 keeps 32, 0.5 keeps 64, 1.0 keeps 128
+    assert [n - default_len for n in lens] == [32, 96], (default_len, lens)
