@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lengths", default="32768,65536,131072")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--qk-std", type=float, default=0.02, help="std of the random q/k projections")
-    ap.add_argument("--configs", default="stock,s2o", help="stock, s2o, s2o-tau=X (comma-separated)")
+    ap.add_argument("--configs", default="stock,s2o",
+                    help="stock, s2o, s2o-tau=X, each optionally +fp8kv (an fp8_e4m3 KV cache); comma-separated")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip lengths once this much time has passed")
     ap.add_argument("--startup-timeout", type=float, default=240.0)
     args = ap.parse_args(argv)
@@ -180,9 +181,12 @@ def main(argv: list[str] | None = None) -> None:
         if time.perf_counter() - args.t_start > args.budget_s:
             emit({"config": cfg, "kind": "skipped", "why": "time budget"})
             continue
-        flags = [] if cfg == "stock" else ["--s2o"]
-        if cfg.startswith("s2o-tau="):
-            flags += ["--s2o-tau", cfg.split("=", 1)[1]]
+        base, _, option = cfg.partition("+")
+        flags = [] if base == "stock" else ["--s2o"]
+        if base.startswith("s2o-tau="):
+            flags += ["--s2o-tau", base.split("=", 1)[1]]
+        if option == "fp8kv":
+            flags += ["--kv-cache-dtype", "fp8_e4m3"]
         try:
             tokens = serve_and_measure(cfg, model, flags, args, vocab, emit, reference)
             if cfg == "stock":
