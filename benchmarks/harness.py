@@ -16,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -103,3 +104,23 @@ def markdown_table(rows: list[dict], columns: list[str], *, floatfmt: str = ".4g
         return "" if v is None else str(v)
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     return head + "".join("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
+
+
+def stream_generate(base_url: str, body: dict, timeout_s: float = 600.0) -> tuple[float | None, float, dict | None]:
+    """One streaming ``/generate`` request (``body`` with ``"stream": True``): (time to the first streamed chunk,
+    total latency, the last chunk) in seconds; ttft / chunk None when nothing was streamed.  HTTP and network
+    errors propagate."""
+    req = urllib.request.Request(base_url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    ttft, last = None, None
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            last = json.loads(line[5:])
+    return ttft, time.perf_counter() - t0, last
+

@@ -38,11 +38,10 @@ import statistics
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.harness import env_info
+from benchmarks.harness import env_info, stream_generate
 from sgl_slim.bench.runner import LaunchedServer
 
 UNPRUNED, PRUNED = "unpruned", "pruned"
@@ -78,25 +77,15 @@ def request_body(images: list[str], setting: str, max_new: int) -> dict:
     return body
 
 
-def stream_generate(base_url: str, body: dict, timeout_s: float) -> dict:
-    """One streaming ``/generate`` request: TTFT (first chunk), latency, and the last chunk's ``meta_info``."""
-    req = urllib.request.Request(base_url + "/generate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+def measure_request(base_url: str, body: dict, timeout_s: float) -> dict:
+    """One streaming ``/generate`` request: ok, TTFT (first chunk), latency and the token counts of the last
+    chunk's ``meta_info``; a failure is recorded, not raised."""
     t0 = time.perf_counter()
-    ttft, last = None, None
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            for raw in r:
-                line = raw.decode().strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                last = json.loads(line[5:])
+        ttft, latency, last = stream_generate(base_url, body, timeout_s)
     except Exception as exc:  # noqa: BLE001 (recorded per request; the run goes on)
         return {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}",
                 "latency_s": time.perf_counter() - t0}
-    latency = time.perf_counter() - t0
     meta = (last or {}).get("meta_info", {})
     if ttft is None or not meta:
         return {"ok": False, "error": f"no streamed chunk with meta_info: {str(last)[:300]}", "latency_s": latency}
@@ -238,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         url = server.base_url
 
         def one(images, setting):
-            return stream_generate(url, request_body(images, setting, args.max_new), args.request_timeout)
+            return measure_request(url, request_body(images, setting, args.max_new), args.request_timeout)
 
         for setting in (UNPRUNED, PRUNED):
             emit({"kind": "warmup", "setting": setting, **one(prompts[0], setting)})

@@ -17,17 +17,14 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import signal
 import statistics
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from sgl_slim.bench.runner import LaunchedServer
-from benchmarks.harness import env_info, markdown_table, record, write_results
+from benchmarks.harness import env_info, markdown_table, record, stream_generate, write_results
 
 
 
@@ -61,19 +58,7 @@ def one_request(port: int, images: list[str], max_new: int) -> dict:
               + "Compare these pictures.<|im_end|>\n<|im_start|>assistant\n")
     body = {"text": prompt, "image_data": images, "stream": True,
             "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0, "ignore_eos": True}}
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    t0 = time.perf_counter()
-    ttft, last = None, None
-    with urllib.request.urlopen(req, timeout=600) as r:
-        for line in r:
-            line = line.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            last = json.loads(line[5:])
-    total = time.perf_counter() - t0
+    ttft, total, last = stream_generate(f"http://127.0.0.1:{port}", body)
     meta = last["meta_info"]
     return {"ttft_s": ttft, "latency_s": total, "prompt_tokens": meta["prompt_tokens"],
             "completion_tokens": meta["completion_tokens"]}

@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import math
 import statistics
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from sgl_slim.bench.runner import LaunchedServer
-from benchmarks.harness import env_info, markdown_table, record, write_results
+from benchmarks.harness import env_info, markdown_table, record, stream_generate, write_results
 
 PROMPT = "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nWhat is said?"
 
@@ -53,20 +50,9 @@ def server_args(model: str, keep: float, threshold: float) -> list[str]:
 def one_request(port: int, audio: str, max_new: int) -> dict:
     body = {"text": PROMPT, "audio_data": [audio], "stream": True,
             "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0, "ignore_eos": True}}
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    t0 = time.perf_counter()
-    ttft, last = None, None
-    with urllib.request.urlopen(req, timeout=600) as r:
-        for line in r:
-            line = line.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            last = json.loads(line[5:])
+    ttft, latency, last = stream_generate(f"http://127.0.0.1:{port}", body)
     meta = last["meta_info"]
-    return {"ttft_s": ttft, "latency_s": time.perf_counter() - t0, "prompt_tokens": meta["prompt_tokens"]}
+    return {"ttft_s": ttft, "latency_s": latency, "prompt_tokens": meta["prompt_tokens"]}
 
 
 def main(argv=None) -> int:
