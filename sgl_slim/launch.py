@@ -187,8 +187,8 @@ def resolve_model(sglang_argv: list[str]) -> list[str]:
 
 def apply_cpu_defaults(sglang_argv: list[str]) -> list[str]:
     """SGLang's flags for serving on the CPU, where the user set none: ``--device cpu``, a KV pool cap, and
-    ``--sleep-on-idle`` (an idle scheduler otherwise polls its sockets without pause and takes a fifth of a core
-    or more away from the work of other processes; it then waits on them and wakes when a request arrives)."""
+    ``--sleep-on-idle`` (an idle scheduler's loop otherwise polls its sockets without pause, a whole core taken
+    from the work of other processes; it then waits on them and wakes when a request arrives)."""
     extra = []
     if not _has_flag(sglang_argv, "--device"):
         extra += ["--device", "cpu"]
