@@ -12,7 +12,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('sglang') != '0.5.23')" 2>/dev/null \
-   || ! "$venv/bin/python" -c "import pytest, openai, hypothesis, soundfile, torchaudio, PIL, matplotlib" 2>/dev/null; then
+   || ! "$venv/bin/python" -c "import pytest, openai, hypothesis, soundfile, torchaudio, PIL, matplotlib, decord" 2>/dev/null; then
   echo "sgl_slim: installing sglang 0.5.23 and test tools (first time: ~6-8 min, ~11 GB)" >&2
   "$venv/bin/pip" install --quiet "$root[test]"
 fi

@@ -71,10 +71,10 @@ def test_plugin_installs_in_table_order_what_the_flags_ask(recorded_installs, mo
     cfg, _, _ = parse_slim_args(["--samp", "--idpruner"])
     monkeypatch.setenv(ENV_VAR, cfg.to_json())
     plugin.register()
-    assert calls == ["input_checks", "containment", "standins.cpu_parallel", "request_hooks", "s2o_backend",
-                     "idpruner_hooks", "samp_hooks", "metrics"]
+    assert calls == ["input_checks", "containment", "standins.cpu_parallel", "standins.video_decoder",
+                     "request_hooks", "s2o_backend", "idpruner_hooks", "samp_hooks", "metrics"]
     plugin.register()                                    # idempotent: nothing installed twice
-    assert len(calls) == 8
+    assert len(calls) == 9
     assert plugin.installed_features() == set(calls)
 
 

@@ -1,5 +1,6 @@
 """Seeded, locally generated benchmark inputs: short and long texts, images (PIL), audio clips (numpy +
-soundfile), as OpenAI chat requests with data URLs (nothing is downloaded)."""
+soundfile), videos (JPEG frames in an AVI container written here), as OpenAI chat requests with data URLs
+(nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import base64
 import io
 import math
 import random
+import struct
 from dataclasses import dataclass
 
 SCENARIOS = ("text", "longctx", "image", "audio", "mixed")
@@ -72,6 +74,72 @@ def wav_data_url(seconds: float, rng: random.Random, rate: int = 16000) -> str:
     buf = io.BytesIO()
     sf.write(buf, wave.astype(np.float32), rate, format="WAV", subtype="PCM_16")
     return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def mjpeg_avi(frames, fps: int) -> bytes:
+    """An AVI file of ``frames`` (uint8 arrays [H, W, 3], all one size) as Motion-JPEG at ``fps`` frames per
+    second: the RIFF header list, one JPEG chunk per frame and the index, the layout FFmpeg's AVI reader takes."""
+    from PIL import Image  # noqa: PLC0415
+
+    def chunk(fourcc: bytes, data: bytes) -> bytes:
+        return fourcc + struct.pack("<I", len(data)) + data + b"\0" * (len(data) % 2)
+
+    def chunk_list(kind: bytes, body: bytes) -> bytes:
+        return b"LIST" + struct.pack("<I", len(body) + 4) + kind + body
+
+    if not frames:
+        raise ValueError("a video needs at least one frame")
+    height, width = frames[0].shape[:2]
+    jpegs = []
+    for frame in frames:
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    n = len(jpegs)
+    # MainAVIHeader: us per frame, max bytes/s, padding, flags (has index), frames, initial frames, streams,
+    # buffer size, width, height, 4 reserved
+    avih = struct.pack("<10I4I", round(1e6 / fps), 0, 0, 0x10, n, 0, 1, 0, width, height, 0, 0, 0, 0)
+    # AVIStreamHeader: type, handler, flags, priority, language, initial frames, scale, rate (fps = rate /
+    # scale), start, length, buffer size, quality (-1: default), sample size, frame rectangle
+    strh = b"vidsMJPG" + struct.pack("<IHHIIIIIIiI4h", 0, 0, 0, 0, 1, fps, 0, n, 0, -1, 0, 0, 0, width, height)
+    # BITMAPINFOHEADER
+    strf = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, int.from_bytes(b"MJPG", "little"),
+                       width * height * 3, 0, 0, 0, 0)
+    header = chunk_list(b"hdrl", chunk(b"avih", avih) + chunk_list(b"strl", chunk(b"strh", strh) +
+                                                                 chunk(b"strf", strf)))
+    movi, index, offset = [], [], 4              # index offsets count from the 'movi' tag
+    for jpeg in jpegs:
+        movi.append(chunk(b"00dc", jpeg))
+        index.append(b"00dc" + struct.pack("<III", 0x10, offset, len(jpeg)))    # 0x10: a key frame
+        offset += len(movi[-1])
+    body = b"AVI " + header + chunk_list(b"movi", b"".join(movi)) + chunk(b"idx1", b"".join(index))
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def video_frames(num_frames: int, width: int, height: int, rng: random.Random):
+    """Seeded frames of a slowly changing scene: a gradient background and a few shapes drifting across it
+    (neighbouring frames are alike, as in real video)."""
+    import numpy as np  # noqa: PLC0415
+
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    phase = rng.uniform(0, 6.3)
+    shapes = [(rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05),
+               rng.uniform(0.05, 0.2), [rng.randrange(256) for _ in range(3)]) for _ in range(3)]
+    frames = []
+    for t in range(num_frames):
+        base = np.stack([np.sin(5 * x + phase + 0.1 * t), np.cos(4 * y - phase), np.sin(3 * (x + y) + 0.05 * t)],
+                        axis=-1)
+        frame = ((base * 0.5 + 0.5) * 200).astype(np.uint8)
+        for cx, cy, vx, vy, r, colour in shapes:
+            frame[(x - (cx + vx * t) % 1) ** 2 + (y - (cy + vy * t) % 1) ** 2 < r * r] = colour
+        frames.append(frame)
+    return frames
+
+
+def video_data_url(num_frames: int, rng: random.Random, width: int = 224, height: int = 224, fps: int = 2) -> str:
+    """A seeded Motion-JPEG AVI (:func:`video_frames`) as a data URL."""
+    data = mjpeg_avi(video_frames(num_frames, width, height, rng), fps)
+    return "data:video/x-msvideo;base64," + base64.b64encode(data).decode()
 
 
 def _request(kind: str, spec: WorkloadSpec, rng: random.Random) -> BenchRequest:
