@@ -85,11 +85,14 @@ class IDPrunerConfig:
     enabled: bool = False
     keep_ratio: float = 0.25     # kept vision tokens per image = round(N * keep_ratio)
     mmr_lambda: float = 0.5      # 1 = pure importance, 0 = pure diversity
-    min_tokens: int = 1          # never keep fewer tokens than this per image (nor more than N)
+    min_tokens: int = 1          # never keep fewer tokens than this per image or frame group (nor more than N)
     scorer: str | None = None    # optional trained importance scorer (directory)
+    video_keep_ratio: float | None = None   # kept share of each video frame group's tokens; None: keep_ratio
 
     def validate(self) -> None:
         _check_keep_ratio("--idpruner-keep-ratio", self.keep_ratio)
+        if self.video_keep_ratio is not None:
+            _check_keep_ratio("--idpruner-video-keep-ratio", self.video_keep_ratio)
         if not (0.0 <= self.mmr_lambda <= 1.0):
             raise ConfigError("--idpruner-lambda", f"must be in [0, 1], got {self.mmr_lambda}")
         if self.min_tokens < 1:
@@ -97,9 +100,14 @@ class IDPrunerConfig:
         if self.scorer is not None and not Path(self.scorer).is_dir():
             raise ConfigError("--idpruner-scorer", f"not a readable directory: {self.scorer}")
 
-    def keep_count(self, n: int) -> int:
-        """Tokens kept out of ``n``: round(n * keep_ratio), clamped to [min_tokens, n]."""
-        return max(1, min(n, max(self.min_tokens, round(n * self.keep_ratio))))
+    def ratio(self, video: bool = False) -> float:
+        """The keep ratio of an image, or (``video``) of one frame group of a video."""
+        return self.keep_ratio if not video or self.video_keep_ratio is None else self.video_keep_ratio
+
+    def keep_count(self, n: int, video: bool = False) -> int:
+        """Tokens kept out of ``n`` (an image's, or a video frame group's): round(n * ratio), clamped to
+        [min_tokens, n]."""
+        return max(1, min(n, max(self.min_tokens, round(n * self.ratio(video)))))
 
 
 @dataclass(frozen=True)
@@ -212,8 +220,11 @@ FEATURES: tuple[Feature, ...] = (
             metric_fields=("vision_tokens_kept", "vision_tokens_total"), flags=(
         Flag("--idpruner", "enabled", bool, "IDPruner: prune vision tokens (MMR) before the LLM"),
         Flag("--idpruner-keep-ratio", "keep_ratio", float, "kept share of each image's tokens, in (0, 1]"),
+        Flag("--idpruner-video-keep-ratio", "video_keep_ratio", float,
+             "kept share of each video frame group's tokens, in (0, 1] (default: --idpruner-keep-ratio)"),
         Flag("--idpruner-lambda", "mmr_lambda", float, "MMR trade-off in [0, 1]: 1 importance, 0 diversity"),
-        Flag("--idpruner-min-tokens", "min_tokens", int, "keep at least this many tokens per image, >= 1"),
+        Flag("--idpruner-min-tokens", "min_tokens", int,
+             "keep at least this many tokens per image and per video frame group, >= 1"),
         Flag("--idpruner-scorer", "scorer", str, "directory of a trained importance scorer (optional)"),
     )),
     Feature("samp", "samp_hooks", SampConfig, metric_fields=("audio_tokens_kept", "audio_tokens_total"), flags=(
@@ -237,6 +248,7 @@ FEATURES: tuple[Feature, ...] = (
     )),
     Feature("containment", "containment", install=WHEN_LAUNCHED),    # per-request failures contained
     Feature("cpu_parallel", "standins.cpu_parallel", install=WHEN_LAUNCHED),  # --tp-size / --dp-size on the CPU
+    Feature("video_decoder", "standins.video_decoder", install=WHEN_LAUNCHED),  # videos without FFmpeg libraries
     Feature("request_settings", "request_hooks", install=WHEN_LAUNCHED),  # a request's own sgl_slim settings
     Feature("metrics", "metrics", install=WITH_ANY_ON),             # the per-request numbers, for every feature
 )

@@ -3,7 +3,8 @@
 One server serves many applications; each request may ask for its own IDPruner / Samp keep ratio or S2O tau,
 or for dense attention::
 
-    {"sgl_slim": {"idpruner_keep_ratio": 0.5, "samp_keep_ratio": 0.8, "s2o_tau": 0.003, "s2o": false}}
+    {"sgl_slim": {"idpruner_keep_ratio": 0.5, "idpruner_video_keep_ratio": 0.2, "samp_keep_ratio": 0.8,
+                  "s2o_tau": 0.003, "s2o": false}}
 
 Every field is optional. Each is checked like its launch flag (the same settings class validates it, so the
 ranges are the flags' ranges); a field of a feature the server was started without, a value of the wrong type
@@ -39,6 +40,7 @@ class Field:
 
 FIELDS: dict[str, Field] = {
     "idpruner_keep_ratio": Field("idpruner", "keep_ratio", float, "--idpruner-keep-ratio"),
+    "idpruner_video_keep_ratio": Field("idpruner", "video_keep_ratio", float, "--idpruner-video-keep-ratio"),
     "samp_keep_ratio": Field("samp", "keep_ratio", float, "--samp-keep-ratio"),
     "s2o_tau": Field("s2o", "tau", float, "--s2o-tau"),
     "s2o": Field("s2o", "enabled", bool, "--s2o"),
@@ -51,6 +53,7 @@ _TOGGLES = {"idpruner": "--idpruner", "samp": "--samp", "s2o": "--s2o"}
 class RequestSettings:
     """A request's checked settings; None: the server's."""
     idpruner_keep_ratio: float | None = None
+    idpruner_video_keep_ratio: float | None = None
     samp_keep_ratio: float | None = None
     s2o_tau: float | None = None
     s2o: bool | None = None
@@ -63,10 +66,14 @@ class RequestSettings:
         return bool(self.to_dict())
 
     def idpruner(self, base: IDPrunerConfig) -> IDPrunerConfig:
-        """The IDPruner settings for this request."""
-        if self.idpruner_keep_ratio is None:
-            return base
-        return replace(base, keep_ratio=self.idpruner_keep_ratio)
+        """The IDPruner settings for this request. Its image ratio also sets its videos' where neither the
+        request nor the server set a video ratio (the flag's own default)."""
+        changes = {}
+        if self.idpruner_keep_ratio is not None:
+            changes["keep_ratio"] = self.idpruner_keep_ratio
+        if self.idpruner_video_keep_ratio is not None:
+            changes["video_keep_ratio"] = self.idpruner_video_keep_ratio
+        return replace(base, **changes) if changes else base
 
     def samp(self, base: SampConfig) -> SampConfig:
         """The Samp settings for this request."""

@@ -11,8 +11,8 @@ from sgl_slim.request_settings import (CARRIER_KEY, FIELDS, RequestSettings, Req
 
 ALL_ON = SlimConfig(s2o=S2OConfig(enabled=True), idpruner=IDPrunerConfig(enabled=True),
                     samp=SampConfig(enabled=True))
-TOGGLE = {"idpruner_keep_ratio": "--idpruner", "samp_keep_ratio": "--samp", "s2o_tau": "--s2o", "s2o": "--s2o"}
-GOOD = {"idpruner_keep_ratio": 0.5, "samp_keep_ratio": 0.8, "s2o_tau": 3e-3, "s2o": True}
+TOGGLE = {"idpruner_keep_ratio": "--idpruner", "idpruner_video_keep_ratio": "--idpruner", "samp_keep_ratio": "--samp", "s2o_tau": "--s2o", "s2o": "--s2o"}
+GOOD = {"idpruner_keep_ratio": 0.5, "idpruner_video_keep_ratio": 0.2, "samp_keep_ratio": 0.8, "s2o_tau": 3e-3, "s2o": True}
 
 
 def test_no_object_and_empty_object_change_nothing():
@@ -29,6 +29,7 @@ def test_every_field_is_accepted_in_range_and_applied():
     settings = parse_request_settings(GOOD, ALL_ON)
     assert settings.to_dict() == GOOD
     assert settings.idpruner(ALL_ON.idpruner).keep_ratio == 0.5
+    assert settings.idpruner(ALL_ON.idpruner).video_keep_ratio == 0.2
     assert settings.idpruner(ALL_ON.idpruner).mmr_lambda == ALL_ON.idpruner.mmr_lambda     # the rest: the server's
     assert settings.samp(ALL_ON.samp).keep_ratio == 0.8
     assert settings.s2o_tau_for(1e-3) == 3e-3
@@ -36,6 +37,20 @@ def test_every_field_is_accepted_in_range_and_applied():
     # the ends of the flags' ranges
     assert parse_request_settings({"idpruner_keep_ratio": 1, "samp_keep_ratio": 1.0, "s2o_tau": 0}, ALL_ON) \
         .to_dict() == {"idpruner_keep_ratio": 1.0, "samp_keep_ratio": 1.0, "s2o_tau": 0.0}
+
+
+@pytest.mark.parametrize("server_video,request_fields,want_image,want_video", [
+    (None, {}, 0.25, 0.25),                                             # the server's image ratio for both
+    (None, {"idpruner_keep_ratio": 0.5}, 0.5, 0.5),                     # the request's, for both
+    (0.1, {"idpruner_keep_ratio": 0.5}, 0.5, 0.1),                      # the server set its video ratio
+    (0.1, {"idpruner_video_keep_ratio": 0.3}, 0.25, 0.3),
+    (None, {"idpruner_keep_ratio": 0.5, "idpruner_video_keep_ratio": 1}, 0.5, 1.0),
+])
+def test_video_ratio_follows_the_image_ratio_unless_set(server_video, request_fields, want_image, want_video):
+    server = IDPrunerConfig(enabled=True, keep_ratio=0.25, video_keep_ratio=server_video)
+    cfg = parse_request_settings(request_fields, SlimConfig(idpruner=server)).idpruner(server)
+    assert (cfg.ratio(), cfg.ratio(video=True)) == (want_image, want_video)
+    assert cfg.keep_count(144, video=True) == round(144 * want_video)
 
 
 def test_integers_become_floats_so_equal_settings_hash_equal():
@@ -48,6 +63,8 @@ def test_integers_become_floats_so_equal_settings_hash_equal():
     ("idpruner_keep_ratio", 0, "--idpruner-keep-ratio"), ("idpruner_keep_ratio", 1.5, "--idpruner-keep-ratio"),
     ("idpruner_keep_ratio", -0.1, "--idpruner-keep-ratio"), ("samp_keep_ratio", 0.0, "--samp-keep-ratio"),
     ("samp_keep_ratio", 2, "--samp-keep-ratio"), ("s2o_tau", -1e-3, "--s2o-tau"),
+    ("idpruner_video_keep_ratio", 0, "--idpruner-video-keep-ratio"),
+    ("idpruner_video_keep_ratio", 1.01, "--idpruner-video-keep-ratio"),
 ])
 def test_out_of_range_names_the_field_and_the_flag(name, value, flag):
     with pytest.raises(RequestSettingsError) as err:
@@ -56,7 +73,7 @@ def test_out_of_range_names_the_field_and_the_flag(name, value, flag):
     assert isinstance(err.value, ValueError)                 # SGLang answers ValueError with HTTP 400
 
 
-@pytest.mark.parametrize("name", ["idpruner_keep_ratio", "samp_keep_ratio", "s2o_tau"])
+@pytest.mark.parametrize("name", ["idpruner_keep_ratio", "idpruner_video_keep_ratio", "samp_keep_ratio", "s2o_tau"])
 @pytest.mark.parametrize("value", ["0.5", None, True, [0.5], {"v": 0.5}, math.nan, math.inf, -math.inf, 10 ** 400])
 def test_numbers_of_the_wrong_type_or_not_finite_are_refused(name, value):
     with pytest.raises(RequestSettingsError, match=f"sgl_slim.{name}: must be a (finite )?number"):

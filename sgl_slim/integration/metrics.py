@@ -7,8 +7,8 @@ each feature's fields are named in the feature table, ``sgl_slim.config.FEATURES
 - ``s2o_density`` (float), ``s2o_sparse`` (bool): with ``--s2o``, the fraction of causal score blocks S2O
   visited over the request's whole prefill (the per-chunk densities S2O logs, weighted by causal query-key
   pairs; a request shorter than ``--s2o-min-length`` is served dense: 1.0 and ``s2o_sparse`` false).
-- ``vision_tokens_kept`` / ``vision_tokens_total`` (int): with ``--idpruner``, image tokens the LLM saw / the
-  image tokens the request had before pruning (summed over its images; videos are neither pruned nor counted).
+- ``vision_tokens_kept`` / ``vision_tokens_total`` (int): with ``--idpruner``, image and video tokens the LLM
+  saw / those the request had before pruning (summed over its images and videos).
 - ``audio_tokens_kept`` / ``audio_tokens_total`` (int): with ``--samp``, likewise for audio clips.
 - ``draft_tokens_proposed`` / ``draft_tokens_accepted`` (int): with speculative decoding, SGLang's own
   ``spec_num_proposed_drafts`` (verifies x (draft tokens per verify - 1)) and ``spec_num_correct_drafts``
@@ -84,6 +84,7 @@ HOOKED_SYMBOLS: list[str] = [
     "sglang.srt.entrypoints.openai.serving_completions.build_endpoint_weight_version_metadata",
     "sglang.srt.managers.schedule_batch.Req.finished",
     "sglang.srt.managers.schedule_batch.MultimodalDataItem.is_image",
+    "sglang.srt.managers.schedule_batch.MultimodalDataItem.is_video",
     "sglang.srt.managers.schedule_batch.MultimodalDataItem.is_audio",
     "sglang.srt.plugins.hook_registry.HookRegistry.register",
     "sglang.srt.runtime_context.get_serving",
@@ -182,9 +183,10 @@ def _token_counts(items, counted) -> tuple[int, int]:
     return kept, total
 
 
-def image_token_counts(items) -> tuple[int, int]:
-    """(kept, original) image tokens over a request's multimodal items (after IDPruner's tokenizer hook)."""
-    return _token_counts(items, lambda item: item.is_image())
+def vision_token_counts(items) -> tuple[int, int]:
+    """(kept, original) image and video tokens over a request's multimodal items (after IDPruner's tokenizer
+    hook)."""
+    return _token_counts(items, lambda item: item.is_image() or item.is_video())
 
 
 def audio_token_counts(items) -> tuple[int, int]:
@@ -202,7 +204,7 @@ def request_numbers(req, cfg: SlimConfig, draft_tokens_per_verify: int | None) -
     mm = getattr(req, "multimodal_inputs", None)
     items = list(getattr(mm, "mm_items", None) or []) if mm is not None else []
     if cfg.idpruner.enabled and items:
-        kept, total = image_token_counts(items)
+        kept, total = vision_token_counts(items)
         if total:
             out[VISION_KEPT], out[VISION_TOTAL] = kept, total
     if cfg.samp.enabled and items:
@@ -359,7 +361,7 @@ class PrometheusSeries:
                     "s2o": Histogram("sgl_slim_s2o_density", "S2O prefill density per request (fraction of causal "
                                      "score blocks visited); mode=dense: shorter than --s2o-min-length.",
                                      ["model_name", "mode"], buckets=S2O_DENSITY_BUCKETS),
-                    "vision": Counter("sgl_slim_vision_tokens", "Image tokens per request before IDPruner "
+                    "vision": Counter("sgl_slim_vision_tokens", "Image and video tokens per request before IDPruner "
                                       "(kind=original) and after (kind=kept).", ["model_name", "kind"]),
                     "audio": Counter("sgl_slim_audio_tokens", "Audio tokens per request before Samp "
                                      "(kind=original) and after (kind=kept).", ["model_name", "kind"]),

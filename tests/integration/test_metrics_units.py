@@ -24,6 +24,9 @@ class Item:
     def is_image(self):
         return self.modality == "image"
 
+    def is_video(self):
+        return self.modality == "video"
+
     def is_audio(self):
         return self.modality == "audio"
 
@@ -69,15 +72,16 @@ def test_s2o_short_request_reports_dense_and_table_is_bounded(s2o_table):
     assert s2o_table.pop("off") is None
 
 
-def test_image_and_audio_counts():
+def test_image_video_and_audio_counts():
     items = [
         Item("image", [(3, 10)], {BEFORE: 32}),        # pruned: 8 of 32
         Item("image", [(20, 23)]),                     # not pruned (K == N): 4 of 4
         Item("audio", [(30, 35), (40, 41)], {BEFORE: 14}, audio_lens=[10, 4]),   # 8 of 14
         Item("audio", [(50, 52)], audio_lens=[3]),     # keep ratio 1.0: 3 of 3
-        Item("video", [(60, 99)]),                     # neither
+        Item("video", [(60, 99)]),                     # not pruned: 40 of 40
+        Item("video", [(100, 109), (112, 121)], {BEFORE: 80}),   # pruned, one run per frame group: 20 of 80
     ]
-    assert metrics.image_token_counts(items) == (12, 36)
+    assert metrics.vision_token_counts(items) == (12 + 40 + 20, 36 + 40 + 80)
     assert metrics.audio_token_counts(items) == (11, 17)
 
 

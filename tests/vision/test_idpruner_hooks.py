@@ -1,4 +1,5 @@
-"""IDPruner's SGLang hooks without a server: placeholder shrinking, per-image selection, position fix-up."""
+"""IDPruner's SGLang hooks without a server: placeholder shrinking, per-image and per-frame-group selection,
+position fix-up."""
 
 import contextlib
 import logging
@@ -57,7 +58,109 @@ def test_shrink_two_images_keeps_text_positions_and_offsets():
     assert torch.equal(out.mm_items[1].model_specific_data[hooks.POS_KEY], old_pos[:, 12:24])
     assert out.mm_items[0].model_specific_data[hooks.N_KEY] == 8
     assert [it.model_specific_data[hooks.K_KEY] for it in out.mm_items] == [k0, k1]
-    assert metrics.image_token_counts(out.mm_items) == (k0 + k1, 8 + 12)     # what the request reports
+    assert metrics.vision_token_counts(out.mm_items) == (k0 + k1, 8 + 12)     # what the request reports
+
+
+VPAD = 151656
+MERGE_MODEL = types.SimpleNamespace(visual=types.SimpleNamespace(spatial_merge_size=2),
+                                    config=types.SimpleNamespace(hidden_size=12))
+
+
+def _video_output(runs, total, groups, seed=0, image=None):
+    """input ids with ONE video whose placeholders are the runs [(start, n)] (one run, or one per frame group as
+    Qwen3-VL lays them out), grid (groups, 2, 2 * sum(n) / groups); optionally an image run (start, n) too."""
+    ids = [TEXT] * total
+    for start, n in runs:
+        ids[start:start + n] = [VPAD] * n
+    tokens = sum(n for _, n in runs)
+    video = MultimodalDataItem(modality=Modality.VIDEO, feature=torch.randn(4 * tokens, 8),
+                               offsets=[(start, start + n - 1) for start, n in runs],
+                               model_specific_data={"video_grid_thw": torch.tensor([[groups, 2, 2 * tokens // groups]])})
+    items = [video]
+    if image is not None:
+        ids[image[0]:image[0] + image[1]] = [PAD] * image[1]
+        items.append(_item(*image, seed=seed + 1))
+    pos = torch.stack([torch.arange(total), torch.arange(total) + 1000, torch.arange(total) + 2000])
+    return MultimodalProcessorOutput(input_ids=ids, mm_items=items, mrope_positions=pos,
+                                     mrope_position_delta=torch.tensor([[0]]))
+
+
+@pytest.mark.parametrize("runs,total", [([(2, 24)], 30), ([(2, 6), (10, 6), (18, 6), (26, 6)], 34)],
+                         ids=["one-run", "run-per-group"])
+def test_video_prunes_each_frame_group_with_its_positions(runs, total):
+    cfg = IDPrunerConfig(enabled=True, keep_ratio=0.25, video_keep_ratio=0.5)
+    hooks.HOOKS.cfg = cfg
+    out = _video_output(runs, total, groups=4)
+    old_pos = out.mrope_positions.clone()
+    hooks.shrink_placeholders(out, cfg)
+    video = out.mm_items[0]
+    per = cfg.keep_count(6, video=True)                               # 3 of each group's 6 tokens
+    assert per == 3
+    md = video.model_specific_data
+    assert (md[hooks.N_KEY], md[hooks.K_KEY], md[hooks.GROUPS_KEY]) == (24, 4 * per, 4)
+    assert sum(e - s + 1 for s, e in video.offsets) == 4 * per
+    assert len(out.input_ids) == total - 4 * (6 - per)
+    assert torch.equal(md[hooks.POS_KEY], torch.cat([old_pos[:, s:s + n] for s, n in runs], dim=1))
+    text = [c for c in range(total) if not any(s <= c < s + n for s, n in runs)]
+    assert torch.equal(out.mrope_positions[:, [i for i, t in enumerate(out.input_ids) if t == TEXT]],
+                       old_pos[:, text])                                   # text between and after keeps its own
+    assert metrics.vision_token_counts(out.mm_items) == (12, 24)
+
+    # scheduler: per group, MMR over that group's rows only; then positions over two prefill chunks
+    vision = torch.randn(24, 12, generator=torch.Generator().manual_seed(3))
+    got = hooks._get_video_feature_after(vision, MERGE_MODEL, out.mm_items)
+    want = torch.cat([j * 6 + idpruner_select(vision[j * 6:(j + 1) * 6], None, per) for j in range(4)])
+    assert torch.equal(md[hooks.KEEP_KEY], want)
+    assert torch.equal(got, vision[want])
+    cut = len(out.input_ids) // 2
+    first = torch.zeros(3, cut, dtype=torch.long)
+    second = torch.zeros(3, len(out.input_ids) - cut, dtype=torch.long)
+    mm = types.SimpleNamespace(mm_items=out.mm_items)
+    hooks._fix_chunk_positions(first, 0, 0, cut, mm)
+    hooks._fix_chunk_positions(second, 0, cut, len(out.input_ids) - cut, mm)
+    full = torch.cat([first, second], dim=1)
+    slots = [c for s, e in video.offsets for c in range(s, e + 1)]
+    assert torch.equal(full[:, slots], md[hooks.POS_KEY][:, want])
+
+
+def test_video_and_image_ratios_apply_to_their_own_items_and_hashes():
+    hashes = {}
+    for video_ratio in (None, 0.5, 1.0):
+        cfg = IDPrunerConfig(enabled=True, keep_ratio=0.25, video_keep_ratio=video_ratio)
+        out = _video_output([(2, 24)], 40, groups=4, image=(30, 8))
+        hooks.shrink_placeholders(out, cfg)
+        video, image = out.mm_items
+        assert image.model_specific_data[hooks.K_KEY] == cfg.keep_count(8) == 2
+        if video_ratio == 1.0:                                             # kept whole: left as stock
+            assert hooks.N_KEY not in video.model_specific_data and video.offsets == [(2, 25)]
+        else:
+            assert video.model_specific_data[hooks.K_KEY] == 4 * round(6 * (video_ratio or 0.25))
+        hashes[video_ratio] = (video.hash, image.hash)
+    assert hashes[None][1] == hashes[0.5][1]                            # the image's settings did not change
+    assert hashes[None][0] != hashes[0.5][0]
+
+
+@pytest.mark.parametrize("runs,groups", [([(2, 6), (10, 5)], 2), ([(2, 10)], 4), ([(2, 9), (12, 3)], 2)],
+                         ids=["uneven-runs", "groups-do-not-divide", "run-cuts-a-group"])
+def test_a_video_that_does_not_split_into_its_frame_groups_is_left_whole(runs, groups):
+    out = _video_output(runs, 20, groups=groups)
+    before = list(out.input_ids)
+    hooks.shrink_placeholders(out, IDPrunerConfig(enabled=True, keep_ratio=0.25))
+    assert out.input_ids == before and hooks.N_KEY not in out.mm_items[0].model_specific_data
+
+
+def test_a_failed_group_selection_falls_back_per_group(monkeypatch):
+    cfg = IDPrunerConfig(enabled=True, keep_ratio=0.5)
+    hooks.HOOKS.cfg = cfg
+    out = _video_output([(2, 24)], 30, groups=4)
+    hooks.shrink_placeholders(out, cfg)
+    # a selection that ignores its group's bounds (all from the first rows) is refused: every group must keep 3
+    monkeypatch.setattr(hooks, "select_rows", lambda rows, k, cfg, feature_width=None: torch.arange(k) - 6)
+    with slim_log() as lines:
+        hooks._get_video_feature_after(torch.randn(24, 12), MERGE_MODEL, out.mm_items)
+    keep = out.mm_items[0].model_specific_data[hooks.KEEP_KEY]
+    assert torch.equal(keep, torch.tensor([0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]))   # evenly spaced per group
+    assert len(lines) == 1 and "video of 24 tokens (keep 12)" in lines[0], lines
 
 
 def test_hash_mixes_settings_and_is_deterministic():
