@@ -5,7 +5,9 @@
 What IDPruner removes is language-model prefill work. This times the larger demo's language model (the same
 checkpoint as benchmarks/idpruner_ttft.py) on inputs_embeds of the lengths the server sees for 4 images of
 256 tokens plus text (1055 tokens unpruned; keep 0.5 / 0.25 / 0.1 -> 543 / 287 / 133), alternating the
-lengths in every round so the shared host's load drift hits all alike. Median of the rounds.
+lengths in every round so the shared host's load drift hits all alike. Median of the rounds. ``--lengths`` sets
+other lengths, e.g. a 16-frame video's (1176 tokens; 312 at keep 0.25):
+``python -m benchmarks.idpruner_prefill --lengths 1.0:1176,0.25:312 --out ...``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: spinning threads starve on a shared host)")
+    ap.add_argument("--lengths", default=",".join(f"{k}:{n}" for k, n in LENGTHS.items()),
+                    help="keep:tokens,... (keep 1.0 is the baseline and must be among them)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    lengths = {float(k): int(n) for k, n in (pair.split(":") for pair in args.lengths.split(","))}
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from sgl_slim.demo import ensure_demo
@@ -39,10 +44,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     lm = model.model.language_model
-    times = {k: [] for k in LENGTHS}
+    times = {k: [] for k in lengths}
     with torch.no_grad():
         for r in range(args.rounds + 1):
-            for keep, n in LENGTHS.items():
+            for keep, n in lengths.items():
                 x = torch.randn(1, n, args.hidden)
                 pos = torch.arange(n)[None, None].expand(3, 1, n)
                 t0 = time.perf_counter()
@@ -52,7 +57,7 @@ def main(argv=None) -> int:
     base = statistics.median(times[1.0])
     rows = [record("idpruner_prefill", keep_ratio=k, tokens=n, prefill_ms=1e3 * statistics.median(times[k]),
                    speedup=base / statistics.median(times[k]), rounds=args.rounds, hidden=args.hidden,
-                   layers=args.layers, threads=args.threads) for k, n in LENGTHS.items()]
+                   layers=args.layers, threads=args.threads) for k, n in lengths.items()]
     write_results(args.out, rows, env=env_info())
     print(markdown_table(rows, ["keep_ratio", "tokens", "prefill_ms", "speedup"]))
     return 0

@@ -70,6 +70,36 @@ def test_openai_extra_body_and_echo(vl_server):
     assert numbers["vision_tokens_kept"] == numbers["vision_tokens_total"]
 
 
+def test_openai_video_ratios_per_request_and_never_shared_in_the_cache(vl_server):
+    # an 8-frame video: 4 frame groups; each keeps its share of its own tokens, by the request's ratio
+    import random
+
+    from sgl_slim.bench.workload import video_data_url
+
+    video = {"type": "video_url", "video_url": {"url": video_data_url(8, random.Random(9))}}
+    messages = [{"role": "user", "content": [video, {"type": "text", "text": "Per-request settings: what happens?"}]}]
+    client = vl_server.openai()
+
+    def ask(settings=None):
+        extra = {"extra_body": {"sgl_slim": settings}} if settings else {}
+        resp = client.chat.completions.create(model="default", messages=messages, max_tokens=2, temperature=0,
+                                              **extra).to_dict()
+        return resp["usage"], resp["metadata"]["sgl_slim"]
+
+    full, full_numbers = ask({"idpruner_video_keep_ratio": 1.0})
+    total = full_numbers["vision_tokens_total"]
+    assert full["prompt_tokens_details"]["video_tokens"] == total == full_numbers["vision_tokens_kept"]
+    group = total // 4
+    for settings, ratio in [(None, SERVER_KEEP), ({"idpruner_video_keep_ratio": 0.5}, 0.5),
+                            ({"idpruner_keep_ratio": 0.75}, 0.75)]:      # the image ratio, where no video ratio
+        usage, numbers = ask(settings)
+        want = 4 * IDPrunerConfig(keep_ratio=ratio).keep_count(group)
+        assert numbers["vision_tokens_kept"] == usage["prompt_tokens_details"]["video_tokens"] == want, settings
+        assert full["prompt_tokens"] - usage["prompt_tokens"] == total - want
+        # the video pruned at another ratio is never reused: only the text before it can come from the cache
+        assert usage["prompt_tokens_details"]["cached_tokens"] < 8, (settings, usage)
+
+
 @pytest.mark.parametrize("settings,words", [
     ({"idpruner_keep_ratio": 1.5}, ["sgl_slim.idpruner_keep_ratio", "--idpruner-keep-ratio"]),
     ({"idpruner_keep_ratio": "half"}, ["sgl_slim.idpruner_keep_ratio", "must be a number"]),

@@ -5,7 +5,8 @@ the demo model (small rope_theta, scaled q/k: the stock demo barely reacts to wr
   - pruned:   --idpruner --idpruner-keep-ratio 0.25 --chunked-prefill-size 48
   - identity: --idpruner --idpruner-keep-ratio 1.0
 Oracle: a transformers forward of the same checkpoint on the same pruned embeddings with the kept tokens'
-ORIGINAL M-RoPE positions (selection by sgl_slim.vision.idpruner_select on transformers' own vision output).
+ORIGINAL M-RoPE positions (selection by sgl_slim.vision.idpruner_select on transformers' own vision output; per
+frame group for a video).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ PROMPT_ONE = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What
               "<|im_end|>\n<|im_start|>assistant\n")
 PROMPT_TWO = ("<|im_start|>user\nFirst <|vision_start|><|image_pad|><|vision_end|> then "
               "<|vision_start|><|image_pad|><|vision_end|> compare.<|im_end|>\n<|im_start|>assistant\n")
+PROMPT_VIDEO = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What happens in the video?"
+                "<|im_end|>\n<|im_start|>assistant\n")
+PROMPT_IMAGE_VIDEO = ("<|im_start|>user\nThis <|vision_start|><|image_pad|><|vision_end|> and this "
+                      "<|vision_start|><|video_pad|><|vision_end|> differ how?<|im_end|>\n<|im_start|>assistant\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,6 +85,16 @@ def image_png(width: int, height: int, seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def video_avi(num_frames: int, seed: int) -> bytes:
+    """A Motion-JPEG AVI at 2 fps of 336 x 336 frames: SGLang's Qwen-VL preprocessing keeps every frame and
+    the size (at or above its minimum pixels, a multiple of 28), so 2 frames make one group of 12 x 12 tokens."""
+    import random
+
+    from sgl_slim.bench.workload import mjpeg_avi, video_frames
+
+    return mjpeg_avi(video_frames(num_frames, 336, 336, random.Random(seed)), fps=2)
 
 
 def b64(data: bytes) -> str:
@@ -128,11 +143,16 @@ def servers(pruned_server, identity_server):
     return {"pruned": pruned_server.port, "identity": identity_server.port}
 
 
-def generate(port: int, prompt: str, images: list[bytes], max_new: int = MAX_NEW):
+def generate(port: int, prompt: str, images: list[bytes], max_new: int = MAX_NEW, videos: list[bytes] = (),
+             settings: dict | None = None):
     body = {"text": prompt, "return_logprob": True,
             "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0}}
     if images:
         body["image_data"] = [b64(im) for im in images]
+    if videos:
+        body["video_data"] = [b64(v) for v in videos]
+    if settings:
+        body["sgl_slim"] = settings
     req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     try:
@@ -153,43 +173,60 @@ class Oracle:
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.image_token_id = self.model.config.image_token_id
+        self.video_token_id = self.model.config.video_token_id
 
     @torch.no_grad()
     def greedy(self, prompt: str, images: list[bytes], keep_ratio: float, *, positions: str = "original",
-               max_new: int = MAX_NEW) -> dict:
-        """positions: "original" (kept tokens keep theirs) or "renumbered" (the K slots get consecutive ones)."""
+               max_new: int = MAX_NEW, videos: list[bytes] = (), video_keep_ratio: float | None = None) -> dict:
+        """positions: "original" (kept tokens keep theirs) or "renumbered" (the K slots get consecutive ones).
+        Videos are decoded whole (every frame, as the server's preprocessing keeps them at 2 fps) and pruned per
+        frame group."""
         from PIL import Image
 
         from sgl_slim.config import IDPrunerConfig
         from sgl_slim.vision import idpruner_select
 
-        cfg = IDPrunerConfig(enabled=True, keep_ratio=keep_ratio)
+        cfg = IDPrunerConfig(enabled=True, keep_ratio=keep_ratio, video_keep_ratio=video_keep_ratio)
         pil = [Image.open(io.BytesIO(im)).convert("RGB") for im in images]
-        inputs = self.processor(text=[prompt], images=pil, return_tensors="pt")
+        inputs = self.processor(text=[prompt], images=pil or None, videos=[decode(v) for v in videos] or None,
+                                return_tensors="pt")
         ids = inputs["input_ids"]                                                      # [1, L]
         mm_types = inputs.get("mm_token_type_ids")
         if mm_types is None:
             mm_types = (ids == self.image_token_id).int()
         pos, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=mm_types,
-                                                 image_grid_thw=inputs["image_grid_thw"])
+                                                 image_grid_thw=inputs.get("image_grid_thw"),
+                                                 video_grid_thw=inputs.get("video_grid_thw"),
+                                                 second_per_grid_ts=inputs.get("second_per_grid_ts"))
         pos = pos[:, 0]                                                                # [3, L]
-        feats = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
         embeds = self.model.get_input_embeddings()(ids)[0].clone()                     # [L, H]
-        image_cols = torch.nonzero(ids[0] == self.image_token_id)[:, 0]
         keep_cols = torch.ones(ids.shape[1], dtype=torch.bool)
         slot_pos = pos.clone()
-        cursor = 0
-        for f in feats:
-            n = f.shape[0]
-            cols = image_cols[cursor:cursor + n]
-            cursor += n
-            embeds[cols] = f
-            k = cfg.keep_count(n)
-            local = idpruner_select(f, None, k, mmr_lambda=cfg.mmr_lambda)
-            keep_cols[cols] = False
-            keep_cols[cols[local]] = True
-            if positions == "renumbered":
-                slot_pos[:, cols[local]] = pos[:, cols[:k]]
+        # (feature rows per item, token id, frame groups per item, whether a video)
+        kinds = []
+        if images:
+            feats = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            kinds.append((feats.pooler_output, self.image_token_id, [1] * len(images), False))
+        if videos:
+            feats = self.model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+            kinds.append((feats.pooler_output, self.video_token_id,
+                          [int(t) for t in inputs["video_grid_thw"][:, 0]], True))
+        for rows_per_item, token, groups_per_item, video in kinds:
+            token_cols = torch.nonzero(ids[0] == token)[:, 0]
+            cursor = 0
+            for f, groups in zip(rows_per_item, groups_per_item):
+                n = f.shape[0]
+                cols = token_cols[cursor:cursor + n]
+                cursor += n
+                embeds[cols] = f
+                size = n // groups
+                k = cfg.keep_count(size, video=video)
+                local = torch.cat([j * size + idpruner_select(f[j * size:(j + 1) * size], None, k,
+                                                              mmr_lambda=cfg.mmr_lambda) for j in range(groups)])
+                keep_cols[cols] = False
+                keep_cols[cols[local]] = True
+                if positions == "renumbered":
+                    slot_pos[:, cols[local]] = pos[:, cols[:local.numel()]]
         kept = torch.nonzero(keep_cols)[:, 0]
         e, p = embeds[kept], slot_pos[:, kept]
         next_pos = int(pos.max()) + 1
@@ -205,9 +242,28 @@ class Oracle:
                 "unpruned_tokens": int(ids.shape[1])}
 
 
+def decode(video: bytes) -> torch.Tensor:
+    """Every frame of a video, [T, C, H, W] uint8 (decord, the decoder the server uses on this machine)."""
+    import decord
+
+    reader = decord.VideoReader(io.BytesIO(video))
+    return torch.from_numpy(reader.get_batch(list(range(len(reader)))).asnumpy()).permute(0, 3, 1, 2)
+
+
 @pytest.fixture(scope="module")
 def oracle(model_dir):
-    return Oracle(model_dir)
+    # SGLang 0.5.23's Qwen2.5-VL vision tower lets all frames of a video attend to each other in its full-attention
+    # blocks (one attention segment per clip); transformers keeps each frame group to itself. What is checked here
+    # is the language model on the pruned embeddings, so the oracle's tower does as the server's (transformers'
+    # own clip-level option). Measured on this model copy, 8 frames: 3e-4 apart in logprobs otherwise, 3e-7 with
+    # it; images (one frame group) are unaffected.
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+
+    seqlens = hf.get_vision_attention_seqlens
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hf, "get_vision_attention_seqlens", lambda grid_thw, config, merge_temporal=False, kwargs=None:
+                      seqlens(grid_thw, config, merge_temporal=True, kwargs=kwargs))
+        yield Oracle(model_dir)
 
 
 def assert_same_generation(got: dict, want: dict) -> None:
@@ -323,4 +379,66 @@ def test_tiny_and_large_images_are_handled(servers, size):
     if status == 200:
         assert got["meta_info"]["prompt_tokens"] > 0
     status, ok = generate(servers["pruned"], PROMPT_ONE, [IMG_A], max_new=2)
+    assert status == 200, ok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# videos: pruned per frame group (2 frames each), positions (t, h, w) kept
+# ----------------------------------------------------------------------------------------------------------
+
+VIDEO = video_avi(8, seed=1)              # 4 groups of 144 tokens
+GROUP_TOKENS = 144
+
+
+def test_video_oracle_is_position_sensitive(oracle):
+    original = oracle.greedy(PROMPT_VIDEO, [], KEEP_RATIO, videos=[VIDEO])
+    renumbered = oracle.greedy(PROMPT_VIDEO, [], KEEP_RATIO, videos=[VIDEO], positions="renumbered")
+    gap = max(abs(a - b) for a, b in zip(original["logprobs"], renumbered["logprobs"]))
+    assert gap >= 20 * LOGPROB_TOL, f"video positions barely matter on the demo copy (logprob gap {gap:.2e})"
+
+
+@pytest.mark.parametrize("prompt,images", [(PROMPT_VIDEO, []), (PROMPT_IMAGE_VIDEO, [IMG_B])],
+                         ids=["video", "image-and-video"])
+def test_pruned_video_matches_transformers_with_original_positions(servers, oracle, prompt, images):
+    want = oracle.greedy(prompt, images, KEEP_RATIO, videos=[VIDEO])
+    status, got = generate(servers["pruned"], prompt, images, videos=[VIDEO])
+    assert status == 200, got
+    assert got["meta_info"]["prompt_tokens"] == want["prompt_tokens"], (got["meta_info"], want)
+    assert_same_generation(got, want)
+
+
+def test_video_keep_one_equals_no_pruning_and_pruning_cuts_the_prompt(servers, oracle):
+    from sgl_slim.config import IDPrunerConfig
+
+    want = oracle.greedy(PROMPT_VIDEO, [], 1.0, videos=[VIDEO])
+    status, full = generate(servers["identity"], PROMPT_VIDEO, [], videos=[VIDEO])
+    assert status == 200, full
+    assert full["meta_info"]["prompt_tokens"] == want["unpruned_tokens"]
+    assert_same_generation(full, want)
+    _, pruned = generate(servers["pruned"], PROMPT_VIDEO, [], videos=[VIDEO], max_new=1)
+    kept = 4 * IDPrunerConfig(keep_ratio=KEEP_RATIO).keep_count(GROUP_TOKENS, video=True)     # 4 x 36
+    assert full["meta_info"]["prompt_tokens"] - pruned["meta_info"]["prompt_tokens"] == 4 * GROUP_TOKENS - kept
+
+
+def test_a_requests_own_video_ratio_matches_transformers(servers, oracle):
+    settings = {"idpruner_video_keep_ratio": 0.5}
+    want = oracle.greedy(PROMPT_IMAGE_VIDEO, [IMG_A], KEEP_RATIO, videos=[VIDEO], video_keep_ratio=0.5)
+    status, got = generate(servers["pruned"], PROMPT_IMAGE_VIDEO, [IMG_A], videos=[VIDEO], settings=settings)
+    assert status == 200, got
+    assert got["meta_info"]["prompt_tokens"] == want["prompt_tokens"], (got["meta_info"], want)
+    assert got["meta_info"]["sgl_slim"]["idpruner_video_keep_ratio"] == 0.5
+    assert_same_generation(got, want)
+
+
+@pytest.mark.parametrize("payload", ["not-base64-at-all!!", "", b64(b"RIFF\x10\x00\x00\x00AVI junk"),
+                                     b64(VIDEO[:400]), b64(image_png(64, 64, seed=5))],
+                         ids=["corrupt", "empty", "not-a-video", "header-without-frames", "an-image"])
+def test_bad_videos_are_rejected_and_server_keeps_serving(servers, payload):
+    body = {"text": PROMPT_VIDEO, "video_data": [payload], "sampling_params": {"max_new_tokens": 2}}
+    req = urllib.request.Request(f"http://127.0.0.1:{servers['pruned']}/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=120)
+    assert 400 <= err.value.code < 500, (err.value.code, err.value.read()[:300])
+    status, ok = generate(servers["pruned"], PROMPT_VIDEO, [], videos=[VIDEO], max_new=2)
     assert status == 200, ok

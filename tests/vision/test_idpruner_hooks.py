@@ -73,9 +73,10 @@ def _video_output(runs, total, groups, seed=0, image=None):
     for start, n in runs:
         ids[start:start + n] = [VPAD] * n
     tokens = sum(n for _, n in runs)
+    grid = torch.tensor([[groups, 2, 2 * tokens // groups]])
     video = MultimodalDataItem(modality=Modality.VIDEO, feature=torch.randn(4 * tokens, 8),
                                offsets=[(start, start + n - 1) for start, n in runs],
-                               model_specific_data={"video_grid_thw": torch.tensor([[groups, 2, 2 * tokens // groups]])})
+                               model_specific_data={"video_grid_thw": grid})
     items = [video]
     if image is not None:
         ids[image[0]:image[0] + image[1]] = [PAD] * image[1]
