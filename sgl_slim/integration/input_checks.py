@@ -21,7 +21,11 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
 5. The audio decoder is chosen once, at the first audio item: stock SGLang tries torchcodec for every clip and,
    where torchcodec cannot decode (no FFmpeg libraries), logs a multi-page traceback per request before
    falling back to soundfile. One probe decodes a tiny WAV with torchcodec; if that fails, SGLang's audio
-   loader goes straight to soundfile and one line says so.
+   loader goes straight to soundfile and one line says so. (Videos: ``standins/video_decoder.py``.)
+6. A video whose frames cannot be read. SGLang's loader only opens the file (a failure there is already a 400);
+   the Qwen-VL processor reads and resizes the frames later, where a decoder error (decord on frames of a few
+   pixels, a damaged stream) became a 500. AROUND hook on ``qwen_vl.preprocess_video``: such an error becomes a
+   ``ValueError`` naming the video; running out of memory stays a server fault.
 """
 
 from __future__ import annotations
@@ -38,11 +42,13 @@ logger = logging.getLogger("sgl_slim")
 _LOAD = "sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor._load_single_item"
 _MM_LIMITS = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_mm_limits"
 _CHAT_VALIDATE = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request"
+_PREPROCESS_VIDEO = "sglang.srt.multimodal.processors.qwen_vl.preprocess_video"
 
 HOOKED_SYMBOLS: list[str] = [
     _LOAD,
     _MM_LIMITS,
     _CHAT_VALIDATE,
+    _PREPROCESS_VIDEO,
     "sglang.srt.multimodal.processors.base_processor.MultimodalSpecialTokens",
     "sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor._is_preprocessed_input",
     "sglang.srt.utils.common.load_audio",
@@ -69,6 +75,7 @@ def install(cfg: SlimConfig) -> None:
     HookRegistry.register(_LOAD, _load_single_item_around, HookType.AROUND)
     HookRegistry.register(_MM_LIMITS, _validate_mm_limits_before, HookType.BEFORE)
     HookRegistry.register(_CHAT_VALIDATE, _validate_request_after, HookType.AFTER)
+    HookRegistry.register(_PREPROCESS_VIDEO, _preprocess_video_around, HookType.AROUND)
     _REGISTERED = True
 
 
@@ -208,3 +215,25 @@ def _validate_request_after(result, self, request, *args, **kwargs):
     if result is not None:
         return result
     return top_logprobs_error(request)
+
+
+def video_frames_error(exc: BaseException) -> ValueError | None:
+    """The client error for a failure while a video's frames were read and resized, or None for a server fault
+    (out of memory) and for errors that already are client errors."""
+    import torch  # noqa: PLC0415
+
+    if isinstance(exc, (ValueError, MemoryError, torch.OutOfMemoryError)) or not isinstance(exc, Exception):
+        return None
+    lines = str(exc).strip().splitlines()
+    detail = lines[-1][:200] if lines else ""
+    return ValueError(f"the video's frames could not be read ({type(exc).__name__}: {detail})")
+
+
+async def _preprocess_video_around(original, *args, **kwargs):
+    try:
+        return await original(*args, **kwargs)
+    except Exception as exc:
+        error = video_frames_error(exc)
+        if error is None:
+            raise
+        raise error from exc

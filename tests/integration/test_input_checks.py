@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("sglang")
 
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from sglang.srt.multimodal.processors.base_processor import MultimodalSpecialTokens  # noqa: E402
 
@@ -218,3 +219,40 @@ def test_allowed_dir_must_be_a_readable_directory(tmp_path):
     with pytest.raises(ConfigError, match="--allowed-local-media-path: not a readable directory"):
         MediaConfig(allowed_local_media_path=str(tmp_path / "missing")).validate()
     MediaConfig(allowed_local_media_path=str(tmp_path)).validate()
+
+
+class DecoderError(Exception):
+    """What a video decoder raises on frames it cannot read (decord's own type derives from Exception)."""
+
+
+def _run_preprocess(raising):
+    import asyncio
+
+    async def original(video, video_config=None):
+        raise raising
+
+    return asyncio.run(ic._preprocess_video_around(original, object(), video_config={}))
+
+
+def test_unreadable_video_frames_become_a_value_error_naming_the_video():
+    with pytest.raises(ValueError, match=r"the video's frames could not be read \(DecoderError: DECORD: size must match\)$"):
+        _run_preprocess(DecoderError("[12:16:44] ndarray.cc:171: Check failed\nDECORD: size must match"))
+    with pytest.raises(ValueError, match="video's frames could not be read .RuntimeError"):
+        _run_preprocess(RuntimeError("Could not decode frame 3"))
+
+
+@pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("cuda"), ValueError("nframes"),
+                                   KeyboardInterrupt()], ids=["memory", "oom", "already-400", "not-an-error"])
+def test_server_faults_and_client_errors_pass_through_unchanged(error):
+    with pytest.raises(type(error)) as got:
+        _run_preprocess(error)
+    assert got.value is error
+
+
+def test_preprocessed_videos_pass_through():
+    import asyncio
+
+    async def original(video, video_config=None):
+        return video, {"fps": 2}
+
+    assert asyncio.run(ic._preprocess_video_around(original, "frames", video_config={})) == ("frames", {"fps": 2})

@@ -430,9 +430,19 @@ def test_a_requests_own_video_ratio_matches_transformers(servers, oracle):
     assert_same_generation(got, want)
 
 
+def tiny_video() -> bytes:
+    import random
+
+    from sgl_slim.bench.workload import mjpeg_avi, video_frames
+
+    return mjpeg_avi(video_frames(4, 8, 8, random.Random(0)), fps=2)
+
+
 @pytest.mark.parametrize("payload", ["not-base64-at-all!!", "", b64(b"RIFF\x10\x00\x00\x00AVI junk"),
-                                     b64(VIDEO[:400]), b64(image_png(64, 64, seed=5))],
-                         ids=["corrupt", "empty", "not-a-video", "header-without-frames", "an-image"])
+                                     b64(VIDEO[:400]), b64(image_png(64, 64, seed=5)), b64(video_avi(1, seed=6)),
+                                     b64(tiny_video())],
+                         ids=["corrupt", "empty", "not-a-video", "header-without-frames", "an-image", "one-frame",
+                              "frames-of-8x8-pixels"])
 def test_bad_videos_are_rejected_and_server_keeps_serving(servers, payload):
     body = {"text": PROMPT_VIDEO, "video_data": [payload], "sampling_params": {"max_new_tokens": 2}}
     req = urllib.request.Request(f"http://127.0.0.1:{servers['pruned']}/generate", data=json.dumps(body).encode(),
