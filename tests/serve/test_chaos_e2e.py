@@ -1,6 +1,7 @@
-"""Chaos, end to end: seeded random mixes of valid and malformed image and audio requests (corrupt, truncated,
-odd formats and sample types, non-finite samples, many items, huge and tiny media, local paths, the wrong
-modality) at concurrency 8 against each CPU demo server: the image server (IDPruner on), the audio server
+"""Chaos, end to end: seeded random mixes of valid and malformed image, video and audio requests (corrupt,
+truncated, odd formats and sample types, non-finite samples, many items, huge and tiny media, one-frame videos,
+local paths, the wrong modality) at concurrency 8 against each CPU demo server: the image server (IDPruner on;
+an image sweep and a video sweep), the audio server
 (Samp on), and an audio server with Samp OFF (S2O on), where stock SGLang 0.5.23 dies on a request with several
 clips. Every answer is a 2xx with a completion or a 4xx (never a 5xx, a dropped connection or a hang), every
 valid request is answered 200 with its tokens, and afterwards the server is healthy and its KV pool back to 0.
@@ -151,8 +152,47 @@ def _bad_audio(rng):
     }[kind]()
 
 
+def _avi(rng: random.Random, frames: int, size: tuple[int, int], fps: int = 2) -> bytes:
+    from sgl_slim.bench.workload import mjpeg_avi, video_frames  # noqa: PLC0415
+
+    return mjpeg_avi(video_frames(frames, size[0], size[1], rng), fps)
+
+
+def _valid_video(rng):
+    kind = rng.choice(["small", "odd-size", "square", "fps1", "fps30", "two-frames"])
+    frames = {"two-frames": 2, "fps30": 30}.get(kind, rng.randrange(2, 9))
+    size = {"small": (64, 64), "odd-size": (100, 60), "square": (224, 224)}.get(kind, (rng.randrange(40, 200),) * 2)
+    fps = {"fps1": 1, "fps30": 30}.get(kind, 2)
+    return _b64(_avi(rng, frames, size, fps), "video/x-msvideo")
+
+
+def _bad_video(rng):
+    avi = _avi(rng, 4, (64, 64))
+    kind = rng.choice(["corrupt", "header-only", "empty", "not-base64", "png", "wav", "text", "one-frame",
+                       "tiny-frames", "random-after-header", "local", "plain-path"])
+    return kind, {
+        "corrupt": lambda: _b64(bytes(rng.randrange(256) for _ in range(4096)), "video/mp4"),
+        "header-only": lambda: _b64(avi[:300], "video/x-msvideo"),
+        "empty": lambda: "data:video/mp4;base64,",
+        "not-base64": lambda: "data:video/mp4;base64,@@not*base64@@",
+        "png": lambda: _b64(_image_bytes(rng, "PNG", (64, 64)), "video/mp4"),
+        "wav": lambda: _b64(_wav(_tone(rng, 0.3)), "video/mp4"),
+        "text": lambda: _b64(b"not a video\n" * 40, "text/plain"),
+        "one-frame": lambda: _b64(_avi(rng, 1, (64, 64)), "video/x-msvideo"),
+        "tiny-frames": lambda: _b64(_avi(rng, 4, (rng.choice([1, 4, 8]),) * 2), "video/x-msvideo"),
+        "random-after-header": lambda: _b64(avi[:400] + bytes(rng.randrange(256) for _ in range(3000)),
+                                            "video/x-msvideo"),
+        "local": lambda: "file:///etc/hostname",
+        "plain-path": lambda: "/etc/hostname",
+    }[kind]()
+
+
+MEDIA = {"image": (_valid_image, _bad_image), "video": (_valid_video, _bad_video),
+         "audio": (_valid_audio, _bad_audio)}
+
+
 def _part(modality: str, url: str) -> dict:
-    key = "image_url" if modality == "image" else "audio_url"
+    key = f"{modality}_url"
     return {"type": key, key: {"url": url}}
 
 
@@ -160,12 +200,13 @@ def build_requests(modality: str, seed: int, count: int) -> list[tuple[str, bool
     """``count`` requests: (label, valid, content parts). About half valid (1 to 5 items each); the others
     carry one malformed item among valid ones, or media of the other modality."""
     rng = random.Random(seed)
-    valid_item, bad_item = (_valid_image, _bad_image) if modality == "image" else (_valid_audio, _bad_audio)
-    other = "audio" if modality == "image" else "image"
+    valid_item, bad_item = MEDIA[modality]
+    other = "image" if modality == "audio" else "audio"
+    sizes = [1, 1, 2] if modality == "video" else [1, 1, 2, 4, 5]       # videos: within a 1024-token context
     out = []
     for i in range(count):
         roll = rng.random()
-        items = [(modality, valid_item(rng)) for _ in range(rng.choice([1, 1, 2, 4, 5]))]
+        items = [(modality, valid_item(rng)) for _ in range(rng.choice(sizes))]
         if roll < 0.5:
             label, valid = f"valid x{len(items)}", True
         elif roll < 0.9:
@@ -224,6 +265,10 @@ def test_build_requests_is_seeded_and_mixed():
 
 def test_chaos_image_server(vl_server):
     sweep(vl_server, "image", SEED)
+
+
+def test_chaos_video_requests_on_the_image_server(vl_server):
+    sweep(vl_server, "video", SEED + 3)
 
 
 def test_chaos_audio_server(audio_server):
