@@ -452,3 +452,23 @@ def test_bad_videos_are_rejected_and_server_keeps_serving(servers, payload):
     assert 400 <= err.value.code < 500, (err.value.code, err.value.read()[:300])
     status, ok = generate(servers["pruned"], PROMPT_VIDEO, [], videos=[VIDEO], max_new=2)
     assert status == 200, ok
+
+
+def test_a_mixed_batch_gives_what_servers_started_with_those_flags_give(servers):
+    # one concurrent batch on the keep-0.25 server: requests asking keep 1.0 (image, then video) beside requests
+    # with no object; each equals the same request on the server started with that flag (1.0: the identity server)
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(PROMPT_ONE, [IMG_A], (), {"idpruner_keep_ratio": 1.0}, "identity"),
+            (PROMPT_ONE, [IMG_A], (), None, "pruned"),
+            (PROMPT_VIDEO, [], [VIDEO], {"idpruner_video_keep_ratio": 1.0}, "identity"),
+            (PROMPT_VIDEO, [], [VIDEO], None, "pruned")]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        batch = list(pool.map(lambda j: generate(servers["pruned"], j[0], j[1], videos=j[2], settings=j[3]), jobs))
+    for (prompt, images, videos, settings, server), (status, got) in zip(jobs, batch):
+        assert status == 200, got
+        want_status, want = generate(servers[server], prompt, images, videos=videos)
+        assert want_status == 200, want
+        assert got["meta_info"]["prompt_tokens"] == want["meta_info"]["prompt_tokens"], settings
+        lps = [lp for lp, *_ in want["meta_info"]["output_token_logprobs"]]
+        assert_same_generation(got, {"output_ids": want["output_ids"], "logprobs": lps})
