@@ -11,8 +11,10 @@ from sgl_slim.request_settings import (CARRIER_KEY, FIELDS, RequestSettings, Req
 
 ALL_ON = SlimConfig(s2o=S2OConfig(enabled=True), idpruner=IDPrunerConfig(enabled=True),
                     samp=SampConfig(enabled=True))
-TOGGLE = {"idpruner_keep_ratio": "--idpruner", "idpruner_video_keep_ratio": "--idpruner", "samp_keep_ratio": "--samp", "s2o_tau": "--s2o", "s2o": "--s2o"}
-GOOD = {"idpruner_keep_ratio": 0.5, "idpruner_video_keep_ratio": 0.2, "samp_keep_ratio": 0.8, "s2o_tau": 3e-3, "s2o": True}
+TOGGLE = {"idpruner_keep_ratio": "--idpruner", "idpruner_video_keep_ratio": "--idpruner",
+          "samp_keep_ratio": "--samp", "s2o_tau": "--s2o", "s2o": "--s2o"}
+GOOD = {"idpruner_keep_ratio": 0.5, "idpruner_video_keep_ratio": 0.2,
+        "samp_keep_ratio": 0.8, "s2o_tau": 3e-3, "s2o": True}
 
 
 def test_no_object_and_empty_object_change_nothing():

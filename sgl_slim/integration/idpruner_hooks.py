@@ -17,9 +17,8 @@ Three hooks (route proven in shared/SGLANG_NOTES.md), agreeing on K per image:
    shrinking and the hash are shared with Samp (:mod:`sgl_slim.integration.mm_hooks`).
 2. Scheduler, AFTER on ``<Model>.get_image_feature`` / ``get_video_feature``: split the vision output per item
    (N = t*h*w / merge^2), select the tokenizer's K rows with :func:`sgl_slim.vision.idpruner_select` (per frame
-   group for a video), return only those. The LOCAL
-   keep indices are remembered per item hash (the embedding cache skips get_image_feature on a hit; a repeated
-   image may sit at another offset).
+   group for a video), return only those. The LOCAL keep indices are remembered per item hash (the embedding
+   cache skips the vision tower on a hit; a repeated image or video may sit at another offset).
 3. Scheduler, AROUND on ``mm_utils.prepare_mm_inputs`` (runs right before the language model, on every
    prefill chunk): overwrite, in place, the positions of this chunk's kept slots in
    ``forward_batch.mrope_positions`` (the tensor the model reads) with the kept tokens' original positions.

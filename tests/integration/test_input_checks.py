@@ -235,7 +235,8 @@ def _run_preprocess(raising):
 
 
 def test_unreadable_video_frames_become_a_value_error_naming_the_video():
-    with pytest.raises(ValueError, match=r"the video's frames could not be read \(DecoderError: DECORD: size must match\)$"):
+    expected = r"the video's frames could not be read \(DecoderError: DECORD: size must match\)$"
+    with pytest.raises(ValueError, match=expected):
         _run_preprocess(DecoderError("[12:16:44] ndarray.cc:171: Check failed\nDECORD: size must match"))
     with pytest.raises(ValueError, match="video's frames could not be read .RuntimeError"):
         _run_preprocess(RuntimeError("Could not decode frame 3"))
