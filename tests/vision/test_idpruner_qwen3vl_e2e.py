@@ -1,0 +1,248 @@
+"""IDPruner end to end on a tiny random Qwen3-VL (CPU, float32): the path Qwen2.5-VL shares, with Qwen3-VL's own
+parts: 16-pixel patches, DeepStack features (the vision tower's earlier layers added to the first LM layers at
+the vision tokens, carried beside each token's row and pruned with it) and videos laid out one run per frame
+group with timestamps between the runs.
+
+One server (the session's pool): ``--idpruner --idpruner-keep-ratio 0.25 --chunked-prefill-size 48`` on a
+position-sensitive copy (rope_theta 20, q/k x3), built here with transformers (no download). Oracle for images:
+a transformers forward on the pruned embeddings, with the kept tokens' ORIGINAL M-RoPE positions and their own
+DeepStack features at their slots. Videos: every frame group keeps its share (prompt tokens and the reported
+counts), keep 1.0 equals the unpruned transformers forward, and greedy decoding runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving import MODEL_DIRS, shared_server
+
+pytestmark = pytest.mark.e2e
+
+KEEP = 0.25
+MAX_NEW = 6
+LOGPROB_TOL = 1e-4          # float32 on both sides: they differ by summation order (~1e-6)
+PROMPT_IMAGE = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the picture?"
+                "<|im_end|>\n<|im_start|>assistant\n")
+PROMPT_TWO = ("<|im_start|>user\nFirst <|vision_start|><|image_pad|><|vision_end|> then "
+              "<|vision_start|><|image_pad|><|vision_end|> compare.<|im_end|>\n<|im_start|>assistant\n")
+PROMPT_VIDEO = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What happens?<|im_end|>\n"
+                "<|im_start|>assistant\n")
+
+
+def build(out: Path) -> Path:
+    """A tiny Qwen3-VL (2 LM layers of 64, a 2-block vision tower of 32 with DeepStack at block 0, patch 16,
+    merge 2), random weights (seed 0), the demo tokenizer and chat template, rope_theta 20 and q/k x3."""
+    from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
+
+    from sgl_slim import demo
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = demo.train_tokenizer(out)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in demo.SPECIAL_TOKENS}
+    text = dict(demo.TEXT_CONFIG, vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], head_dim=16,
+                rope_parameters={"rope_type": "default", "rope_theta": 20.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text["hidden_size"],
+                  num_position_embeddings=64, deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    config.architectures = ["Qwen3VLForConditionalGeneration"]
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(config).float()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "language_model" in name and (".q_proj." in name or ".k_proj." in name):
+                param.mul_(3.0)
+    model.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["dtype"] = cfg["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    pixels = dict(patch_size=16, merge_size=2)
+    Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=4 * 32 * 32, max_pixels=256 * 32 * 32,
+                                                           **pixels),
+                     video_processor=Qwen3VLVideoProcessor(**pixels),
+                     tokenizer=tokenizer, chat_template=demo.CHAT_TEMPLATE).save_pretrained(out)
+    (out / ".complete").write_text("ok\n")
+    return out
+
+
+def qwen3_vl_model() -> Path:
+    """The model, cached beside the demo models (built in a private folder, then renamed)."""
+    import transformers
+
+    from sgl_slim.demo import cache_root
+
+    out = cache_root() / f"qwen3-vl-tiny-position-sensitive-tf{transformers.__version__}"
+    if not (out / ".complete").is_file():
+        work = build(out.with_name(f"{out.name}.partial{os.getpid()}"))
+        if out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)       # left by an interrupted run
+        try:
+            os.replace(work, out)
+        except OSError:                                    # another run finished first
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+MODEL_DIRS["{qwen3_vl}"] = qwen3_vl_model
+pruned_server = shared_server(["--model-path", "{qwen3_vl}", "--dtype", "float32", "--idpruner",
+                               "--idpruner-keep-ratio", str(KEEP), "--chunked-prefill-size", "48",
+                               "--max-total-tokens", "8192", "--skip-server-warmup"])
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    noise = np.random.default_rng(seed).random((height, width, 3)) * 55
+    base = np.stack([np.sin(6 * x + seed), np.cos(5 * y - seed), np.sin(4 * (x + y))], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(((base * 0.5 + 0.5) * 200 + noise).clip(0, 255).astype("uint8")).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def video(frames: int, seed: int) -> bytes:
+    from sgl_slim.bench.workload import mjpeg_avi, video_frames
+
+    return mjpeg_avi(video_frames(frames, 256, 256, random.Random(seed)), fps=2)
+
+
+def generate(srv, prompt: str, images=(), videos=(), settings: dict | None = None, max_new: int = MAX_NEW):
+    import base64
+
+    body = {"text": prompt, "return_logprob": True,
+            "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0}}
+    if images:
+        body["image_data"] = [base64.b64encode(im).decode() for im in images]
+    if videos:
+        body["video_data"] = [base64.b64encode(v).decode() for v in videos]
+    if settings:
+        body["sgl_slim"] = settings
+    req = urllib.request.Request(f"{srv.base_url}/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+class Oracle:
+    """transformers' Qwen3-VL on the same images: vision tower, positions and DeepStack features its own, then
+    the language model on the kept tokens only."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def greedy(self, prompt: str, images: list[bytes], keep_ratio: float, *, positions: str = "original") -> dict:
+        from PIL import Image
+
+        from sgl_slim.config import IDPrunerConfig
+        from sgl_slim.vision import idpruner_select
+
+        cfg = IDPrunerConfig(enabled=True, keep_ratio=keep_ratio)
+        inputs = self.processor(text=[prompt], images=[Image.open(io.BytesIO(b)).convert("RGB") for b in images],
+                                return_tensors="pt")
+        ids = inputs["input_ids"]
+        core = self.model.model
+        pos, _ = core.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                     image_grid_thw=inputs["image_grid_thw"])
+        pos = pos[:, 0]
+        vision = core.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        embeds = self.model.get_input_embeddings()(ids)[0].clone()
+        cols = torch.nonzero(ids[0] == self.model.config.image_token_id)[:, 0]
+        embeds[cols] = torch.cat(vision.pooler_output)
+        deepstack = [torch.cat(layer) for layer in vision.deepstack_features]      # [sum N, H] per LM layer
+        keep_cols = torch.ones(ids.shape[1], dtype=torch.bool)
+        kept_rows, slot_pos, cursor = [], pos.clone(), 0
+        for rows in vision.pooler_output:
+            n = rows.shape[0]
+            local = idpruner_select(rows, None, cfg.keep_count(n), mmr_lambda=cfg.mmr_lambda)
+            mine = cols[cursor:cursor + n]
+            keep_cols[mine] = False
+            keep_cols[mine[local]] = True
+            kept_rows.append(cursor + local)
+            if positions == "renumbered":
+                slot_pos[:, mine[local]] = pos[:, mine[:local.numel()]]
+            cursor += n
+        kept = torch.nonzero(keep_cols)[:, 0]
+        kept_rows = torch.cat(kept_rows)
+        e, p = embeds[kept], slot_pos[:, kept]
+        visual = (ids[0] == self.model.config.image_token_id)[kept]
+        stack = [layer[kept_rows] for layer in deepstack]
+        next_pos = int(pos.max()) + 1
+        out, logprobs = [], []
+        for t in range(MAX_NEW):
+            mask = torch.cat([visual, torch.zeros(t, dtype=torch.bool)])
+            hidden = core.language_model(inputs_embeds=e[None], position_ids=p[:, None, :],
+                                         visual_pos_masks=mask[None], deepstack_visual_embeds=stack).last_hidden_state
+            logits = self.model.lm_head(hidden[0, -1])
+            tok = int(torch.argmax(logits))
+            out.append(tok)
+            logprobs.append(float(torch.log_softmax(logits.double(), dim=-1)[tok]))
+            e = torch.cat([e, self.model.get_input_embeddings()(torch.tensor([tok]))], dim=0)
+            p = torch.cat([p, torch.full((3, 1), next_pos + t, dtype=p.dtype)], dim=1)
+        return {"output_ids": out, "logprobs": logprobs, "prompt_tokens": int(kept.numel())}
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return Oracle(qwen3_vl_model())
+
+
+def assert_same_generation(got: dict, want: dict) -> None:
+    ids = got["output_ids"]
+    assert ids == want["output_ids"][:len(ids)], f"server {ids} vs transformers {want['output_ids']}"
+    lps = [lp for lp, *_ in got["meta_info"]["output_token_logprobs"]]
+    worst = max(abs(a - b) for a, b in zip(lps, want["logprobs"]))
+    assert worst <= LOGPROB_TOL, f"logprobs differ by {worst:.2e}: server {lps} vs transformers {want['logprobs']}"
+
+
+IMG_A, IMG_B = png(320, 256, seed=1), png(224, 352, seed=2)      # 10 x 8 and 7 x 11 tokens (32 px each)
+
+
+def test_oracle_is_position_and_deepstack_sensitive(oracle):
+    original = oracle.greedy(PROMPT_IMAGE, [IMG_A], KEEP)
+    renumbered = oracle.greedy(PROMPT_IMAGE, [IMG_A], KEEP, positions="renumbered")
+    gap = max(abs(a - b) for a, b in zip(original["logprobs"], renumbered["logprobs"]))
+    assert gap >= 20 * LOGPROB_TOL, f"positions barely matter on this model (logprob gap {gap:.2e})"
+
+
+@pytest.mark.parametrize("prompt,images", [(PROMPT_IMAGE, [IMG_A]), (PROMPT_TWO, [IMG_A, IMG_B])],
+                         ids=["one-image", "two-images"])
+@pytest.mark.parametrize("keep", [KEEP, 1.0])
+def test_images_match_transformers_with_original_positions_and_deepstack(pruned_server, oracle, prompt, images,
+                                                                         keep):
+    want = oracle.greedy(prompt, images, keep)
+    got = generate(pruned_server, prompt, images, settings=None if keep == KEEP else {"idpruner_keep_ratio": keep})
+    assert got["meta_info"]["prompt_tokens"] == want["prompt_tokens"], (got["meta_info"], want)
+    assert_same_generation(got, want)
+
+
+def test_video_runs_per_frame_group_keep_their_share(pruned_server):
+    from sgl_slim.config import IDPrunerConfig
+
+    clip = video(8, seed=3)                        # 4 frame groups, one placeholder run each
+    full = generate(pruned_server, PROMPT_VIDEO, videos=[clip], settings={"idpruner_keep_ratio": 1.0}, max_new=2)
+    pruned = generate(pruned_server, PROMPT_VIDEO, videos=[clip], max_new=2)
+    total = full["meta_info"]["sgl_slim"]["vision_tokens_total"]
+    assert total % 4 == 0 and full["meta_info"]["sgl_slim"]["vision_tokens_kept"] == total
+    kept = 4 * IDPrunerConfig(keep_ratio=KEEP).keep_count(total // 4)
+    assert pruned["meta_info"]["sgl_slim"]["vision_tokens_kept"] == kept
+    assert full["meta_info"]["prompt_tokens"] - pruned["meta_info"]["prompt_tokens"] == total - kept
+    assert len(pruned["output_ids"]) == 2
