@@ -6,8 +6,7 @@ group with timestamps between the runs.
 One server (the session's pool): ``--idpruner --idpruner-keep-ratio 0.25 --chunked-prefill-size 48`` on a
 position-sensitive copy (rope_theta 20, q/k x3), built here with transformers (no download). Oracle for images:
 a transformers forward on the pruned embeddings, with the kept tokens' ORIGINAL M-RoPE positions and their own
-DeepStack features at their slots. Videos: every frame group keeps its share (prompt tokens and the reported
-counts), keep 1.0 equals the unpruned transformers forward, and greedy decoding runs.
+DeepStack features at their slots; for videos the same, per frame group, with the server's timestamps.
 """
 
 from __future__ import annotations
@@ -118,7 +117,7 @@ def png(width: int, height: int, seed: int) -> bytes:
 def video(frames: int, seed: int) -> bytes:
     from sgl_slim.bench.workload import mjpeg_avi, video_frames
 
-    return mjpeg_avi(video_frames(frames, 256, 256, random.Random(seed)), fps=2)
+    return mjpeg_avi(video_frames(frames, 448, 448, random.Random(seed)), fps=2)
 
 
 def generate(srv, prompt: str, images=(), videos=(), settings: dict | None = None, max_new: int = MAX_NEW):
@@ -149,30 +148,48 @@ class Oracle:
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
 
     @torch.no_grad()
-    def greedy(self, prompt: str, images: list[bytes], keep_ratio: float, *, positions: str = "original") -> dict:
+    def greedy(self, prompt: str, images: list[bytes], keep_ratio: float, *, videos: list[bytes] = (),
+               positions: str = "original") -> dict:
+        """Images, or videos (every frame kept, at 2 fps, as the server's preprocessing does for these; each
+        frame group pruned on its own). positions: "original", or "renumbered" (the kept slots get the first
+        slots' positions)."""
         from PIL import Image
 
         from sgl_slim.config import IDPrunerConfig
         from sgl_slim.vision import idpruner_select
 
         cfg = IDPrunerConfig(enabled=True, keep_ratio=keep_ratio)
-        inputs = self.processor(text=[prompt], images=[Image.open(io.BytesIO(b)).convert("RGB") for b in images],
-                                return_tensors="pt")
+        kind = "video" if videos else "image"
+        if videos:
+            frames = [decode(v) for v in videos]
+            meta = [{"fps": 2.0, "frames_indices": list(range(len(f))), "total_num_frames": len(f),
+                     "duration": len(f) / 2.0} for f in frames]
+            inputs = self.processor(text=[prompt], videos=frames, video_metadata=meta, do_sample_frames=False,
+                                    return_tensors="pt")
+        else:
+            inputs = self.processor(text=[prompt], return_tensors="pt",
+                                    images=[Image.open(io.BytesIO(b)).convert("RGB") for b in images])
         ids = inputs["input_ids"]
         core = self.model.model
+        grid = inputs[f"{kind}_grid_thw"]
         pos, _ = core.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-                                     image_grid_thw=inputs["image_grid_thw"])
+                                     **{f"{kind}_grid_thw": grid})
         pos = pos[:, 0]
-        vision = core.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        pixels = inputs["pixel_values_videos" if videos else "pixel_values"]
+        vision = (core.get_video_features if videos else core.get_image_features)(pixels, grid)
+        token = getattr(self.model.config, f"{kind}_token_id")
         embeds = self.model.get_input_embeddings()(ids)[0].clone()
-        cols = torch.nonzero(ids[0] == self.model.config.image_token_id)[:, 0]
+        cols = torch.nonzero(ids[0] == token)[:, 0]
         embeds[cols] = torch.cat(vision.pooler_output)
         deepstack = [torch.cat(layer) for layer in vision.deepstack_features]      # [sum N, H] per LM layer
         keep_cols = torch.ones(ids.shape[1], dtype=torch.bool)
         kept_rows, slot_pos, cursor = [], pos.clone(), 0
-        for rows in vision.pooler_output:
+        for rows, groups in zip(vision.pooler_output, grid[:, 0].tolist() if videos else [1] * len(images)):
             n = rows.shape[0]
-            local = idpruner_select(rows, None, cfg.keep_count(n), mmr_lambda=cfg.mmr_lambda)
+            size = n // groups
+            k = cfg.keep_count(size, video=bool(videos))
+            local = torch.cat([j * size + idpruner_select(rows[j * size:(j + 1) * size], None, k,
+                                                          mmr_lambda=cfg.mmr_lambda) for j in range(groups)])
             mine = cols[cursor:cursor + n]
             keep_cols[mine] = False
             keep_cols[mine[local]] = True
@@ -183,7 +200,7 @@ class Oracle:
         kept = torch.nonzero(keep_cols)[:, 0]
         kept_rows = torch.cat(kept_rows)
         e, p = embeds[kept], slot_pos[:, kept]
-        visual = (ids[0] == self.model.config.image_token_id)[kept]
+        visual = (ids[0] == token)[kept]
         stack = [layer[kept_rows] for layer in deepstack]
         next_pos = int(pos.max()) + 1
         out, logprobs = [], []
@@ -198,6 +215,14 @@ class Oracle:
             e = torch.cat([e, self.model.get_input_embeddings()(torch.tensor([tok]))], dim=0)
             p = torch.cat([p, torch.full((3, 1), next_pos + t, dtype=p.dtype)], dim=1)
         return {"output_ids": out, "logprobs": logprobs, "prompt_tokens": int(kept.numel())}
+
+
+def decode(clip: bytes) -> torch.Tensor:
+    """Every frame of a video, [T, C, H, W] uint8 (decord, the decoder the server uses on this machine)."""
+    import decord
+
+    reader = decord.VideoReader(io.BytesIO(clip))
+    return torch.from_numpy(reader.get_batch(list(range(len(reader)))).asnumpy()).permute(0, 3, 1, 2)
 
 
 @pytest.fixture(scope="module")
@@ -234,15 +259,29 @@ def test_images_match_transformers_with_original_positions_and_deepstack(pruned_
     assert_same_generation(got, want)
 
 
-def test_video_runs_per_frame_group_keep_their_share(pruned_server):
+# 448 x 448 frames: a multiple of SGLang's resize factor (28) above its minimum pixels, so its own resize keeps
+# them; the Qwen3-VL processor then scales them to 416 x 416 for 4 frames on both sides. 4 frames at 2 fps: 2 frame
+# groups of 13 x 13 tokens, one placeholder run each
+GROUP_TOKENS = 169
+CLIP = video(4, seed=3)
+
+
+def test_video_oracle_is_position_sensitive(oracle):
+    original = oracle.greedy(PROMPT_VIDEO, [], KEEP, videos=[CLIP])
+    renumbered = oracle.greedy(PROMPT_VIDEO, [], KEEP, videos=[CLIP], positions="renumbered")
+    gap = max(abs(a - b) for a, b in zip(original["logprobs"], renumbered["logprobs"]))
+    assert gap >= 20 * LOGPROB_TOL, f"video positions barely matter on this model (logprob gap {gap:.2e})"
+
+
+@pytest.mark.parametrize("keep", [KEEP, 1.0])
+def test_video_runs_per_frame_group_match_transformers(pruned_server, oracle, keep):
     from sgl_slim.config import IDPrunerConfig
 
-    clip = video(8, seed=3)                        # 4 frame groups, one placeholder run each
-    full = generate(pruned_server, PROMPT_VIDEO, videos=[clip], settings={"idpruner_keep_ratio": 1.0}, max_new=2)
-    pruned = generate(pruned_server, PROMPT_VIDEO, videos=[clip], max_new=2)
-    total = full["meta_info"]["sgl_slim"]["vision_tokens_total"]
-    assert total % 4 == 0 and full["meta_info"]["sgl_slim"]["vision_tokens_kept"] == total
-    kept = 4 * IDPrunerConfig(keep_ratio=KEEP).keep_count(total // 4)
-    assert pruned["meta_info"]["sgl_slim"]["vision_tokens_kept"] == kept
-    assert full["meta_info"]["prompt_tokens"] - pruned["meta_info"]["prompt_tokens"] == total - kept
-    assert len(pruned["output_ids"]) == 2
+    want = oracle.greedy(PROMPT_VIDEO, [], keep, videos=[CLIP])
+    got = generate(pruned_server, PROMPT_VIDEO, videos=[CLIP],
+                   settings=None if keep == KEEP else {"idpruner_keep_ratio": keep})
+    numbers = got["meta_info"]["sgl_slim"]
+    assert numbers["vision_tokens_total"] == 2 * GROUP_TOKENS
+    assert numbers["vision_tokens_kept"] == 2 * IDPrunerConfig(keep_ratio=keep).keep_count(GROUP_TOKENS)
+    assert got["meta_info"]["prompt_tokens"] == want["prompt_tokens"], (got["meta_info"], want)
+    assert_same_generation(got, want)
