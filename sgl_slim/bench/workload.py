@@ -11,8 +11,8 @@ import random
 import struct
 from dataclasses import dataclass
 
-SCENARIOS = ("text", "longctx", "image", "audio", "mixed")
-MIXED_KINDS = ("text", "image", "audio")  # those the model can take; longctx only when asked for by name
+SCENARIOS = ("text", "longctx", "image", "video", "audio", "mixed")
+MIXED_KINDS = ("text", "image", "audio")  # those the model can take; longctx and video only when asked for by name
 
 _WORDS = ("the of and to in is was for on that with as by at from his her it an were which are this be "
           "model token image audio river mountain city garden window light colour square circle music voice "
@@ -28,6 +28,7 @@ class WorkloadSpec:
     image_size: int = 224         # square images, pixels (the demo VLM: (224/28)^2 = 64 tokens)
     images_per_request: int = 1
     audio_seconds: float = 2.0    # 16 kHz clips (the demo audio model: 25 tokens per second)
+    video_frames: int = 8         # 224x224 frames at 2 fps (the demo VLM: 144 tokens per 2 frames)
 
 
 @dataclass(frozen=True)
@@ -151,11 +152,14 @@ def _request(kind: str, spec: WorkloadSpec, rng: random.Random) -> BenchRequest:
         content = [{"type": "image_url", "image_url": {"url": png_data_url(spec.image_size, rng)}}
                    for _ in range(spec.images_per_request)]
         content.append({"type": "text", "text": f"Describe the image. {words(8, rng)}"})
+    elif kind == "video":
+        content = [{"type": "video_url", "video_url": {"url": video_data_url(spec.video_frames, rng)}},
+                   {"type": "text", "text": f"What happens in this video? {words(8, rng)}"}]
     elif kind == "audio":
         content = [{"type": "audio_url", "audio_url": {"url": wav_data_url(spec.audio_seconds, rng)}},
                    {"type": "text", "text": f"What is in this clip? {words(8, rng)}"}]
     else:
-        raise ValueError(f"unknown request kind {kind!r} (known: text, longctx, image, audio)")
+        raise ValueError(f"unknown request kind {kind!r} (known: text, longctx, image, video, audio)")
     return BenchRequest(kind, [{"role": "user", "content": content}], spec.max_tokens)
 
 

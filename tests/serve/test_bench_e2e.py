@@ -21,12 +21,12 @@ def _bench(base_url, tmp_path, *args):
     return json.loads(out.read_text()), proc.stdout
 
 
-def test_bench_image_and_longctx_on_the_image_server(vl_server, tmp_path):
-    result, table = _bench(vl_server.base_url, tmp_path, "--scenario", "image,longctx,text",
-                           "--longctx-words", "200", "--request-rate", "20")
+def test_bench_image_video_and_longctx_on_the_image_server(vl_server, tmp_path):
+    result, table = _bench(vl_server.base_url, tmp_path, "--scenario", "image,video,longctx,text",
+                           "--longctx-words", "200", "--request-rate", "20", "--video-frames", "4")
     assert "| TTFT p50 ms |" in table and "| prompt tokens/req |" in table
     by = {r["scenario"]: r for r in result["runs"]}
-    assert set(by) == {"image", "longctx", "text"}
+    assert set(by) == {"image", "video", "longctx", "text"}
     for scenario, run in by.items():
         s = run["summary"]
         assert (s["completed"], s["failed"]) == (4, 0), (scenario, s["errors"])
@@ -34,6 +34,8 @@ def test_bench_image_and_longctx_on_the_image_server(vl_server, tmp_path):
         assert 0 < s["ttft_ms_p50"] <= s["ttft_ms_p90"] <= s["ttft_ms_p99"], s
         assert s["output_tok_per_s"] > 0 and s["req_per_s"] > 0
     assert by["longctx"]["summary"]["prompt_tokens_mean"] > 200  # 200 words (several tokens each, tiny vocab)
+    # 4 frames: 2 frame groups of 144 tokens, a quarter kept by IDPruner (72) plus the text
+    assert 72 < by["video"]["summary"]["prompt_tokens_mean"] < 2 * 144
     assert result["environment"]["git_sha"]
 
 

@@ -67,7 +67,23 @@ def test_workload_is_seeded_and_mixed_has_equal_shares():
     assert [r.messages for r in build_workload("mixed", 9, seed=4)] != [r.messages for r in w1]
     assert build_workload("mixed", 4, mixed_kinds=("text",))[0].kind == "text"
     with pytest.raises(ValueError, match="unknown scenario"):
-        build_workload("video", 1)
+        build_workload("hologram", 1)
+
+
+def test_video_workload_sends_decodable_videos():
+    import base64
+    import io
+
+    decord = pytest.importorskip("decord")
+    from sgl_slim.bench.workload import SCENARIOS, WorkloadSpec
+
+    (req,) = build_workload("video", 1, seed=2, spec=WorkloadSpec(video_frames=6))
+    part = req.messages[0]["content"][0]
+    assert req.kind == "video" and part["type"] == "video_url"
+    reader = decord.VideoReader(io.BytesIO(base64.b64decode(part["video_url"]["url"].split(",", 1)[1])))
+    assert len(reader) == 6 and reader.get_avg_fps() == 2.0 and reader[0].shape == (224, 224, 3)
+    assert "video" in SCENARIOS
+    assert all(r.kind != "video" for r in build_workload("mixed", 12, seed=1))      # only when asked for by name
 
 
 def test_launched_server_that_exits_reports_its_command_and_log():
