@@ -1,0 +1,113 @@
+"""S2O judged end to end through SGLang: the long-context testbed model (sgl_slim.testbed, trained here) answers
+passkey and key-value retrieval prompts served by two CPU servers side by side, one with ``--s2o`` (its default
+tau) and one without (SGLang's own dense attention).
+
+    python -m benchmarks.testbed_serve --model ~/.cache/sgl_slim/models/testbed/model \\
+        --out benchmarks/results/testbed_serve.jsonl
+
+Each prompt is a held-out retrieval sample (``sgl_slim.testbed.data.eval_samples``: the same tasks, depths and
+seeds as the in-process evaluation) cut before its answer, sent as token ids to ``/generate`` with greedy
+decoding for as many tokens as the answer has; correct = the generated ids equal the answer's. Both servers are
+up at once and each prompt goes to both (the order alternating), float32, radix cache off. Per request: correct,
+latency, and the S2O density the server reports (``meta_info["sgl_slim"]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from benchmarks.harness import env_info, markdown_table, record, write_results
+from sgl_slim.bench.runner import LaunchedServer
+
+
+def server_args(model: str, length: int, s2o: bool, min_length: int) -> list[str]:
+    args = ["--model-path", model, "--dtype", "float32", "--disable-radix-cache", "--context-length",
+            str(2 * length), "--max-total-tokens", str(3 * length), "--skip-server-warmup"]
+    return args + (["--s2o", "--s2o-min-length", str(min_length)] if s2o else [])
+
+
+def ask(base_url: str, ids: list[int], answer: list[int]) -> dict:
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": len(answer), "temperature": 0.0}}
+    t0 = time.perf_counter()
+    req = urllib.request.Request(base_url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=1800) as r:
+        out = json.loads(r.read())
+    numbers = out["meta_info"].get("sgl_slim", {})
+    return {"correct": out["output_ids"] == answer, "latency_s": time.perf_counter() - t0,
+            "density": numbers.get("s2o_density")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="the testbed checkpoint (sgl_slim.testbed.pipeline)")
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--tasks", default="passkey,kv")
+    ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--per-depth", type=int, default=3)
+    ap.add_argument("--min-length", type=int, default=1024, help="--s2o-min-length of the S2O server")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--port", type=int, default=32600)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    from transformers import AutoTokenizer
+
+    from sgl_slim.testbed.data import Pieces, corpus_stream, eval_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    stream = corpus_stream(tokenizer, "eval", args.length * 6 + 200_000)
+    pieces = Pieces(tokenizer)
+    depths = [float(d) for d in args.depths.split(",")]
+    samples = [(task, s) for task in args.tasks.split(",")
+               for s in eval_samples(stream, pieces, kind=task, length=args.length, depths=depths,
+                                     per_depth=args.per_depth, seed=args.seed)]
+    logs = Path("/tmp/sgl_slim_testbed_serve")
+    logs.mkdir(exist_ok=True)
+    servers = {name: LaunchedServer(server_args(args.model, args.length, name == "s2o", args.min_length),
+                                    port=args.port + i, log_path=logs / f"{name}.log")
+               for i, name in enumerate(("dense", "s2o"))}
+    rows = []
+    try:
+        for srv in servers.values():
+            srv.start()
+        for srv in servers.values():
+            srv.wait_ready()
+        for i, (task, sample) in enumerate(samples):
+            (start, end), = sample.answers
+            order = list(servers) if i % 2 == 0 else list(reversed(servers))
+            for name in order:
+                result = ask(servers[name].base_url, sample.ids[:start], sample.ids[start:end])
+                rows.append(record("testbed_serve_request", server=name, task=task, depth=sample.depth,
+                                   prompt_tokens=start, **result))
+                print(rows[-1], flush=True)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    summary = []
+    for name in servers:
+        mine = [r for r in rows if r["server"] == name]
+        row = record("testbed_serve", server=name, length=args.length, samples=len(mine),
+                     latency_s=statistics.median(r["latency_s"] for r in mine))
+        for task in args.tasks.split(","):
+            hits = [r["correct"] for r in mine if r["task"] == task]
+            row[f"{task}_accuracy"] = sum(hits) / len(hits)
+        densities = [r["density"] for r in mine if r["density"] is not None]
+        row["s2o_density"] = statistics.mean(densities) if densities else None
+        summary.append(row)
+    write_results(args.out, rows + summary, env=env_info())
+    print(markdown_table(summary, ["server", "length", "samples", *[f"{t}_accuracy" for t in args.tasks.split(",")],
+                                   "s2o_density", "latency_s"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
