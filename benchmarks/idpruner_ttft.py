@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from sgl_slim.bench.runner import LaunchedServer
+from sgl_slim.bench.runner import LaunchedServer, running
 from benchmarks.harness import env_info, markdown_table, record, stream_generate, write_results
 
 
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=32200)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    # SIGTERM -> SystemExit, so the finally below stops the servers (they run in their own sessions)
+    # SIGTERM -> SystemExit, so running() below stops the servers (they run in their own sessions)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from sgl_slim.demo import ensure_demo
@@ -113,20 +113,13 @@ def main(argv=None) -> int:
     servers = {keep: LaunchedServer(server_args(model, keep), port=args.port + i, log_path=logs / f"keep{keep}.log")
                for i, keep in enumerate(keeps)}
     runs: dict[float, list[dict]] = {keep: [] for keep in keeps}
-    try:
-        for srv in servers.values():
-            srv.start()
-        for srv in servers.values():
-            srv.wait_ready()
+    with running(servers):
         for keep in keeps:
             one_request(servers[keep].port, media[:per_request], 2, kind)        # warm-up (first-use costs)
         for r in range(args.requests):                                           # distinct media: no cache hits
             batch = media[(r + 1) * per_request:(r + 2) * per_request]
             for keep in keeps:
                 runs[keep].append(one_request(servers[keep].port, batch, args.max_new, kind))
-    finally:
-        for srv in servers.values():
-            srv.stop()
     for keep in keeps:
         rs = runs[keep]
         row = record("idpruner_ttft", keep_ratio=keep, media=kind, images=0 if args.video_frames else args.images,

@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from sgl_slim.bench.runner import LaunchedServer
+from sgl_slim.bench.runner import LaunchedServer, running
 from benchmarks.harness import env_info, markdown_table, record, stream_generate, write_results
 
 PROMPT = "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nWhat is said?"
@@ -80,19 +80,12 @@ def main(argv=None) -> int:
     servers = {k: LaunchedServer(server_args(model, k, args.threshold), port=args.port + i,
                                  log_path=logs / f"keep{k}.log") for i, k in enumerate(keeps)}
     runs: dict[float, list] = {k: [] for k in keeps}
-    try:
-        for srv in servers.values():
-            srv.start()
-        for srv in servers.values():
-            srv.wait_ready()
+    with running(servers):
         for k in keeps:
             one_request(servers[k].port, audios[0], 2)                        # warm-up
         for a in audios[1:]:
             for k in keeps:
                 runs[k].append(one_request(servers[k].port, a, args.max_new))
-    finally:
-        for srv in servers.values():
-            srv.stop()
     rows = []
     for k in keeps:
         rows.append(record("samp_ttft", keep_ratio=k, merge_threshold=args.threshold, clip_s=args.seconds,

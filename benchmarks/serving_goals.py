@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.harness import env_info, markdown_table, record, write_results
-from sgl_slim.bench.runner import LaunchedServer, run_workload
+from sgl_slim.bench.runner import LaunchedServer, run_workload, running
 from sgl_slim.bench.stats import summarize
 from sgl_slim.bench.workload import WorkloadSpec, build_workload
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=30300)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # -> finally: stop the servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # -> running() stops the servers
 
     from sgl_slim.demo import ensure_demo
 
@@ -71,11 +71,7 @@ def main(argv=None) -> int:
                "sgl_slim": LaunchedServer(server_args(model) + toggles, args.port + 1, logs / "slim.log")}
     spec = WorkloadSpec(max_tokens=args.max_tokens, image_size=args.image_size, images_per_request=args.images)
     rows = []
-    try:
-        for srv in servers.values():
-            srv.start()
-        for srv in servers.values():
-            srv.wait_ready()
+    with running(servers):
         for scenario in args.scenarios.split(","):
             warm = build_workload(scenario, 2, seed=999, spec=spec)
             for srv in servers.values():
@@ -109,9 +105,6 @@ def main(argv=None) -> int:
                                    outputs_equal_to_stock=f"{same}/{total}" if scenario == "text" else "n/a",
                                    load_avg_1m=[p["load_avg_1m"] for p in ps]))
                 print(rows[-1], flush=True)
-    finally:
-        for srv in servers.values():
-            srv.stop()
     write_results(args.out, rows, env=env_info())
     print(markdown_table(rows, ["scenario", "server", "prompt_tokens_mean", "req_per_s_median", "ratio_vs_stock",
                                 "ttft_ms_p50", "failed", "outputs_equal_to_stock"]))

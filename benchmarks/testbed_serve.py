@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks.harness import env_info, markdown_table, record, write_results
-from sgl_slim.bench.runner import LaunchedServer
+from sgl_slim.bench.runner import LaunchedServer, running
 
 
 def server_args(model: str, length: int, s2o: bool, min_length: int) -> list[str]:
@@ -76,11 +76,7 @@ def main(argv=None) -> int:
                                     port=args.port + i, log_path=logs / f"{name}.log")
                for i, name in enumerate(("dense", "s2o"))}
     rows = []
-    try:
-        for srv in servers.values():
-            srv.start()
-        for srv in servers.values():
-            srv.wait_ready()
+    with running(servers):
         for i, (task, sample) in enumerate(samples):
             (start, end), = sample.answers
             order = list(servers) if i % 2 == 0 else list(reversed(servers))
@@ -89,9 +85,6 @@ def main(argv=None) -> int:
                 rows.append(record("testbed_serve_request", server=name, task=task, depth=sample.depth,
                                    prompt_tokens=start, **result))
                 print(rows[-1], flush=True)
-    finally:
-        for srv in servers.values():
-            srv.stop()
     summary = []
     for name in servers:
         mine = [r for r in rows if r["server"] == name]

@@ -110,6 +110,22 @@ def _eagle_draft() -> Path:
 MODEL_DIRS = {"{eagle_target}": _eagle_target, "{eagle_draft}": _eagle_draft}
 
 
+def cached_build(out: Path, build) -> Path:
+    """``out``, built by ``build(folder)`` on first use: in a private folder, marked complete, then renamed, so
+    concurrent test runs never read a half-written model. ``build`` writes ``folder/.complete`` last."""
+    import shutil  # noqa: PLC0415
+
+    if not (out / ".complete").is_file():
+        work = build(out.with_name(f"{out.name}.partial{os.getpid()}"))
+        if out.is_dir() and not (out / ".complete").is_file():
+            shutil.rmtree(out, ignore_errors=True)        # left by an interrupted run
+        try:
+            os.replace(work, out)
+        except OSError:                                   # another run finished first
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 class ServerPool:
     """The session's servers, one per :class:`ServerSpec`, with the plan of which test needs which."""
 

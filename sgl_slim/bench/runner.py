@@ -4,6 +4,7 @@ client), with a concurrency cap and an optional Poisson arrival rate; and launch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -238,3 +239,18 @@ class LaunchedServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def running(servers: dict):
+    """Start every server of ``servers`` ({name: LaunchedServer}; their start-ups overlap), wait until each is
+    ready and yield the dict; every server is stopped on the way out, whatever happened."""
+    try:
+        for srv in servers.values():
+            srv.start()
+        for srv in servers.values():
+            srv.wait_ready()
+        yield servers
+    finally:
+        for srv in servers.values():
+            srv.stop()

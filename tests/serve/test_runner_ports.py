@@ -91,3 +91,36 @@ def test_plain_server_on_a_gpu_host_without_sgl_kernel_library_gets_the_standins
     cmd = server.command()
     assert gpu.MODE_VAR not in server.env and "--attention-backend" not in cmd
     assert server.env["SGLANG_PLUGINS"] == "none-but-sglang"
+
+
+class Recorded:
+    """A server that records its start, readiness and stop (``fail`` makes wait_ready raise)."""
+
+    def __init__(self, name, calls, fail=False):
+        self.name, self.calls, self.fail = name, calls, fail
+
+    def start(self):
+        self.calls.append(("start", self.name))
+
+    def wait_ready(self):
+        self.calls.append(("ready", self.name))
+        if self.fail:
+            raise TimeoutError(f"{self.name} not ready")
+
+    def stop(self):
+        self.calls.append(("stop", self.name))
+
+
+def test_running_starts_all_before_waiting_and_stops_all_whatever_happens():
+    calls = []
+    servers = {"a": Recorded("a", calls), "b": Recorded("b", calls)}
+    with runner.running(servers) as got:
+        assert got is servers
+        calls.append(("work", None))
+    assert calls == [("start", "a"), ("start", "b"), ("ready", "a"), ("ready", "b"), ("work", None),
+                     ("stop", "a"), ("stop", "b")]
+    calls.clear()
+    with pytest.raises(TimeoutError, match="b not ready"):
+        with runner.running({"a": Recorded("a", calls), "b": Recorded("b", calls, fail=True)}):
+            calls.append(("work", None))
+    assert ("work", None) not in calls and calls[-2:] == [("stop", "a"), ("stop", "b")]

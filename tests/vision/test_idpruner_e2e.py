@@ -14,8 +14,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving import MODEL_DIRS, shared_server
+from serving import MODEL_DIRS, cached_build, shared_server
 
 pytestmark = pytest.mark.e2e
 
@@ -106,21 +104,12 @@ def b64(data: bytes) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def position_sensitive_demo() -> Path:
-    """The position-sensitive copy, cached beside the demo model (built in a private folder, then renamed, so
-    concurrent test runs never read a half-written copy)."""
+    """The position-sensitive copy, cached beside the demo model."""
     from sgl_slim.demo import ensure_demo
 
     demo = ensure_demo("demo")
-    out = demo.with_name(demo.name + "-position-sensitive")
-    if not (out / ".complete").is_file():
-        work = make_position_sensitive(demo, out.with_name(f"{out.name}.partial{os.getpid()}"))
-        if out.is_dir() and not (out / ".complete").is_file():
-            shutil.rmtree(out, ignore_errors=True)        # left by an interrupted run
-        try:
-            os.replace(work, out)
-        except OSError:          # another run finished first
-            shutil.rmtree(work, ignore_errors=True)
-    return out
+    return cached_build(demo.with_name(demo.name + "-position-sensitive"),
+                        lambda folder: make_position_sensitive(demo, folder))
 
 
 MODEL_DIRS["{demo_position_sensitive}"] = position_sensitive_demo

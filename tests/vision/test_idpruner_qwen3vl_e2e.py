@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
-import shutil
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from serving import MODEL_DIRS, shared_server
+from serving import MODEL_DIRS, cached_build, shared_server
 
 pytestmark = pytest.mark.e2e
 
@@ -79,21 +77,12 @@ def build(out: Path) -> Path:
 
 
 def qwen3_vl_model() -> Path:
-    """The model, cached beside the demo models (built in a private folder, then renamed)."""
+    """The model, cached beside the demo models."""
     import transformers
 
     from sgl_slim.demo import cache_root
 
-    out = cache_root() / f"qwen3-vl-tiny-position-sensitive-tf{transformers.__version__}"
-    if not (out / ".complete").is_file():
-        work = build(out.with_name(f"{out.name}.partial{os.getpid()}"))
-        if out.is_dir():
-            shutil.rmtree(out, ignore_errors=True)       # left by an interrupted run
-        try:
-            os.replace(work, out)
-        except OSError:                                    # another run finished first
-            shutil.rmtree(work, ignore_errors=True)
-    return out
+    return cached_build(cache_root() / f"qwen3-vl-tiny-position-sensitive-tf{transformers.__version__}", build)
 
 
 MODEL_DIRS["{qwen3_vl}"] = qwen3_vl_model
