@@ -25,7 +25,8 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
 6. A video whose frames cannot be read. SGLang's loader only opens the file (a failure there is already a 400);
    the Qwen-VL processor reads and resizes the frames later, where a decoder error (decord on frames of a few
    pixels, a damaged stream) became a 500. AROUND hook on ``qwen_vl.preprocess_video``: such an error becomes a
-   ``ValueError`` naming the video; running out of memory stays a server fault.
+   ``ValueError`` naming the video; running out of memory stays a server fault. A video with fewer frames than
+   one temporal patch is refused there first, saying so (stock: "nframes should in interval [2, 1]").
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ _LOAD = "sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor
 _MM_LIMITS = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_mm_limits"
 _CHAT_VALIDATE = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request"
 _PREPROCESS_VIDEO = "sglang.srt.multimodal.processors.qwen_vl.preprocess_video"
+_FRAME_FACTOR = "sglang.srt.multimodal.processors.qwen_vl.FRAME_FACTOR"      # frames per temporal patch
 
 HOOKED_SYMBOLS: list[str] = [
     _LOAD,
     _MM_LIMITS,
     _CHAT_VALIDATE,
     _PREPROCESS_VIDEO,
+    _FRAME_FACTOR,
+    "sglang.srt.utils.video_decoder.VideoDecoderWrapper",
     "sglang.srt.multimodal.processors.base_processor.MultimodalSpecialTokens",
     "sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor._is_preprocessed_input",
     "sglang.srt.utils.common.load_audio",
@@ -229,7 +233,22 @@ def video_frames_error(exc: BaseException) -> ValueError | None:
     return ValueError(f"the video's frames could not be read ({type(exc).__name__}: {detail})")
 
 
+def too_few_frames(video) -> str | None:
+    """The error for a decoded video with fewer frames than one temporal patch, or None."""
+    from sglang.srt.multimodal.processors import qwen_vl  # noqa: PLC0415
+    from sglang.srt.utils.video_decoder import VideoDecoderWrapper  # noqa: PLC0415
+
+    if not isinstance(video, VideoDecoderWrapper) or len(video) >= qwen_vl.FRAME_FACTOR:
+        return None
+    return (f"the video has {len(video)} frame{'s' if len(video) != 1 else ''}; this model needs at least "
+            f"{qwen_vl.FRAME_FACTOR} (one temporal patch)")
+
+
 async def _preprocess_video_around(original, *args, **kwargs):
+    video = args[0] if args else kwargs.get("vr")
+    message = too_few_frames(video)
+    if message is not None:
+        raise ValueError(message)
     try:
         return await original(*args, **kwargs)
     except Exception as exc:

@@ -257,3 +257,36 @@ def test_preprocessed_videos_pass_through():
         return video, {"fps": 2}
 
     assert asyncio.run(ic._preprocess_video_around(original, "frames", video_config={})) == ("frames", {"fps": 2})
+
+
+@pytest.mark.parametrize("frames,refused", [(1, True), (2, False), (5, False)])
+def test_a_video_shorter_than_one_temporal_patch_is_refused_by_name(frames, refused):
+    import asyncio
+
+    pytest.importorskip("decord")
+    import numpy as np
+    import sglang.srt.utils.video_decoder as decoder
+
+    from sgl_slim.bench.workload import mjpeg_avi
+
+    clip = mjpeg_avi([np.full((32, 32, 3), 40 * i, np.uint8) for i in range(frames)], fps=2)
+    reached = []
+
+    async def original(video, video_config=None):
+        reached.append(len(video))
+        return "frames", {}
+
+    old = decoder._BACKEND
+    decoder._BACKEND = "decord"            # the decoder this machine serves videos with
+    try:
+        video = decoder.VideoDecoderWrapper(clip)
+        if refused:
+            with pytest.raises(ValueError, match=r"^the video has 1 frame; this model needs at least 2 \(one "
+                                                 r"temporal patch\)$"):
+                asyncio.run(ic._preprocess_video_around(original, video, video_config={}))
+            assert reached == []
+        else:
+            assert asyncio.run(ic._preprocess_video_around(original, video, video_config={})) == ("frames", {})
+            assert reached == [frames]
+    finally:
+        decoder._BACKEND = old
