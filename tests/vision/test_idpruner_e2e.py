@@ -22,14 +22,12 @@ import pytest
 import torch
 
 from serving import MODEL_DIRS, cached_build, shared_server
+from vl_media import LOGPROB_TOL, assert_same_generation, decode_video, image_png, video_avi
 
 pytestmark = pytest.mark.e2e
 
 KEEP_RATIO = 0.25
 MAX_NEW = 8
-# float32 end to end: server and transformers differ only by summation order (~1e-6 in logprobs measured by
-# the notes); wrong image positions move them by ~5e-3 on this model copy.
-LOGPROB_TOL = 1e-4
 CHUNK = 48
 PROMPT_ONE = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the picture?"
               "<|im_end|>\n<|im_start|>assistant\n")
@@ -69,30 +67,6 @@ def make_position_sensitive(src: Path, dst: Path) -> Path:
         save_file(tensors, shard, metadata={"format": "pt"})
     (dst / ".complete").write_text("ok\n")
     return dst
-
-
-def image_png(width: int, height: int, seed: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    # smooth blobs + noise: neighbouring tokens are similar, as in photos
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    base = np.stack([np.sin(6 * x + seed), np.cos(5 * y - seed), np.sin(4 * (x + y))], axis=-1)
-    arr = ((base * 0.5 + 0.5) * 200 + rng.random((height, width, 3)) * 55).clip(0, 255).astype("uint8")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def video_avi(num_frames: int, seed: int) -> bytes:
-    """A Motion-JPEG AVI at 2 fps of 336 x 336 frames: SGLang's Qwen-VL preprocessing keeps every frame and
-    the size (at or above its minimum pixels, a multiple of 28), so 2 frames make one group of 12 x 12 tokens."""
-    import random
-
-    from sgl_slim.bench.workload import mjpeg_avi, video_frames
-
-    return mjpeg_avi(video_frames(num_frames, 336, 336, random.Random(seed)), fps=2)
 
 
 def b64(data: bytes) -> str:
@@ -182,7 +156,7 @@ class Oracle:
 
         cfg = IDPrunerConfig(enabled=True, keep_ratio=keep_ratio, video_keep_ratio=video_keep_ratio)
         pil = [Image.open(io.BytesIO(im)).convert("RGB") for im in images]
-        inputs = self.processor(text=[prompt], images=pil or None, videos=[decode(v) for v in videos] or None,
+        inputs = self.processor(text=[prompt], images=pil or None, videos=[decode_video(v) for v in videos] or None,
                                 return_tensors="pt")
         ids = inputs["input_ids"]                                                      # [1, L]
         mm_types = inputs.get("mm_token_type_ids")
@@ -236,14 +210,6 @@ class Oracle:
                 "unpruned_tokens": int(ids.shape[1])}
 
 
-def decode(video: bytes) -> torch.Tensor:
-    """Every frame of a video, [T, C, H, W] uint8 (decord, the decoder the server uses on this machine)."""
-    import decord
-
-    reader = decord.VideoReader(io.BytesIO(video))
-    return torch.from_numpy(reader.get_batch(list(range(len(reader)))).asnumpy()).permute(0, 3, 1, 2)
-
-
 @pytest.fixture(scope="module")
 def oracle(model_dir):
     # SGLang 0.5.23's Qwen2.5-VL vision tower lets all frames of a video attend to each other in its full-attention
@@ -258,15 +224,6 @@ def oracle(model_dir):
         patch.setattr(hf, "get_vision_attention_seqlens", lambda grid_thw, config, merge_temporal=False, kwargs=None:
                       seqlens(grid_thw, config, merge_temporal=True, kwargs=kwargs))
         yield Oracle(model_dir)
-
-
-def assert_same_generation(got: dict, want: dict) -> None:
-    """Greedy ids equal (the server may stop early at EOS) and each token's logprob within LOGPROB_TOL."""
-    ids = got["output_ids"]
-    assert ids == want["output_ids"][:len(ids)], f"server {ids} vs transformers {want['output_ids']}"
-    lps = [lp for lp, _tok, *_ in got["meta_info"]["output_token_logprobs"]]
-    worst = max(abs(a - b) for a, b in zip(lps, want["logprobs"]))
-    assert worst <= LOGPROB_TOL, f"logprobs differ by {worst:.2e}: server {lps} vs transformers {want['logprobs']}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,7 +324,9 @@ def test_tiny_and_large_images_are_handled(servers, size):
 # videos: pruned per frame group (2 frames each), positions (t, h, w) kept
 # ----------------------------------------------------------------------------------------------------------
 
-VIDEO = video_avi(8, seed=1)              # 4 groups of 144 tokens
+# 336 x 336 frames: SGLang's Qwen-VL preprocessing keeps every frame and the size (at or above its minimum
+# pixels, a multiple of 28), so 2 frames make one group of 12 x 12 tokens
+VIDEO = video_avi(8, seed=1, size=336)    # 4 groups of 144 tokens
 GROUP_TOKENS = 144
 
 
@@ -411,19 +370,11 @@ def test_a_requests_own_video_ratio_matches_transformers(servers, oracle):
     assert_same_generation(got, want)
 
 
-def tiny_video() -> bytes:
-    import random
-
-    from sgl_slim.bench.workload import mjpeg_avi, video_frames
-
-    return mjpeg_avi(video_frames(4, 8, 8, random.Random(0)), fps=2)
-
-
 BAD_MEDIA = {
     "image": {"corrupt": "not-base64-at-all!!", "empty": "", "truncated-png": b64(b"\x89PNG\r\n\x1a\n truncated")},
     "video": {"corrupt": "not-base64-at-all!!", "empty": "", "not-a-video": b64(b"RIFF\x10\x00\x00\x00AVI junk"),
               "header-without-frames": b64(VIDEO[:400]), "an-image": b64(image_png(64, 64, seed=5)),
-              "one-frame": b64(video_avi(1, seed=6)), "frames-of-8x8-pixels": b64(tiny_video())},
+              "one-frame": b64(video_avi(1, seed=6, size=336)), "frames-of-8x8-pixels": b64(video_avi(4, seed=0, size=8))},
 }
 
 

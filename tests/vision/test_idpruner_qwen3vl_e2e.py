@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import urllib.request
 from pathlib import Path
 
@@ -21,12 +20,12 @@ import pytest
 import torch
 
 from serving import MODEL_DIRS, cached_build, shared_server
+from vl_media import LOGPROB_TOL, assert_same_generation, decode_video, image_png, video_avi
 
 pytestmark = pytest.mark.e2e
 
 KEEP = 0.25
 MAX_NEW = 6
-LOGPROB_TOL = 1e-4          # float32 on both sides: they differ by summation order (~1e-6)
 PROMPT_IMAGE = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the picture?"
                 "<|im_end|>\n<|im_start|>assistant\n")
 PROMPT_TWO = ("<|im_start|>user\nFirst <|vision_start|><|image_pad|><|vision_end|> then "
@@ -91,24 +90,6 @@ pruned_server = shared_server(["--model-path", "{qwen3_vl}", "--dtype", "float32
                                "--max-total-tokens", "8192", "--skip-server-warmup"])
 
 
-def png(width: int, height: int, seed: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    noise = np.random.default_rng(seed).random((height, width, 3)) * 55
-    base = np.stack([np.sin(6 * x + seed), np.cos(5 * y - seed), np.sin(4 * (x + y))], axis=-1)
-    buf = io.BytesIO()
-    Image.fromarray(((base * 0.5 + 0.5) * 200 + noise).clip(0, 255).astype("uint8")).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def video(frames: int, seed: int) -> bytes:
-    from sgl_slim.bench.workload import mjpeg_avi, video_frames
-
-    return mjpeg_avi(video_frames(frames, 448, 448, random.Random(seed)), fps=2)
-
-
 def generate(srv, prompt: str, images=(), videos=(), settings: dict | None = None, max_new: int = MAX_NEW):
     import base64
 
@@ -150,7 +131,7 @@ class Oracle:
         cfg = IDPrunerConfig(enabled=True, keep_ratio=keep_ratio)
         kind = "video" if videos else "image"
         if videos:
-            frames = [decode(v) for v in videos]
+            frames = [decode_video(v) for v in videos]
             meta = [{"fps": 2.0, "frames_indices": list(range(len(f))), "total_num_frames": len(f),
                      "duration": len(f) / 2.0} for f in frames]
             inputs = self.processor(text=[prompt], videos=frames, video_metadata=meta, do_sample_frames=False,
@@ -206,28 +187,12 @@ class Oracle:
         return {"output_ids": out, "logprobs": logprobs, "prompt_tokens": int(kept.numel())}
 
 
-def decode(clip: bytes) -> torch.Tensor:
-    """Every frame of a video, [T, C, H, W] uint8 (decord, the decoder the server uses on this machine)."""
-    import decord
-
-    reader = decord.VideoReader(io.BytesIO(clip))
-    return torch.from_numpy(reader.get_batch(list(range(len(reader)))).asnumpy()).permute(0, 3, 1, 2)
-
-
 @pytest.fixture(scope="module")
 def oracle():
     return Oracle(qwen3_vl_model())
 
 
-def assert_same_generation(got: dict, want: dict) -> None:
-    ids = got["output_ids"]
-    assert ids == want["output_ids"][:len(ids)], f"server {ids} vs transformers {want['output_ids']}"
-    lps = [lp for lp, *_ in got["meta_info"]["output_token_logprobs"]]
-    worst = max(abs(a - b) for a, b in zip(lps, want["logprobs"]))
-    assert worst <= LOGPROB_TOL, f"logprobs differ by {worst:.2e}: server {lps} vs transformers {want['logprobs']}"
-
-
-IMG_A, IMG_B = png(320, 256, seed=1), png(224, 352, seed=2)      # 10 x 8 and 7 x 11 tokens (32 px each)
+IMG_A, IMG_B = image_png(320, 256, seed=1), image_png(224, 352, seed=2)      # 10 x 8 and 7 x 11 tokens (32 px each)
 
 
 def test_oracle_is_position_and_deepstack_sensitive(oracle):
@@ -252,7 +217,7 @@ def test_images_match_transformers_with_original_positions_and_deepstack(pruned_
 # them; the Qwen3-VL processor then scales them to 416 x 416 for 4 frames on both sides. 4 frames at 2 fps: 2 frame
 # groups of 13 x 13 tokens, one placeholder run each
 GROUP_TOKENS = 169
-CLIP = video(4, seed=3)
+CLIP = video_avi(4, seed=3, size=448)
 
 
 def test_video_oracle_is_position_sensitive(oracle):
