@@ -124,3 +124,19 @@ def stream_generate(base_url: str, body: dict, timeout_s: float = 600.0) -> tupl
             last = json.loads(line[5:])
     return ttft, time.perf_counter() - t0, last
 
+
+def wave_image(seed: int, size: int, fmt: str = "PNG") -> bytes:
+    """A seeded square RGB image, encoded as ``fmt``: smooth colour waves plus noise (neighbouring vision tokens
+    are alike, as in photos; the content is irrelevant to random weights)."""
+    import io  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([np.sin(7 * x + seed), np.cos(5 * y - seed), np.sin(3 * (x + y) + seed)], axis=-1)
+    arr = ((base * 0.5 + 0.5) * 200 + rng.random((size, size, 3)) * 55).clip(0, 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import signal
 import statistics
@@ -41,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.harness import env_info, stream_generate
+from benchmarks.harness import env_info, stream_generate, wave_image
 from sgl_slim.bench.runner import LaunchedServer
 
 UNPRUNED, PRUNED = "unpruned", "pruned"
@@ -50,17 +49,8 @@ TTFT_GOAL, RPS_GOAL = 2.5, 2.0
 
 
 def image_data_url(seed: int, size: int) -> str:
-    """A seeded RGB JPEG: smooth colour waves plus noise (content is irrelevant to random weights)."""
-    import numpy as np  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    base = np.stack([np.sin(7 * x + seed), np.cos(5 * y - seed), np.sin(3 * (x + y) + seed)], axis=-1)
-    arr = ((base * 0.5 + 0.5) * 200 + rng.random((size, size, 3)) * 55).clip(0, 255).astype("uint8")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    """A seeded RGB JPEG (:func:`benchmarks.harness.wave_image`) as a data URL."""
+    return "data:image/jpeg;base64," + base64.b64encode(wave_image(seed, size, "JPEG")).decode()
 
 
 def prompt_text(n_images: int) -> str:

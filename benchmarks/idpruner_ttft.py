@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import os
 import signal
 import statistics
@@ -27,26 +26,11 @@ import sys
 from pathlib import Path
 
 from sgl_slim.bench.runner import LaunchedServer, running
-from benchmarks.harness import env_info, markdown_table, record, stream_generate, write_results
+from benchmarks.harness import env_info, markdown_table, record, stream_generate, wave_image, write_results
 
 
 def image_b64(seed: int, size: int = 448) -> str:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    base = np.stack([np.sin(7 * x + seed), np.cos(5 * y - seed), np.sin(3 * (x + y) + seed)], axis=-1)
-    arr = ((base * 0.5 + 0.5) * 200 + rng.random((size, size, 3)) * 55).clip(0, 255).astype("uint8")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def server_args(model: str, keep: float) -> list[str]:
-    args = ["--model-path", model, "--dtype", "float32", "--disable-radix-cache", "--max-total-tokens", "16384",
-            "--skip-server-warmup"]
-    return args + (["--idpruner", "--idpruner-keep-ratio", str(keep)] if keep < 1.0 else [])
+    return base64.b64encode(wave_image(seed, size)).decode()
 
 
 def video_b64(seed: int, frames: int) -> str:
