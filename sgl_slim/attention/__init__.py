@@ -8,7 +8,9 @@ Public API:
 
 ``tau`` is a float or a tensor [Hkv] (one threshold per KV head).  ``variant`` names a setting of the early
 stop (``s2o_ref.VARIANTS``): "v2" (default) stops when the predicted unvisited mass falls below tau times the
-mass so far and keeps that prediction in the softmax; "v1" is the original per-block rule.
+mass so far and keeps that prediction in the softmax; "v1" is the original per-block rule; "v3" plans each
+segment's budget before the scan: the fewest ranked blocks whose mass, estimated from the exact softmax of
+sampled query rows, leaves out at most tau.
 
 CUDA tensors run the Triton kernel (imported lazily: ``import sgl_slim.attention`` needs no Triton);
 anything else runs the fp32 reference (``s2o_ref``) with exactly the same semantics.

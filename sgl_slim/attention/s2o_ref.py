@@ -30,6 +30,14 @@ Stop rules (block_mass = sum_j exp(s_ij - m) over block b's keys, l = the row's 
     ranking's own estimate ("estimate", ``remaining_ratio``: measured far too sharp, kept for the comparison).
     So block_mass * R[b] is the unvisited mass predicted from the block just measured, and tau is the share
     of the row's mass left unvisited.
+  * ``"planned"`` (v3): no test inside the scan.  Before it, each segment's KV head gets a key ORDER and a
+    BUDGET from the exact softmax of ``SAMPLES`` evenly strided query rows of the segment (each q head of the
+    group): e_j = mean over those rows of p_ij, normalised over the row's own causal keys (``sampled_mass``).
+    Keys are ranked by e (``rank_by_mass``) and the scan visits the fewest leading blocks whose estimated
+    dropped mass sum_{j not visited} e_j is at most tau (``planned_budget``).  So tau is directly the
+    expected share of a row's softmax mass left out (the sampled rows' mean), the budget is set before the
+    kernel runs, and the rows' own normalisation weighs a key that one part of the segment needs as much as
+    the row finds it (a pooled query averages such keys away).
 Tail compensation (v2, ``compensate``): at the stop the predicted unvisited mass rem = block_mass * R[b]
 is kept in the softmax as one term whose value is the mean value of the segment's earlier keys
 (``value_means``): l += rem, acc += rem * vbar.  Then the error is the error of that prediction, not the
@@ -76,13 +84,18 @@ import torch
 NUM_BUCKETS = 256
 BUCKETS_PER_SPAN = 64  # buckets between the max and the mean of the estimate
 RECENT = 0            # keys just before the segment ranked first; 0: measured best (benchmarks/s2o.md)
-STOP_RULES = ("block", "remaining")
+STOP_RULES = ("block", "remaining", "planned")
+SAMPLES = 32          # query rows per segment whose exact softmax plans the "planned" budget (x the group's heads)
+MASS_REDUCES = ("mean", "max")   # "planned": a key's estimate over the sampled rows
+MASS_BUCKETS_PER_OCTAVE = 8   # "planned" ranking: buckets of 2^(1/8) in estimated mass (32 octaves below the max)
 FP8_KV = (torch.float8_e4m3fn, torch.float8_e5m2)   # K/V cache dtypes read with a scale (q in bf16 / fp16)
 TAIL_ESTIMATES = ("flat", "estimate")
 # named settings of (stop rule, local window, tail compensation); "v2" is the default of the public API
 VARIANTS = {
     "v1": {"stop": "block", "local_window": 0, "compensate": False, "tail_estimate": "flat"},
     "v2": {"stop": "remaining", "local_window": 1024, "compensate": True, "tail_estimate": "flat"},
+    "v3": {"stop": "planned", "local_window": 1024, "compensate": False, "tail_estimate": "flat",
+           "samples": SAMPLES, "mass_reduce": "mean"},
 }
 
 
@@ -163,16 +176,95 @@ def rank_from_scores(e: torch.Tensor, seg_starts: torch.Tensor, recent: int = RE
     width = ((e_max - e_mean) / BUCKETS_PER_SPAN).clamp(min=1e-6)
     bucket = ((e_max[..., None] - e) / width[..., None]).floor().clamp(0, NUM_BUCKETS - 1)
     bucket = bucket.masked_fill(valid & (pos >= seg_starts[:, None, None] - recent), 0)
-    bucket = bucket.masked_fill(~valid, NUM_BUCKETS - 1).to(torch.int32)
-    # one flat stable sort of (row, bucket) keys == a stable sort of every row (one radix sort on the GPU
-    # instead of one per row)
-    rows = torch.arange(n_seg * Hkv, device=e.device, dtype=torch.int32).view(n_seg, Hkv, 1)
+    return _sort_buckets(bucket.masked_fill(~valid, NUM_BUCKETS - 1).to(torch.int32))
+
+
+def _sort_buckets(bucket: torch.Tensor) -> torch.Tensor:
+    """Stable sort of every row of bucket [n_seg, Hkv, L] int32 (values < NUM_BUCKETS) -> positions, int32.
+    One flat stable sort of (row, bucket) keys == a stable sort of every row (one radix sort on the GPU
+    instead of one per row)."""
+    n_seg, Hkv, L = bucket.shape
+    rows = torch.arange(n_seg * Hkv, device=bucket.device, dtype=torch.int32).view(n_seg, Hkv, 1)
     order = torch.sort((bucket + rows * NUM_BUCKETS).flatten(), stable=True).indices
     return (order.view(n_seg, Hkv, L) % L).to(torch.int32)
 
 
-def check_settings(stop: str, local_window: int, compensate: bool, tail_estimate: str) -> None:
+def sampled_rows(lo: torch.Tensor, hi: torch.Tensor, n_sample: int) -> torch.Tensor:
+    """n_sample evenly strided rows of [lo, hi) per segment (row lo + (i + 1/2) (hi - lo) / n_sample, rounded
+    down): [n_seg, n_sample] int64 (rows repeat when a segment holds fewer)."""
+    frac = (torch.arange(n_sample, device=lo.device, dtype=torch.float64) + 0.5) / n_sample
+    return lo[:, None] + (frac[None, :] * (hi - lo)[:, None]).long()
+
+
+def sampled_mass(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,
+                 n_sample: int = SAMPLES, reduce: str = "mean") -> torch.Tensor:
+    """e[s, h_kv, j] = mean (``reduce`` "mean") or max ("max") over the ``n_sample`` strided query rows of
+    segment s (those present in the launch) and the q heads of KV head h_kv of the row's exact causal softmax
+    p_ij, for the earlier keys j < seg_start (0 elsewhere).  fp32 [n_seg, Hkv, L].  q: [Tq, Hq, D] (the last
+    Tq positions), k: [L, Hkv, D].  With "mean", sum_j e[s, h, j] is the share of the sampled rows' mass on
+    earlier keys; with "max", the sum over any set of keys bounds every sampled row's mass on them."""
+    if reduce not in MASS_REDUCES:
+        raise ValueError(f"mass_reduce must be one of {MASS_REDUCES}, got {reduce!r}")
+    Tq, Hq, D = q.shape
+    L, Hkv, _ = k.shape
+    G = Hq // Hkv
+    prefix = L - Tq
+    segs = segment_range(L, Tq, segment_size)
+    e = torch.zeros(len(segs), Hkv, L, dtype=torch.float32, device=q.device)
+    for si, s in enumerate(segs):
+        st = s * segment_size
+        if st == 0:
+            continue
+        lo, hi = max(prefix, st), min(L, st + segment_size)
+        pos = sampled_rows(torch.tensor([lo]), torch.tensor([hi]), n_sample)[0].to(q.device)      # [R]
+        end = int(pos.max()) + 1
+        qs = q[pos - prefix].float().view(n_sample, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * n_sample, D)
+        logit = torch.matmul(qs, k[:end].float().permute(1, 2, 0)) * sm_scale                 # [Hkv, G*R, end]
+        late = torch.arange(end, device=q.device)[None, None, :] > pos.repeat(G)[None, :, None]
+        p = torch.softmax(logit.masked_fill(late, -math.inf), -1)
+        e[si, :, :st] = p[..., :st].mean(1) if reduce == "mean" else p[..., :st].amax(1)
+    return e
+
+
+def rank_by_mass(e: torch.Tensor, seg_starts: torch.Tensor, local_window: int = 0) -> torch.Tensor:
+    """Keys by estimated mass, largest first: stable sort by bucket floor(MASS_BUCKETS_PER_OCTAVE *
+    log2(e_max / e_j)) (0..254; 254 also for e_j = 0), the ``local_window`` keys before seg_start first.
+    The quantisation makes the order the same on any device.  e [n_seg, Hkv, L] -> rank int32."""
+    L = e.shape[-1]
+    pos = torch.arange(L, device=e.device)[None, None, :]
+    valid = pos < seg_starts[:, None, None]
+    e = e.masked_fill(~valid, 0.0)
+    e_max = e.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    octaves = torch.log2(e_max / e.clamp(min=torch.finfo(torch.float32).tiny))
+    bucket = (octaves * MASS_BUCKETS_PER_OCTAVE).floor().clamp(0, NUM_BUCKETS - 2)
+    bucket = bucket.masked_fill(valid & (pos >= seg_starts[:, None, None] - local_window), 0)
+    return _sort_buckets(bucket.masked_fill(~valid, NUM_BUCKETS - 1).to(torch.int32))
+
+
+def planned_budget(e: torch.Tensor, rank: torch.Tensor, seg_starts: torch.Tensor, tau_kv: torch.Tensor,
+                   block_size: int, local_window: int = 0) -> torch.Tensor:
+    """Rank entries to visit [n_seg, Hkv] int32: the fewest leading entries of ``rank`` whose estimated dropped
+    mass (sum of e over the entries left out) is at most tau (tau_kv [Hkv]), at least the local window, rounded
+    up to whole blocks, at most seg_start; every entry where tau is 0."""
+    L = e.shape[-1]
+    valid = torch.arange(L, device=e.device)[None, None, :] < seg_starts[:, None, None]
+    er = torch.gather(e, 2, rank.long()).masked_fill(~valid, 0.0)
+    after = er.flip(-1).cumsum(-1).flip(-1)                 # mass of entries t.. (suffix sums: no cancellation)
+    tau = tau_kv.to(e.device, torch.float32)[None, :, None]
+    n = (after > tau).sum(-1)                                # after[] is non-increasing
+    seg = seg_starts[:, None].to(n.dtype)
+    n = torch.maximum(n, torch.minimum(seg, torch.tensor(local_window, device=e.device)))
+    n = ((n + block_size - 1) // block_size * block_size).minimum(seg)
+    return torch.where(tau[..., 0] > 0, n, seg).to(torch.int32)
+
+
+def check_settings(stop: str, local_window: int, compensate: bool, tail_estimate: str,
+                   samples: int = SAMPLES, mass_reduce: str = "mean") -> None:
     """The early-stop settings (module doc), checked once for the reference and the kernel alike."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if mass_reduce not in MASS_REDUCES:
+        raise ValueError(f"mass_reduce must be one of {MASS_REDUCES}, got {mass_reduce!r}")
     if stop not in STOP_RULES:
         raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
     if tail_estimate not in TAIL_ESTIMATES:
@@ -240,19 +332,21 @@ def rank_keys(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: 
 def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau, block_size: int = 128,
                       segment_size: int = 2048, q_tile: int = 128, sm_scale: float | None = None,
                       stop: str = "block", local_window: int = 0, compensate: bool = False,
-                      tail_estimate: str = "flat", rank: torch.Tensor | None = None, rank_len: torch.Tensor | None = None):
+                      tail_estimate: str = "flat", rank: torch.Tensor | None = None, rank_len: torch.Tensor | None = None,
+                      samples: int = SAMPLES, mass_reduce: str = "mean"):
     """S2O attention of one causal sequence in fp32 (module doc for the semantics).
 
     q: [Tq, Hq, D], the last Tq positions of k, v: [L, Hkv, D].  tau: float or [Hkv] (one per KV head).
-    stop: "block" (v1) or "remaining" (v2); local_window: keys just before each segment, ranked first and
-    always visited; compensate: keep the predicted unvisited mass (v2); tail_estimate: "flat" or "estimate".
+    stop: "block" (v1), "remaining" (v2) or "planned" (v3, with ``samples`` rows per segment); local_window:
+    keys just before each segment, ranked first and always visited; compensate: keep the predicted unvisited
+    mass (v2); tail_estimate: "flat" or "estimate".
     rank: optional [n_seg, Hkv, L] index array (default ``rank_keys``); rank_len: optional [n_seg, Hkv]
     number of rank entries to visit (baselines; default seg_start, i.e. all earlier keys).
     Returns out [Tq, Hq, D] fp32, lse [Tq, Hq] fp32 (natural log), and
     counts: dict(computed [Hq], causal [Hq]) score blocks.
     """
     _check(q, k, v, block_size, segment_size, q_tile)
-    check_settings(stop, local_window, compensate, tail_estimate)
+    check_settings(stop, local_window, compensate, tail_estimate, samples, mass_reduce)
     Tq, Hq, D = q.shape
     L, Hkv, _ = k.shape
     G = Hq // Hkv
@@ -261,6 +355,16 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
     tau_h = tau_per_head(tau, Hkv, q.device).repeat_interleave(G)              # [Hq]
     segs = segment_range(L, Tq, segment_size)
     seg_starts = torch.tensor([s * segment_size for s in segs], device=q.device, dtype=torch.int64)
+    if stop == "planned":
+        if rank is not None or rank_len is not None:
+            raise ValueError("stop='planned' plans its own rank and budget (no rank override)")
+        if float(tau_h.max()) > 0:
+            e = sampled_mass(q, k, segment_size=segment_size, sm_scale=scale, n_sample=samples, reduce=mass_reduce)
+            rank = rank_by_mass(e, seg_starts, local_window)
+            rank_len = planned_budget(e, rank, seg_starts, tau_per_head(tau, Hkv, q.device), block_size,
+                                      local_window)
+        tau_h = torch.zeros_like(tau_h)                             # the budget is the whole rule
+        local_window = 0
     use_ratio = stop == "remaining" and tail_estimate == "estimate"
     e = estimate_scores(q, k, segment_size=segment_size, sm_scale=scale) if rank is None or use_ratio else None
     if rank is None:

@@ -11,6 +11,8 @@ Speed (H200, benchmarks/s2o.md): every loop is a ``tl.range`` loop Triton softwa
 every block, and the blocks of a chunk after the stop are masked out (bit-identical output and visited
 count to a check-and-break loop, at the cost of at most CHUNK - 1 wasted block products per (tile, head)).
 tau = 0 without a rank skips the ranking and reads the earlier keys in position order (dense attention).
+The "planned" rule (v3) builds its rank and budget before the launch (``sampled_mass_triton``: two kernels over
+the sampled rows) and runs the tau-0 ranked pass over them.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .s2o_ref import (FP8_KV, check_settings, estimate_scores, rank_from_scores, remaining_ratio, tau_per_head,
-                      value_means)
+from .s2o_ref import (FP8_KV, SAMPLES, check_settings, estimate_scores, planned_budget, rank_by_mass,
+                      rank_from_scores, remaining_ratio, sampled_rows, segment_range, tau_per_head, value_means)
 
 LOG2E = 1.4426950408889634
 # kernel modes (constexpr MODE)
@@ -149,18 +151,14 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
             m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, c_ok[None, :], qk_scale, IEEE)
         n_vis = n_blk
     elif MODE != 0:
-        # the slots are loaded two blocks ahead (loop-carried), so the K/V gathers of a block depend on no
-        # load of the same iteration and the loop pipelines like one over contiguous blocks
-        s0 = tl.load(idx_ptr + offs_b, mask=offs_b < n_rank, other=0)
-        s1 = tl.load(idx_ptr + BLOCK_N + offs_b, mask=BLOCK_N + offs_b < n_rank, other=0)
+        # slots loaded in the iteration: loading them two blocks ahead (loop-carried) measured 20-22% slower
+        # at 128K (benchmarks/s2o_planned.py), as it did for the early-stop loop below
         for j in tl.range(0, n_blk, num_stages=STAGES):
             offs_n = j * BLOCK_N + offs_b
             c_ok = offs_n < n_rank
-            k, v = _kv_block(K, V, s0.to(tl.int64), c_ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d)
-            nxt = offs_n + 2 * BLOCK_N
-            s2 = tl.load(idx_ptr + nxt, mask=nxt < n_rank, other=0)
+            slot = tl.load(idx_ptr + offs_n, mask=c_ok, other=0).to(tl.int64)
+            k, v = _kv_block(K, V, slot, c_ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d)
             m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, c_ok[None, :], qk_scale, IEEE)
-            s0, s1 = s1, s2
         n_vis = n_blk
     else:
         n_vis = n_blk * 0
@@ -168,7 +166,7 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
         blk = n_blk * 0
         tau = tl.load(TAU + hk)
         ratio_ptr = RATIO + row.to(tl.int64) * stride_xr + hk * stride_xh
-        # (loading the slots ahead here, as in the loops above, measured slower: 457 vs 377 ms at 128K)
+        # (loading the slots two blocks ahead measured slower here too: 457 vs 377 ms at 128K)
         while go:
             for j in tl.range(blk, tl.minimum(blk + CHUNK, n_blk), num_stages=STAGES):
                 offs_n = j * BLOCK_N + offs_b
@@ -206,6 +204,121 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         tl.store(LSE + q_rows * stride_lt + h * stride_lh, lse, mask=row_ok)
     tl.store(VISITED + tile * n_heads + h, n_vis)
+
+
+SAMPLE_ROWS = 128        # sampled (row, q head) pairs per program of the mass estimate (padded)
+MASS_BLOCKS = 16         # key blocks per program of ``_sampled_mass``
+
+
+@triton.jit
+def _sampled_lse(QS, K, POS, LSE, qk_scale, stride_qs, stride_qh, stride_kt, stride_kh,
+                 ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """log2-sum-exp of every sampled row of segment ``program_id(0)``, KV head ``program_id(1)`` over its causal
+    keys [0, pos]: LSE[seg, hk, r] (log2 units, logits scaled by qk_scale)."""
+    seg = tl.program_id(0)
+    hk = tl.program_id(1)
+    offs_r = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_b = tl.arange(0, BLOCK_N)
+    pos = tl.load(POS + seg * ROWS + offs_r)
+    q = tl.load(QS + seg * stride_qs + hk * stride_qh + offs_r[:, None] * HEAD_DIM + offs_d[None, :])
+    end = tl.max(pos, 0) + 1
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    for start in tl.range(0, end, BLOCK_N, num_stages=2):
+        offs_n = start + offs_b
+        k = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kt + hk * stride_kh + offs_d[:, None],
+                    mask=(offs_n < end)[None, :], other=0.0)
+        if IEEE:
+            qk = tl.dot(q, k, input_precision="ieee")
+        else:
+            qk = tl.dot(q, k)
+        qk = tl.where(offs_n[None, :] <= pos[:, None], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(qk, 1))     # finite: key 0 is causal for every row
+        l = l * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(qk - m_new[:, None]), 1)
+        m = m_new
+    tl.store(LSE + (seg * tl.num_programs(1) + hk) * ROWS + offs_r, m + tl.math.log2(l))
+
+
+@triton.jit
+def _sampled_mass(QS, K, LSE, W, SEG_START, E, qk_scale, stride_qs, stride_qh, stride_kt, stride_kh,
+                  stride_es, stride_eh, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCKS: tl.constexpr, IEEE: tl.constexpr, MAX: tl.constexpr):
+    """E[seg, hk, j] += sum_r W[r] * p_rj (MAX: E = max(E, max_r [W[r] > 0] p_rj)) for the earlier keys
+    j < seg_start of BLOCKS key blocks (p_rj = 2^(qk_scale * q_r . k_j - LSE[r]): the sampled row's exact
+    softmax)."""
+    hk = tl.program_id(1)
+    seg = tl.program_id(2)
+    st = tl.load(SEG_START + seg)
+    first = tl.program_id(0) * BLOCKS * BLOCK_N
+    if first < st:
+        offs_r = tl.arange(0, ROWS)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_b = tl.arange(0, BLOCK_N)
+        q = tl.load(QS + seg * stride_qs + hk * stride_qh + offs_r[:, None] * HEAD_DIM + offs_d[None, :])
+        lse = tl.load(LSE + (seg * tl.num_programs(1) + hk) * ROWS + offs_r)
+        w = tl.load(W + offs_r)
+        e_ptr = E + seg.to(tl.int64) * stride_es + hk * stride_eh
+        for j in tl.range(0, BLOCKS, num_stages=2):
+            offs_n = first + j * BLOCK_N + offs_b
+            ok = offs_n < st
+            k = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kt + hk * stride_kh + offs_d[:, None],
+                        mask=ok[None, :], other=0.0)
+            if IEEE:
+                qk = tl.dot(q, k, input_precision="ieee")
+            else:
+                qk = tl.dot(q, k)
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+            e_old = tl.load(e_ptr + offs_n, mask=ok, other=0.0)
+            if MAX:
+                e = tl.maximum(e_old, tl.max(tl.where(w[:, None] > 0, p, 0.0), 0))
+            else:
+                e = e_old + tl.sum(p * w[:, None], 0)
+            tl.store(e_ptr + offs_n, e, mask=ok)
+
+
+def sampled_mass_triton(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,
+                        n_sample: int = SAMPLES, reduce: str = "mean") -> torch.Tensor:
+    """``s2o_ref.sampled_mass`` on the GPU (same rows, same definition): fp32 [n_seg, Hkv, L].  Two kernels
+    per chunk of SAMPLE_ROWS (row, q head) pairs: each row's log-sum-exp over its causal keys, then the
+    rows' weighted probabilities of every earlier key.  No host synchronisation (the sizes are host ints)."""
+    Tq, Hq, D = q.shape
+    L, Hkv, _ = k.shape
+    G = Hq // Hkv
+    prefix = L - Tq
+    segs = segment_range(L, Tq, segment_size)
+    n_seg = len(segs)
+    dev = q.device
+    e = torch.zeros(n_seg, Hkv, L, dtype=torch.float32, device=dev)
+    max_start = (segs.stop - 1) * segment_size
+    if n_seg == 0 or max_start == 0:
+        return e
+    seg_start = torch.arange(segs.start, segs.stop, device=dev, dtype=torch.int64) * segment_size
+    lo = seg_start.clamp(min=prefix)
+    hi = (seg_start + segment_size).clamp(max=L)
+    pos = sampled_rows(lo, hi, n_sample)                                          # [n_seg, R]
+    # (row, q head) pairs, q head major as in the reference: [n_seg, Hkv, G * R, D] and positions [n_seg, G * R]
+    qs = q[pos - prefix].view(n_seg, n_sample, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(n_seg, Hkv, G * n_sample, D)
+    pos_all = pos.repeat(1, G)
+    rows = G * n_sample
+    block_n = 64
+    for c0 in range(0, rows, SAMPLE_ROWS):
+        c1 = min(rows, c0 + SAMPLE_ROWS)
+        pad = SAMPLE_ROWS - (c1 - c0)
+        qc = torch.nn.functional.pad(qs[:, :, c0:c1], (0, 0, 0, pad)).contiguous()   # padding rows: q = 0
+        pc = torch.nn.functional.pad(pos_all[:, c0:c1], (0, pad), value=0).to(torch.int32).contiguous()
+        w = torch.zeros(SAMPLE_ROWS, dtype=torch.float32, device=dev)
+        w[:c1 - c0] = 1.0 / rows
+        lse = torch.empty(n_seg, Hkv, SAMPLE_ROWS, dtype=torch.float32, device=dev)
+        ieee = q.dtype == torch.float32
+        _sampled_lse[(n_seg, Hkv)](qc, k, pc, lse, sm_scale * LOG2E, qc.stride(0), qc.stride(1), k.stride(0),
+                                   k.stride(1), ROWS=SAMPLE_ROWS, HEAD_DIM=D, BLOCK_N=block_n, IEEE=ieee,
+                                   num_warps=8)
+        grid = (triton.cdiv(max_start, MASS_BLOCKS * block_n), Hkv, n_seg)
+        _sampled_mass[grid](qc, k, lse, w, seg_start, e, sm_scale * LOG2E, qc.stride(0), qc.stride(1),
+                            k.stride(0), k.stride(1), e.stride(0), e.stride(1), ROWS=SAMPLE_ROWS, HEAD_DIM=D,
+                            BLOCK_N=block_n, BLOCKS=MASS_BLOCKS, IEEE=ieee, MAX=reduce == "max", num_warps=8)
+    return e
 
 
 def plan_tiles(qo_indptr: list[int], kv_indptr: list[int], *, q_tile: int, segment_size: int):
@@ -280,16 +393,19 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
                 qo_indptr: list[int], kv_indptr: list[int], kv_indices: torch.Tensor, segment_size: int,
                 sm_scale: float, n_rows: int, block_size: int = 128, n_sample: int = 0, local_window: int = 0,
                 group_reduce: str = "max", ratio: bool = False, compensate: bool = False,
-                k_scale: float = 1.0) -> dict:
+                k_scale: float = 1.0, planned_tau: torch.Tensor | None = None, samples: int = SAMPLES,
+                mass_reduce: str = "mean") -> dict:
     """Per-(sequence, segment) index data in ``plan_tiles`` row order (torch ops on the GPU):
     rank [n_rows, Hkv, Lmax] int32 (the ``local_window`` keys before each segment first), and when asked,
+    with ``planned_tau`` ([Hkv] on the device: the "planned" rule) the rank by sampled mass and its budget
+    rank_len [n_rows, Hkv] int32 (``s2o_ref.planned_budget``),
     ratio [n_rows, Hkv, ceil(Lmax / block_size)] fp32 (``s2o_ref.remaining_ratio``) and
     vbar [n_rows, Hkv, D] fp32 (``s2o_ref.value_means``, needs v_pool).  An fp8 K cache is ranked on its
     dequantised keys (k * k_scale in q's dtype); vbar stays in the V cache's units (the kernel scales the output)."""
     Hkv = k_pool.shape[1]
     seqs = [b for b in range(len(qo_indptr) - 1) if qo_indptr[b + 1] > qo_indptr[b]]
     Lmax = max(kv_indptr[b + 1] - kv_indptr[b] for b in range(len(kv_indptr) - 1))
-    parts: dict[str, list] = {"rank": [], "ratio": [], "vbar": []}
+    parts: dict[str, list] = {"rank": [], "rank_len": [], "ratio": [], "vbar": []}
     for b in seqs:
         slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]].long()
         k = k_pool[slots]                                               # [L, Hkv, D] (ranking only)
@@ -298,10 +414,18 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
             k = k.to(q.dtype) * k_scale
         L = k.shape[0]
         first = (L - qb.shape[0]) // segment_size
-        e = estimate_scores(qb, k, segment_size=segment_size, sm_scale=sm_scale, group_reduce=group_reduce,
-                            n_sample=n_sample)
+        if planned_tau is not None:
+            e = sampled_mass_triton(qb, k.contiguous(), segment_size=segment_size, sm_scale=sm_scale,
+                                    n_sample=samples, reduce=mass_reduce)
+        else:
+            e = estimate_scores(qb, k, segment_size=segment_size, sm_scale=sm_scale, group_reduce=group_reduce,
+                                n_sample=n_sample)
         seg_starts = (first + torch.arange(e.shape[0], device=q.device)) * segment_size
-        rb = rank_from_scores(e, seg_starts, local_window)
+        if planned_tau is not None:
+            rb = rank_by_mass(e, seg_starts, local_window)
+            parts["rank_len"].append(planned_budget(e, rb, seg_starts, planned_tau, block_size, local_window))
+        else:
+            rb = rank_from_scores(e, seg_starts, local_window)
         parts["rank"].append(torch.nn.functional.pad(rb, (0, Lmax - L)))
         if ratio:
             rr = remaining_ratio(e, rb, seg_starts, block_size)
@@ -347,7 +471,8 @@ def default_config(dtype, head_dim: int, q_tile: int, block_size: int):
 def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, q_tile,
               sm_scale, return_lse=False, rank=None, rank_len=None, num_warps=None, num_stages=None,
               kv_contiguous=False, chunk=None, stop="block", local_window=0, compensate=False,
-              tail_estimate="flat", plan: PagedPlan | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
+              tail_estimate="flat", plan: PagedPlan | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+              samples: int = SAMPLES, mass_reduce: str = "mean"):
     """Launch the kernel.  Returns out, lse (or None), computed [B, Hq], causal [B, Hq] block counts.
     tau: float or [Hkv] tensor.  stop / local_window / compensate / tail_estimate: s2o_ref's semantics.
     rank / rank_len override the S2O ranking (baselines use this to run on the same kernel).
@@ -383,9 +508,21 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     causal = torch.zeros_like(computed)
     if not plan.n_tiles:
         return out, (lse if return_lse else None), computed, causal
-    check_settings(stop, local_window, compensate, tail_estimate)
+    check_settings(stop, local_window, compensate, tail_estimate, samples, mass_reduce)
     taus_host = tau_per_head(tau.cpu() if torch.is_tensor(tau) else tau, Hkv, "cpu")
     taus = _to_device(taus_host, dev)
+    if stop == "planned" and float(taus_host.max()) > 0:
+        # the budget is planned before the launch; the kernel visits it whole (no test inside the scan)
+        if rank is not None or rank_len is not None:
+            raise ValueError("stop='planned' plans its own rank and budget (no rank override)")
+        index = build_index(q, k_pool, qo_indptr=qo, kv_indptr=kvp, kv_indices=kv_indices,
+                            segment_size=segment_size, sm_scale=sm_scale, n_rows=len(rows), block_size=block_size,
+                            local_window=local_window, k_scale=k_scale, planned_tau=taus, samples=samples,
+                            mass_reduce=mass_reduce)
+        rank, rank_len = index["rank"], index["rank_len"]
+        taus = torch.zeros_like(taus)
+        taus_host = torch.zeros_like(taus_host)
+        local_window, compensate = 0, False
     if float(taus_host.max()) > 0:
         mode = MODE_EARLY_STOP
     else:

@@ -7,7 +7,7 @@
 
 Method strings:
     dense                     torch SDPA (cuDNN / flash on CUDA), causal
-    s2o:VARIANT:TAU           sgl_slim.attention.s2o_attention (VARIANT v1 / v2; ignored before variants exist)
+    s2o:VARIANT:TAU           sgl_slim.attention.s2o_attention (VARIANT: a key of ``VARIANTS``, v1 / v2 / v3)
     calib:FILE                s2o_attention with the per-layer, per-KV-head taus of a calibration file
     NAME:GAMMA                a block-sparse baseline ``sgl_slim.attention.baselines.select_NAME`` run on the
                               S2O kernel with tau 0 (topcdf, pbs, cumulative_blocks, vertical_slash, ...)
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from sgl_slim.attention import VARIANTS
 
 ATTN_NAME = "sgl_slim_testbed"
 
@@ -58,8 +60,8 @@ def parse_method(text: str, *, block_size: int | None = None, segment_size: int 
     if text in ("dense", "capture"):
         return Method(text, text)
     if parts[0] == "s2o":
-        if len(parts) != 3 or parts[1] not in ("v1", "v2"):
-            raise ValueError(f"method {text!r}: expected s2o:v1:TAU or s2o:v2:TAU")
+        if len(parts) != 3 or parts[1] not in VARIANTS:
+            raise ValueError(f"method {text!r}: expected s2o:VARIANT:TAU with VARIANT one of {sorted(VARIANTS)}")
         return Method("s2o", text, float(parts[2]), parts[1], block_size=bs, segment_size=ss)
     if parts[0] == "calib":
         from sgl_slim.attention.calibration import S2OCalibration  # noqa: PLC0415

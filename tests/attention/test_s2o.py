@@ -304,3 +304,115 @@ def test_early_stop_settings_are_checked_by_name():
                        ({"local_window": -1}, "local_window"), ({"stop": "block", "compensate": True}, "compensate")]:
         with pytest.raises(ValueError, match=match):
             s2o_attention_ref(q, k, v, tau=0.1, block_size=16, segment_size=32, q_tile=32, **bad)
+
+
+# ----------------------------------------------------------------------------------- planned budget (v3)
+def _softmax_rows(q, k, scale):
+    """Exact causal softmax [Hq, Tq, L] of the last Tq positions (fp32)."""
+    G = q.shape[1] // k.shape[1]
+    L, Tq = k.shape[0], q.shape[0]
+    s = q.float().transpose(0, 1) @ k.float().repeat_interleave(G, 1).permute(1, 2, 0) * scale
+    late = torch.arange(L)[None, None, :] > torch.arange(L - Tq, L)[None, :, None]
+    return torch.softmax(s.masked_fill(late, float("-inf")), -1)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+@pytest.mark.parametrize("L,Tq", [(700, 700), (900, 333)])
+def test_sampled_mass_is_the_sampled_rows_softmax(reduce, L, Tq):
+    from sgl_slim.attention.s2o_ref import sampled_mass, sampled_rows
+    q, k, _ = make_qkv(L, 6, 2, 32, seed=12, dtype=torch.float32)
+    q = q[L - Tq:]
+    e = sampled_mass(q, k, segment_size=128, sm_scale=0.2, n_sample=5, reduce=reduce)
+    p = _softmax_rows(q, k, 0.2)                                    # [Hq, Tq, L]
+    first = (L - Tq) // 128
+    for si in range(e.shape[0]):
+        st = (first + si) * 128
+        lo, hi = max(L - Tq, st), min(L, st + 128)
+        rows = sampled_rows(torch.tensor([lo]), torch.tensor([hi]), 5)[0] - (L - Tq)
+        for h in range(2):
+            ps = p[h * 3:(h + 1) * 3, rows, :st]                    # the group's heads x the sampled rows
+            want = ps.mean((0, 1)) if reduce == "mean" else ps.amax((0, 1))
+            assert torch.allclose(e[si, h, :st], want, atol=1e-6), f"segment {si} head {h}"
+            assert not e[si, h, st:].any(), "keys at or after seg_start must have no estimate"
+
+
+def test_sampled_rows_are_evenly_strided_inside_each_segment():
+    from sgl_slim.attention.s2o_ref import sampled_rows
+    rows = sampled_rows(torch.tensor([0, 2048, 4096]), torch.tensor([2048, 4096, 4100]), 4)
+    assert rows.tolist() == [[256, 768, 1280, 1792], [2304, 2816, 3328, 3840], [4096, 4097, 4098, 4099]]
+
+
+def test_planned_budget_is_the_fewest_blocks_within_tau():
+    from sgl_slim.attention.s2o_ref import planned_budget, rank_by_mass
+    gen = torch.Generator().manual_seed(0)
+    e = torch.rand(3, 2, 512, generator=gen) ** 8 / 40
+    seg_starts = torch.tensor([0, 256, 512])
+    rank = rank_by_mass(e, seg_starts)
+    for tau in [0.3, 0.05, 1e-3]:
+        n = planned_budget(e, rank, seg_starts, torch.tensor([tau, tau / 2]), 16)
+        for s in range(3):
+            for h, t in enumerate([tau, tau / 2]):
+                st, m = int(seg_starts[s]), int(n[s, h])
+                er = e[s, h][rank[s, h, :st].long()]
+                assert m % 16 == 0 or m == st
+                assert er[m:].sum() <= t + 1e-6, f"dropped estimate {er[m:].sum():.4g} > tau {t}"
+                if m >= 16:
+                    assert er[m - 16:].sum() > t, "one block fewer would also be within tau: not the fewest"
+    assert planned_budget(e, rank, seg_starts, torch.zeros(2), 16).tolist() == [[0, 0], [256, 256], [512, 512]]
+    win = planned_budget(e, rank_by_mass(e, seg_starts, 100), seg_starts, torch.tensor([1.0, 1.0]), 16, 100)
+    assert win.tolist() == [[0, 0], [112, 112], [112, 112]], "the local window is always visited (whole blocks)"
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_planned_rule_drops_at_most_tau_of_the_sampled_rows_mass(reduce):
+    """The stated bound: on the sampled rows the estimate is exact, so the mass the planned budget drops is at
+    most tau on average over those rows ("mean") or in every one of them ("max")."""
+    from sgl_slim.attention.s2o_ref import planned_budget, rank_by_mass, sampled_mass, sampled_rows
+    L, S = 1024, 256
+    q, k, _ = make_qkv(L, 4, 1, 32, seed=13, dtype=torch.float32)
+    p = _softmax_rows(q, k, 32 ** -0.5)
+    e = sampled_mass(q, k, segment_size=S, sm_scale=32 ** -0.5, n_sample=8, reduce=reduce)
+    seg_starts = torch.arange(4) * S
+    rank = rank_by_mass(e, seg_starts)
+    for tau in [0.1, 0.01]:
+        n = planned_budget(e, rank, seg_starts, torch.tensor([tau]), 32)
+        for s in range(1, 4):
+            st = s * S
+            kept = torch.zeros(L, dtype=torch.bool)
+            kept[rank[s, 0, :n[s, 0]].long()] = True
+            rows = sampled_rows(torch.tensor([st]), torch.tensor([st + S]), 8)[0]
+            dropped = p[:, rows, :st][..., ~kept[:st]].sum(-1)                  # [Hq, rows]
+            worst = dropped.mean() if reduce == "mean" else dropped.max()
+            assert worst <= tau + 1e-5, f"{reduce} tau {tau} segment {s}: dropped {worst:.4g}"
+
+
+def test_planned_error_follows_tau_on_the_reference():
+    q, k, v = make_qkv(1536, 8, 2, 64, seed=14, dtype=torch.float32)
+    dense, _ = dense_attention_ref(q, k, v)
+    dens, errs = [], []
+    for tau in [0.1, 1e-2, 1e-3, 0.0]:
+        out, _, cnt = s2o_attention_ref(q, k, v, tau=tau, block_size=64, segment_size=256, q_tile=64,
+                                        stop="planned", samples=32, local_window=128)
+        dens.append(_density(cnt))
+        errs.append(((out - dense).norm() / dense.norm()).item())
+    assert dens == sorted(dens) and dens[-1] == 1.0, f"density must grow as tau falls, to 1 at tau 0: {dens}"
+    assert errs[0] > errs[1] > errs[2] > errs[3] and errs[3] < 1e-5, f"error must fall with tau: {errs}"
+    assert dens[0] < 0.8, f"tau 0.1 should leave blocks out on structured inputs: density {dens[0]}"
+
+
+def test_kernel_planned_matches_reference_chunked_gqa():
+    # a prefill after a cached prefix (333 rows of 900), GQA 4:1, fp32 (interpreter): the kernel's sampled-mass
+    # estimate, ranking and budget are the reference's
+    from sgl_slim.attention import s2o_triton
+    L, Tq = 900, 333
+    q, k, v = make_qkv(L, 8, 2, 64, seed=15, dtype=torch.float32)
+    q = q[L - Tq:]
+    kw = dict(stop="planned", samples=20, local_window=128)
+    ref, ref_lse, cnt = s2o_attention_ref(q, k, v, tau=0.01, block_size=64, segment_size=256, q_tile=64, **kw)
+    out, lse, comp, _ = s2o_triton.s2o_paged(
+        q, k, v, qo_indptr=torch.tensor([0, Tq]), kv_indptr=torch.tensor([0, L]),
+        kv_indices=torch.arange(L, dtype=torch.int32), tau=0.01, block_size=64, segment_size=256, q_tile=64,
+        sm_scale=0.125, return_lse=True, **kw)
+    assert comp.sum(0).tolist() == cnt["computed"].tolist(), "visited blocks differ from the reference"
+    assert (out - ref).abs().max() < 1e-4 and (lse - ref_lse).abs().max() < 1e-4
+    assert _density(cnt) < 1.0, "the case must leave blocks out"

@@ -56,7 +56,8 @@ def test_capture_keeps_post_rope_qkv(tiny_model, ids):
 
 
 def test_bad_methods_are_named():
-    with pytest.raises(ValueError, match="s2o:v1:TAU"):
-        parse_method("s2o:v3:1e-3")
+    with pytest.raises(ValueError, match="s2o:VARIANT:TAU with VARIANT one of"):
+        parse_method("s2o:v9:1e-3")
+    assert parse_method("s2o:v3:1e-3").variant == "v3"
     with pytest.raises(ValueError, match="no baseline 'nosuch'"):
         parse_method("nosuch:0.9")
