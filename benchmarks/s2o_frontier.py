@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 import traceback
 from pathlib import Path
@@ -39,6 +40,13 @@ S2O_METHODS = {
                         [0.3, 0.1, 3e-2, 1e-2, 3e-3]),
     "s2o_v2_local1024": ({"stop": "remaining", "compensate": True, "local_window": 1024},
                          [0.3, 0.1, 3e-2, 1e-2, 3e-3]),
+    # v3: budget planned from the exact softmax of 32 sampled rows per segment (tau = estimated dropped share)
+    "s2o_v3": ({"stop": "planned"}, [0.1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4]),
+    "s2o_v3_local1024": ({"stop": "planned", "local_window": 1024}, [0.1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4]),
+    "s2o_v3_max": ({"stop": "planned", "mass_reduce": "max"}, [1.0, 0.3, 0.1, 3e-2, 1e-2, 3e-3]),
+    "s2o_v3_max_local1024": ({"stop": "planned", "mass_reduce": "max", "local_window": 1024},
+                             [1.0, 0.3, 0.1, 3e-2, 1e-2, 3e-3]),
+    "s2o_v3_s128": ({"stop": "planned", "samples": 128}, [3e-2, 1e-2, 3e-3, 1e-3, 3e-4]),
 }
 CUM_GAMMAS = [0.9, 0.95, 0.99, 0.999]
 VS_GAMMAS = [0.9, 0.95, 0.99]
@@ -112,6 +120,8 @@ def run_length(kind, L, args, rows_out, log):
                                                    block_size=BLOCK, compensate=True), warmup=1, iters=iters)
     emit(method="s2o_index_only", knob=None, ms=t_idx, density=None, rel_l2=None)
     for name, (settings, taus) in S2O_METHODS.items():
+        if not args.methods.search(name):
+            continue
         for tau in taus:
             t = time_ms(lambda: kernel(tau, **settings), warmup=1, iters=iters)
             out, _, comp, caus = kernel(tau, **settings)
@@ -124,6 +134,8 @@ def run_length(kind, L, args, rows_out, log):
     sels += [("pbs", g, lambda g=g: baselines.select_pbs(q, k, gamma=g, block_size=BLOCK, segment_size=SEGMENT,
                                                          sm_scale=scale)) for g in (0.99, 0.999)]
     for name, g, sel in sels:
+        if not args.methods.search(name):
+            continue
         try:
             t_sel = time_ms(sel, warmup=1, iters=min(iters, 3))
             rank, rank_len = sel()
@@ -149,7 +161,9 @@ def main():
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--oracle-max", type=int, default=131072)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--methods", default=".", help="regular expression: the S2O variants and baselines to run")
     args = ap.parse_args()
+    args.methods = re.compile(args.methods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

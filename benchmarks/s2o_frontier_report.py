@@ -61,15 +61,18 @@ def main():
     except ImportError:
         return
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}     # one colour per method
     for (inputs, L), (ax_d, ax_t) in zip(groups, axes):
         g = [r for r in rows if r["inputs"] == inputs and r["L"] == L and r.get("rel_l2") is not None]
         for method in dict.fromkeys(r["method"] for r in g):
             pts = sorted((r for r in g if r["method"] == method), key=lambda r: r["density"] or 0)
+            kw = dict(label=method, ms=4, color=colors[method])
             style = "*" if method == "token_oracle" else "o-"
-            ax_d.plot([r["density"] for r in pts], [r["rel_l2"] for r in pts], style, label=method, ms=4)
+            ax_d.plot([r["density"] for r in pts], [r["rel_l2"] for r in pts], style, **kw)
             timed = [r for r in pts if r.get("ms")]
             if timed:
-                ax_t.plot([r["ms"] for r in timed], [r["rel_l2"] for r in timed], style, label=method, ms=4)
+                ax_t.plot([r["ms"] for r in timed], [r["rel_l2"] for r in timed], style, **kw)
         for ax, xl in ((ax_d, "density (oracle: kept tokens)"), (ax_t, "ms (H200, incl. index)")):
             ax.set_yscale("log")
             ax.set_xlabel(xl)

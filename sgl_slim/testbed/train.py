@@ -1,6 +1,6 @@
 """Train the testbed model (GPU; the CPU runs it too, at a tiny size, for tests).
 
-    python -m sgl_slim.testbed.train --out DIR [--plan default|tiny] [--seed 0] [--time-budget S]
+    python -m sgl_slim.testbed.train --out DIR [--plan default|long|tiny] [--seed 0] [--time-budget S]
 
 Curriculum (``PLANS``): phases of (sequence length, batch, steps, task mix); short sequences with most of
 the synthetic retrieval first, then 8K, 16K and 32K; (spec, corpus tokens, phases) per plan.  AdamW (0.9, 0.95, wd 0.1), peak lr 2e-3, warm-up
@@ -48,6 +48,9 @@ PLANS = {
     # ~64K tokens a step; about 100M tokens in all
     "default": (ModelSpec(), 30_000_000, [Phase(2048, 32, 1200, 0.50), Phase(8192, 8, 200, 0.15),
                               Phase(16384, 4, 150, 0.20), Phase(32768, 2, 60, 0.15)]),
+    # the default's first phase, then 2-10x its long-context steps (key-value lookup at 32K needs them); ~7 min
+    "long": (ModelSpec(), 30_000_000, [Phase(2048, 32, 1200, 0.30), Phase(8192, 8, 400, 0.13),
+                           Phase(16384, 4, 600, 0.25), Phase(32768, 2, 600, 0.32)]),
     "tiny": (TINY, 300_000, [Phase(256, 4, 6, 0.5), Phase(512, 2, 4, 0.5)]),
 }
 
