@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
     (["--eagle-draft", "/nonexistent/draft"], "--eagle-draft"),
     (["--eagle-steps", "0"], "--eagle-steps"),
     (["--idpruner-keep-ratio", "abc"], "--idpruner-keep-ratio"),
+    (["--s2o-variant", "v4"], "--s2o-variant"),
 ])
 def test_invalid_values_exit_2_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -61,6 +62,13 @@ def test_defaults_and_values_reach_the_config():
     assert not cfg.samp.enabled and not cfg.eagle.enabled
     # sgl_slim's flags are removed; SGLang's stay in order
     assert argv == ["--port", "1234", "--model", "demo-audio"]
+
+
+def test_every_s2o_variant_of_the_attention_api_is_a_flag_value():
+    from sgl_slim.attention import VARIANTS
+    for variant in VARIANTS:
+        cfg, _, _ = parse_slim_args(["--s2o", "--s2o-variant", variant])
+        assert cfg.s2o.variant == variant
 
 
 def test_default_model_is_the_demo():

@@ -71,8 +71,7 @@ no better trade-off, and the kernel is slower per block).  block_size 128 is at 
 equal density (32K: rel-L2 0.0104 at density 0.83 vs 64's 0.0063 at 0.91 / 0.031 at 0.69) and its
 kernel is faster (128K dense: 342 vs 372 ms); 32 is clearly worse.  segment_size 512, 1024, 2048 give
 the same quality curve within noise, and 2048 cuts the index building 3.5x at 128K (8.5 vs 29 ms).
-The API keeps block 64 / segment 512 as signature defaults; the recommended serving setting is
-block 128, segment 2048.
+Block 128 / segment 2048 are the defaults of the API and of the serving flags alike.
 """
 
 from __future__ import annotations
