@@ -164,6 +164,12 @@ def main():
     ap.add_argument("--methods", default=".", help="regular expression: the S2O variants and baselines to run")
     args = ap.parse_args()
     args.methods = re.compile(args.methods)
+    sweep(args, run_length, "s2o_frontier")
+
+
+def sweep(args, run, bench: str) -> None:
+    """``run(kind, L, args, rows, log)`` for every input kind x length of ``args``; the rows (and a failed
+    length's traceback) are written to ``args.out``/``bench``.jsonl after each length."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -171,15 +177,15 @@ def main():
     def log(r):
         print(f"[{time.time() - t0:6.1f}s] " + json.dumps(r), flush=True)
 
-    rows = []
+    rows: list = []
     for kind in args.inputs.split(","):
         for L in [int(x) for x in args.lengths.split(",")]:
             try:
-                run_length(kind, L, args, rows, log)
+                run(kind, L, args, rows, log)
             except Exception:  # noqa: BLE001 (keep what was measured; the traceback is recorded)
                 traceback.print_exc()
-                rows.append({"bench": "s2o_frontier", "inputs": kind, "L": L, "error": traceback.format_exc()})
-            write_results(out / "s2o_frontier.jsonl", rows, env=env_info())
+                rows.append({"bench": bench, "inputs": kind, "L": L, "error": traceback.format_exc()})
+            write_results(out / f"{bench}.jsonl", rows, env=env_info())
 
 
 if __name__ == "__main__":

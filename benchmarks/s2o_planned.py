@@ -14,16 +14,12 @@ attention of those rows (``s2o_frontier.exact_rows``).  Inputs and shape as in `
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import time
-import traceback
-from pathlib import Path
 
 import torch
 
-from benchmarks.harness import env_info, time_ms, write_results
-from benchmarks.s2o_frontier import BLOCK, D, SEGMENT, exact_rows, make_inputs, rel_l2, sdpa
+from benchmarks.harness import time_ms
+from benchmarks.s2o_frontier import BLOCK, D, SEGMENT, exact_rows, make_inputs, rel_l2, sdpa, sweep
 from sgl_slim.attention import s2o_triton
 
 TAUS = [1e-2, 1e-3, 3e-4]
@@ -79,23 +75,7 @@ def main():
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--local-window", type=int, default=1024)
     ap.add_argument("--out", default="benchmarks/results")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-
-    def log(r):
-        print(f"[{time.time() - t0:6.1f}s] " + json.dumps(r), flush=True)
-
-    rows: list = []
-    for kind in args.inputs.split(","):
-        for L in [int(x) for x in args.lengths.split(",")]:
-            try:
-                run_length(kind, L, args, rows, log)
-            except Exception:  # noqa: BLE001 (keep what was measured; the traceback is recorded)
-                traceback.print_exc()
-                rows.append({"bench": "s2o_planned", "inputs": kind, "L": L, "error": traceback.format_exc()})
-            write_results(out / "s2o_planned.jsonl", rows, env=env_info())
+    sweep(ap.parse_args(), run_length, "s2o_planned")
 
 
 if __name__ == "__main__":
