@@ -250,9 +250,8 @@ def planned_budget(e: torch.Tensor, rank: torch.Tensor, seg_starts: torch.Tensor
     er = torch.gather(e, 2, rank.long()).masked_fill(~valid, 0.0)
     after = er.flip(-1).cumsum(-1).flip(-1)                 # mass of entries t.. (suffix sums: no cancellation)
     tau = tau_kv.to(e.device, torch.float32)[None, :, None]
-    n = (after > tau).sum(-1)                                # after[] is non-increasing
+    n = (after > tau).sum(-1).clamp(min=local_window)       # after[] is non-increasing
     seg = seg_starts[:, None].to(n.dtype)
-    n = torch.maximum(n, torch.minimum(seg, torch.tensor(local_window, device=e.device)))
     n = ((n + block_size - 1) // block_size * block_size).minimum(seg)
     return torch.where(tau[..., 0] > 0, n, seg).to(torch.int32)
 
