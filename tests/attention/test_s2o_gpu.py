@@ -131,13 +131,13 @@ def test_fp8_kv_kernel_equals_its_dequantised_values(tau):
     assert err < 1e-3, f"tau {tau}: fp8 kernel vs its dequantised values rel-L2 {err:.3g}"
 
 
-
 @pytest.mark.parametrize("reduce", ["mean", "max"])
 def test_sampled_mass_kernel_matches_reference_at_real_shape(reduce):
-    """The planned rule's estimate: the Triton kernels (bf16 dots, fp32 softmax) against the fp32 reference on the
-    same bf16 inputs.  A probability's relative error is that of its logit's bf16 product (~2^-8 of a logit of a
-    few nats: about 1e-2 relative), so 2e-2 of the row's largest estimate bounds it; a chunked prefill (prefix
-    3000) and a GQA group of 7 (two chunks of sampled rows) included."""
+    """The planned rule's estimate: the Triton kernels against the fp32 reference on the same bf16 inputs.  Products
+    of bf16 values are exact in the kernels' fp32 accumulators, so the two differ only by summation order and
+    exp2 vs exp: logits of tens of nats to ~1e-5, a probability to ~1e-5 relative, its mean over rows likewise;
+    1e-3 of the row's largest estimate leaves two decades for the long log-sum-exp sums.  A chunked prefill
+    (prefix 3000) and a GQA group of 7 (two chunks of sampled rows) included."""
     from sgl_slim.attention import s2o_triton
     from sgl_slim.attention.s2o_ref import sampled_mass
     for L, Tq, Hq, Hkv in [(8192, 8192, 32, 8), (9000, 6000, 28, 4)]:
@@ -147,4 +147,4 @@ def test_sampled_mass_kernel_matches_reference_at_real_shape(reduce):
         got = s2o_triton.sampled_mass_triton(q, k, segment_size=2048, sm_scale=128 ** -0.5, reduce=reduce)
         scale = want.amax(-1, keepdim=True).clamp(min=1e-30)
         err = ((got - want).abs() / scale).max().item()
-        assert err < 2e-2, f"L={L} Tq={Tq} {reduce}: max error {err:.3g} of the row's largest estimate"
+        assert err < 1e-3, f"L={L} Tq={Tq} {reduce}: max error {err:.3g} of the row's largest estimate"
