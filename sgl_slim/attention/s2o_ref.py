@@ -142,9 +142,7 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scal
         qsum = q_pad.view(n_seg, segment_size, Hq, D).sum(1, dtype=torch.float32)
         qs = (qsum / (hi - lo).float()[:, None, None]).to(q.dtype)[:, None]                  # [n_seg, 1, Hq, D]
     else:
-        frac = (torch.arange(n_sample, device=q.device) + 0.5) / n_sample
-        rows = lo[:, None] + (frac[None, :] * (hi - lo)[:, None]).long()                     # [n_seg, R]
-        qs = q[rows]                                                                          # [n_seg, R, Hq, D]
+        qs = q[sampled_rows(lo, hi, n_sample)]                                               # [n_seg, R, Hq, D]
     R = qs.shape[1]
     qs = qs.view(n_seg, R, Hkv, G, D).permute(2, 0, 3, 1, 4).reshape(Hkv, n_seg * G * R, D)
     t = torch.matmul(qs * sm_scale, k.permute(1, 2, 0)).view(Hkv, n_seg, G, R, L)           # [Hkv, n_seg, G, R, L]
@@ -174,15 +172,19 @@ def rank_from_scores(e: torch.Tensor, seg_starts: torch.Tensor, recent: int = RE
     e_mean = e.masked_fill(~valid, 0.0).sum(-1) / cnt
     width = ((e_max - e_mean) / BUCKETS_PER_SPAN).clamp(min=1e-6)
     bucket = ((e_max[..., None] - e) / width[..., None]).floor().clamp(0, NUM_BUCKETS - 1)
-    bucket = bucket.masked_fill(valid & (pos >= seg_starts[:, None, None] - recent), 0)
-    return _sort_buckets(bucket.masked_fill(~valid, NUM_BUCKETS - 1).to(torch.int32))
+    return _sort_buckets(bucket, seg_starts, recent)
 
 
-def _sort_buckets(bucket: torch.Tensor) -> torch.Tensor:
-    """Stable sort of every row of bucket [n_seg, Hkv, L] int32 (values < NUM_BUCKETS) -> positions, int32.
-    One flat stable sort of (row, bucket) keys == a stable sort of every row (one radix sort on the GPU
-    instead of one per row)."""
+def _sort_buckets(bucket: torch.Tensor, seg_starts: torch.Tensor, first: int) -> torch.Tensor:
+    """Rank rows from buckets [n_seg, Hkv, L] (float, values in [0, NUM_BUCKETS - 1]): the ``first`` keys
+    just before seg_start get bucket 0, keys at or after it the last bucket; then a stable sort of every row
+    -> positions, int32.  One flat stable sort of (row, bucket) keys == a stable sort of every row (one radix
+    sort on the GPU instead of one per row)."""
     n_seg, Hkv, L = bucket.shape
+    pos = torch.arange(L, device=bucket.device)[None, None, :]
+    valid = pos < seg_starts[:, None, None]
+    bucket = bucket.masked_fill(valid & (pos >= seg_starts[:, None, None] - first), 0)
+    bucket = bucket.masked_fill(~valid, NUM_BUCKETS - 1).to(torch.int32)
     rows = torch.arange(n_seg * Hkv, device=bucket.device, dtype=torch.int32).view(n_seg, Hkv, 1)
     order = torch.sort((bucket + rows * NUM_BUCKETS).flatten(), stable=True).indices
     return (order.view(n_seg, Hkv, L) % L).to(torch.int32)
@@ -236,8 +238,7 @@ def rank_by_mass(e: torch.Tensor, seg_starts: torch.Tensor, local_window: int = 
     e_max = e.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     octaves = torch.log2(e_max / e.clamp(min=torch.finfo(torch.float32).tiny))
     bucket = (octaves * MASS_BUCKETS_PER_OCTAVE).floor().clamp(0, NUM_BUCKETS - 2)
-    bucket = bucket.masked_fill(valid & (pos >= seg_starts[:, None, None] - local_window), 0)
-    return _sort_buckets(bucket.masked_fill(~valid, NUM_BUCKETS - 1).to(torch.int32))
+    return _sort_buckets(bucket, seg_starts, local_window)
 
 
 def planned_budget(e: torch.Tensor, rank: torch.Tensor, seg_starts: torch.Tensor, tau_kv: torch.Tensor,
@@ -257,8 +258,9 @@ def planned_budget(e: torch.Tensor, rank: torch.Tensor, seg_starts: torch.Tensor
 
 
 def check_settings(stop: str, local_window: int, compensate: bool, tail_estimate: str,
-                   samples: int = SAMPLES, mass_reduce: str = "mean") -> None:
-    """The early-stop settings (module doc), checked once for the reference and the kernel alike."""
+                   samples: int = SAMPLES, mass_reduce: str = "mean", rank_given: bool = False) -> None:
+    """The early-stop settings (module doc), checked once for the reference and the kernel alike (rank_given:
+    the caller overrides the rank or its length)."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if mass_reduce not in MASS_REDUCES:
@@ -269,6 +271,8 @@ def check_settings(stop: str, local_window: int, compensate: bool, tail_estimate
         raise ValueError(f"tail_estimate must be one of {TAIL_ESTIMATES}, got {tail_estimate!r}")
     if local_window < 0:
         raise ValueError(f"local_window must be >= 0, got {local_window}")
+    if stop == "planned" and rank_given:
+        raise ValueError("stop='planned' plans its own rank and budget (no rank override)")
     if compensate and stop != "remaining":
         raise ValueError("compensate needs stop='remaining' (it keeps that rule's predicted unvisited mass)")
 
@@ -344,23 +348,22 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
     counts: dict(computed [Hq], causal [Hq]) score blocks.
     """
     _check(q, k, v, block_size, segment_size, q_tile)
-    check_settings(stop, local_window, compensate, tail_estimate, samples, mass_reduce)
+    check_settings(stop, local_window, compensate, tail_estimate, samples, mass_reduce,
+                   rank_given=rank is not None or rank_len is not None)
     Tq, Hq, D = q.shape
     L, Hkv, _ = k.shape
     G = Hq // Hkv
     prefix = L - Tq
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
-    tau_h = tau_per_head(tau, Hkv, q.device).repeat_interleave(G)              # [Hq]
+    tau_kv = tau_per_head(tau, Hkv, q.device)
+    tau_h = tau_kv.repeat_interleave(G)                                         # [Hq]
     segs = segment_range(L, Tq, segment_size)
     seg_starts = torch.tensor([s * segment_size for s in segs], device=q.device, dtype=torch.int64)
     if stop == "planned":
-        if rank is not None or rank_len is not None:
-            raise ValueError("stop='planned' plans its own rank and budget (no rank override)")
         if float(tau_h.max()) > 0:
             e = sampled_mass(q, k, segment_size=segment_size, sm_scale=scale, n_sample=samples, reduce=mass_reduce)
             rank = rank_by_mass(e, seg_starts, local_window)
-            rank_len = planned_budget(e, rank, seg_starts, tau_per_head(tau, Hkv, q.device), block_size,
-                                      local_window)
+            rank_len = planned_budget(e, rank, seg_starts, tau_kv, block_size, local_window)
         tau_h = torch.zeros_like(tau_h)                             # the budget is the whole rule
         local_window = 0
     use_ratio = stop == "remaining" and tail_estimate == "estimate"

@@ -302,6 +302,7 @@ def sampled_mass_triton(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, 
     pos_all = pos.repeat(1, G)
     rows = G * n_sample
     block_n = 64
+    ieee = q.dtype == torch.float32
     for c0 in range(0, rows, SAMPLE_ROWS):
         c1 = min(rows, c0 + SAMPLE_ROWS)
         pad = SAMPLE_ROWS - (c1 - c0)
@@ -310,7 +311,6 @@ def sampled_mass_triton(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, 
         w = torch.zeros(SAMPLE_ROWS, dtype=torch.float32, device=dev)
         w[:c1 - c0] = 1.0 / rows
         lse = torch.empty(n_seg, Hkv, SAMPLE_ROWS, dtype=torch.float32, device=dev)
-        ieee = q.dtype == torch.float32
         _sampled_lse[(n_seg, Hkv)](qc, k, pc, lse, sm_scale * LOG2E, qc.stride(0), qc.stride(1), k.stride(0),
                                    k.stride(1), ROWS=SAMPLE_ROWS, HEAD_DIM=D, BLOCK_N=block_n, IEEE=ieee,
                                    num_warps=8)
@@ -414,17 +414,16 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
             k = k.to(q.dtype) * k_scale
         L = k.shape[0]
         first = (L - qb.shape[0]) // segment_size
+        n_seg = len(segment_range(L, qb.shape[0], segment_size))
+        seg_starts = (first + torch.arange(n_seg, device=q.device)) * segment_size
         if planned_tau is not None:
-            e = sampled_mass_triton(qb, k.contiguous(), segment_size=segment_size, sm_scale=sm_scale,
-                                    n_sample=samples, reduce=mass_reduce)
-        else:
-            e = estimate_scores(qb, k, segment_size=segment_size, sm_scale=sm_scale, group_reduce=group_reduce,
-                                n_sample=n_sample)
-        seg_starts = (first + torch.arange(e.shape[0], device=q.device)) * segment_size
-        if planned_tau is not None:
+            e = sampled_mass_triton(qb, k, segment_size=segment_size, sm_scale=sm_scale, n_sample=samples,
+                                    reduce=mass_reduce)
             rb = rank_by_mass(e, seg_starts, local_window)
             parts["rank_len"].append(planned_budget(e, rb, seg_starts, planned_tau, block_size, local_window))
         else:
+            e = estimate_scores(qb, k, segment_size=segment_size, sm_scale=sm_scale, group_reduce=group_reduce,
+                                n_sample=n_sample)
             rb = rank_from_scores(e, seg_starts, local_window)
         parts["rank"].append(torch.nn.functional.pad(rb, (0, Lmax - L)))
         if ratio:
@@ -508,13 +507,12 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     causal = torch.zeros_like(computed)
     if not plan.n_tiles:
         return out, (lse if return_lse else None), computed, causal
-    check_settings(stop, local_window, compensate, tail_estimate, samples, mass_reduce)
+    check_settings(stop, local_window, compensate, tail_estimate, samples, mass_reduce,
+                   rank_given=rank is not None or rank_len is not None)
     taus_host = tau_per_head(tau.cpu() if torch.is_tensor(tau) else tau, Hkv, "cpu")
     taus = _to_device(taus_host, dev)
     if stop == "planned" and float(taus_host.max()) > 0:
         # the budget is planned before the launch; the kernel visits it whole (no test inside the scan)
-        if rank is not None or rank_len is not None:
-            raise ValueError("stop='planned' plans its own rank and budget (no rank override)")
         index = build_index(q, k_pool, qo_indptr=qo, kv_indptr=kvp, kv_indices=kv_indices,
                             segment_size=segment_size, sm_scale=sm_scale, n_rows=len(rows), block_size=block_size,
                             local_window=local_window, k_scale=k_scale, planned_tau=taus, samples=samples,
