@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.harness import write_results
 from benchmarks.s2o_frontier import make_inputs
+from sgl_slim.attention.s2o_ref import planned_budget
 
 SEGMENT, TILE, GROUP = 2048, 128, 4
 TAUS = [0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4]
@@ -55,9 +56,10 @@ def _strided(lo: int, hi: int, n: int) -> torch.Tensor:
 
 
 def _planned(e: torch.Tensor, tau: float) -> torch.Tensor:
-    srt, order = torch.sort(e, descending=True)
-    after = srt.flip(0).cumsum(0).flip(0)
-    return order[:int((after > tau).sum())]
+    """The keys S2O v3's rule keeps (``planned_budget`` with token blocks), in exact order of e."""
+    order = torch.sort(e, descending=True).indices
+    n = planned_budget(e[None, None], order[None, None], torch.tensor([e.shape[0]]), torch.tensor([tau]), 1)
+    return order[:int(n)]
 
 
 def study(kind: str, L: int, n_rows: int, log) -> list[dict]:

@@ -154,13 +154,19 @@ def run_length(kind, L, args, rows_out, log):
     torch.cuda.empty_cache()
 
 
-def main():
+def sweep_parser() -> argparse.ArgumentParser:
+    """The arguments ``sweep`` reads: --lengths, --inputs, --rows (evaluated query rows), --out."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="32768,131072")
     ap.add_argument("--inputs", default="planted,mixed")
     ap.add_argument("--rows", type=int, default=256)
-    ap.add_argument("--oracle-max", type=int, default=131072)
     ap.add_argument("--out", default="benchmarks/results")
+    return ap
+
+
+def main():
+    ap = sweep_parser()
+    ap.add_argument("--oracle-max", type=int, default=131072)
     ap.add_argument("--methods", default=".", help="regular expression: the S2O variants and baselines to run")
     args = ap.parse_args()
     args.methods = re.compile(args.methods)

@@ -13,13 +13,13 @@ attention of those rows (``s2o_frontier.exact_rows``).  Inputs and shape as in `
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
 from benchmarks.harness import time_ms
-from benchmarks.s2o_frontier import BLOCK, D, SEGMENT, exact_rows, make_inputs, rel_l2, sdpa, sweep
+from benchmarks.s2o_frontier import (BLOCK, D, SEGMENT, exact_rows, make_inputs, rel_l2, sdpa, sweep,
+                                     sweep_parser)
 from sgl_slim.attention import s2o_triton
 
 TAUS = [1e-2, 1e-3, 3e-4]
@@ -69,12 +69,8 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="32768,131072")
-    ap.add_argument("--inputs", default="planted,mixed")
-    ap.add_argument("--rows", type=int, default=256)
+    ap = sweep_parser()
     ap.add_argument("--local-window", type=int, default=1024)
-    ap.add_argument("--out", default="benchmarks/results")
     sweep(ap.parse_args(), run_length, "s2o_planned")
 
 
