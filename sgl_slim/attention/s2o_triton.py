@@ -35,20 +35,23 @@ STOP_BLOCK, STOP_REMAINING = 1, 2            # constexpr STOP: s2o_ref's "block"
 
 
 @triton.jit
-def _attend_block(q, k, v, m_i, l_i, acc, qk_mask, qk_scale, IEEE: tl.constexpr):
+def _attend_block(q, k, v, m_i, l_i, acc, qk_mask, qk_scale, IEEE: tl.constexpr, MASKED: tl.constexpr = True):
     # k: [HEAD_DIM, BLOCK_N] gathered columns, v: [BLOCK_N, HEAD_DIM] gathered rows; an fp8 cache's K/V are
     # widened to q's dtype here (exact: every e4m3 / e5m2 value is a bf16 / fp16 value), their scales are folded
-    # into qk_scale and the final output
+    # into qk_scale and the final output.  MASKED = False: every (row, key) of the block counts (qk_mask is
+    # ignored), which saves a select per score; the scale is applied inside the exponent's fused multiply-add
+    # (qk_scale > 0, so max(qk) * qk_scale = max(qk * qk_scale))
     k = k.to(q.dtype)
     v = v.to(q.dtype)
     if IEEE:
         qk = tl.dot(q, k, input_precision="ieee")
     else:
         qk = tl.dot(q, k)
-    qk = tl.where(qk_mask, qk * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MASKED:
+        qk = tl.where(qk_mask, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     block_mass = tl.sum(p, 1)
     prev_mass = l_i * alpha
     if IEEE:
@@ -60,12 +63,15 @@ def _attend_block(q, k, v, m_i, l_i, acc, qk_mask, qk_scale, IEEE: tl.constexpr)
 
 
 @triton.jit
-def _kv_block(K, V, slot, ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d):
+def _kv_block(K, V, slot, ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d, MASKED: tl.constexpr = True):
     # gathered K columns [HEAD_DIM, BLOCK_N] and V rows [BLOCK_N, HEAD_DIM]; each row is HEAD_DIM contiguous
-    # elements (one 128/256-byte line), so a row gather costs the same memory transactions as a block load
-    k = tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None], mask=ok[None, :], other=0.0)
-    v = tl.load(V + slot[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=ok[:, None], other=0.0)
-    return k, v
+    # elements (one 128/256-byte line), so a row gather costs the same memory transactions as a block load.
+    # MASKED = False: every slot is valid (ok is ignored)
+    k_ptr = K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None]
+    v_ptr = V + slot[:, None] * stride_vt + hk * stride_vh + offs_d[None, :]
+    if MASKED:
+        return tl.load(k_ptr, mask=ok[None, :], other=0.0), tl.load(v_ptr, mask=ok[:, None], other=0.0)
+    return tl.load(k_ptr), tl.load(v_ptr)
 
 
 @triton.jit
@@ -117,8 +123,18 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
 
     seg_start = (t0 // SEGMENT) * SEGMENT
     last = tl.minimum(t0 + BLOCK_M, L)  # exclusive
-    # 1. intra-segment pass: dense causal over keys [seg_start, last)
-    for start_n in tl.range(seg_start, last, BLOCK_N, num_stages=STAGES):
+    # 1. intra-segment pass: dense causal over keys [seg_start, last); the blocks wholly before the tile's first
+    # row are unmasked
+    full_end = seg_start + (t0 - seg_start) // BLOCK_N * BLOCK_N
+    for start_n in tl.range(seg_start, full_end, BLOCK_N, num_stages=STAGES):
+        offs_n = start_n + offs_b
+        if KV_CONTIG:
+            slot = (kv_beg + offs_n).to(tl.int64)
+        else:
+            slot = tl.load(KV_IDX + kv_beg + offs_n).to(tl.int64)
+        k, v = _kv_block(K, V, slot, None, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d, False)
+        m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, None, qk_scale, IEEE, False)
+    for start_n in tl.range(full_end, last, BLOCK_N, num_stages=STAGES):
         offs_n = start_n + offs_b
         n_ok = offs_n < last
         if KV_CONTIG:
@@ -142,21 +158,26 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     else:
         idx_ptr = rank_ptr
     rem = tl.zeros([BLOCK_M], tl.float32)     # predicted unvisited mass at the stop (STOP_REMAINING)
-    if MODE == 2 and KV_CONTIG:
-        for start_n in tl.range(0, n_rank, BLOCK_N, num_stages=STAGES):
-            offs_n = start_n + offs_b
-            c_ok = offs_n < n_rank
-            k, v = _kv_block(K, V, (kv_beg + offs_n).to(tl.int64), c_ok, hk, stride_kt, stride_kh, stride_vt,
-                             stride_vh, offs_d)
-            m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, c_ok[None, :], qk_scale, IEEE)
-        n_vis = n_blk
-    elif MODE != 0:
-        # slots loaded in the iteration: loading them two blocks ahead (loop-carried) measured 20-22% slower
+    if MODE != 0:
+        # whole blocks unmasked, then the partial last block (a rank_len that is not a multiple of BLOCK_N).
+        # Slots loaded in the iteration: loading them two blocks ahead (loop-carried) measured 20-22% slower
         # at 128K (benchmarks/s2o_planned.py), as it did for the early-stop loop below
-        for j in tl.range(0, n_blk, num_stages=STAGES):
+        n_full = n_rank // BLOCK_N
+        for j in tl.range(0, n_full, num_stages=STAGES):
             offs_n = j * BLOCK_N + offs_b
+            if MODE == 2 and KV_CONTIG:
+                slot = (kv_beg + offs_n).to(tl.int64)
+            else:
+                slot = tl.load(idx_ptr + offs_n).to(tl.int64)
+            k, v = _kv_block(K, V, slot, None, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d, False)
+            m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, None, qk_scale, IEEE, False)
+        if n_full < n_blk:
+            offs_n = n_full * BLOCK_N + offs_b
             c_ok = offs_n < n_rank
-            slot = tl.load(idx_ptr + offs_n, mask=c_ok, other=0).to(tl.int64)
+            if MODE == 2 and KV_CONTIG:
+                slot = (kv_beg + offs_n).to(tl.int64)
+            else:
+                slot = tl.load(idx_ptr + offs_n, mask=c_ok, other=0).to(tl.int64)
             k, v = _kv_block(K, V, slot, c_ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d)
             m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, c_ok[None, :], qk_scale, IEEE)
         n_vis = n_blk

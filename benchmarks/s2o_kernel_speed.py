@@ -1,0 +1,82 @@
+"""S2O kernel speed per visited block, beside cuDNN SDPA, in ONE run (issue goal: the dense path >= 0.9x cuDNN,
+and at low density a time per visited block within 1.3x of cuDNN's).
+
+    python -m benchmarks.s2o_kernel_speed --lengths 32768,131072 --out benchmarks/results [--compare MODULE]
+
+Paths timed (planted inputs, Llama-3.1-8B attention shape, bf16, block 128 / segment 2048):
+  * ``dense_contig``: tau 0, one sequence stored in order (slots computed, not loaded);
+  * ``dense_paged``: tau 0 through ``kv_indices`` (what a serving engine's page table gives: slots loaded);
+  * ``ranked_all``: every earlier key through a rank array (the identity order: the gather loop of every
+    ranked method, at density 1);
+  * ``v3``: the planned budget at ``--taus`` (index building included), for the time per visited block at
+    lower density.
+``us_per_block`` = time / visited score blocks (128 x 128, summed over heads), ``vs_cudnn`` = cuDNN's time per
+causal block / ours (1.0: cuDNN's speed per block).  ``--compare MODULE`` (a module with ``s2o_paged``, e.g. a
+copy of a previous kernel) runs every path with it too, side by side, and records the largest output difference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from benchmarks.harness import time_ms
+from benchmarks.s2o_frontier import BLOCK, D, SEGMENT, make_inputs, sdpa, sweep, sweep_parser
+from sgl_slim.attention import s2o_triton
+
+
+def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
+    from torch.nn.attention import SDPBackend  # noqa: PLC0415
+    q, k, v = make_inputs(kind, L, "cuda")
+    iters = 10 if L <= 32768 else 4
+    scale = 1.0 / math.sqrt(D)
+    ind = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+    idx = torch.arange(L, dtype=torch.int32, device="cuda")
+    n_seg = -(-L // SEGMENT)
+    ident = torch.arange(L, dtype=torch.int32, device="cuda").expand(n_seg, k.shape[1], L).contiguous()
+    Hq, n_tiles = q.shape[1], -(-L // 128)
+    causal_blocks = Hq * sum(t + 1 for t in range(n_tiles))           # 128 x 128 blocks of the causal square
+    base = {"bench": "s2o_kernel_speed", "inputs": kind, "L": L}
+    t_cudnn = time_ms(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION), warmup=2, iters=iters)
+    us_cudnn = 1000 * t_cudnn / causal_blocks
+    rows_out.append({**base, "method": "cudnn", "ms": t_cudnn, "us_per_block": us_cudnn})
+    log(rows_out[-1])
+    impls = {"current": s2o_triton}
+    if args.compare:
+        impls["compare"] = importlib.import_module(args.compare)
+    paths = [("dense_contig", 0.0, {"kv_contiguous": True}), ("dense_paged", 0.0, {}),
+             ("ranked_all", 0.0, {"kv_contiguous": True, "rank": ident})]
+    paths += [("v3", tau, {"kv_contiguous": True, "stop": "planned", "local_window": 1024}) for tau in args.taus]
+    for name, tau, kw in paths:
+        outs = {}
+        for impl, mod in impls.items():
+            def call(mod=mod, tau=tau, kw=kw):
+                return mod.s2o_paged(q, k, v, qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=tau,
+                                     block_size=BLOCK, segment_size=SEGMENT, q_tile=128, sm_scale=scale, **kw)
+            t = time_ms(call, warmup=2, iters=iters)
+            out, _, comp, caus = call()
+            outs[impl] = out
+            visited = comp.sum().item() * (BLOCK // 128) ** 2
+            r = {**base, "method": name, "impl": impl, "knob": tau, "ms": t, "density": (comp.sum() / caus.sum()).item(),
+                 "us_per_block": 1000 * t / visited, "vs_cudnn": us_cudnn / (1000 * t / visited),
+                 "speedup_vs_cudnn": t_cudnn / t}
+            if impl != "current":
+                r["max_diff_vs_current"] = (out.float() - outs["current"].float()).abs().max().item()
+            rows_out.append(r)
+            log(r)
+    del q, k, v, ident
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = sweep_parser()
+    ap.set_defaults(inputs="planted")
+    ap.add_argument("--taus", type=lambda s: [float(x) for x in s.split(",")], default=[1e-1, 1e-2])
+    ap.add_argument("--compare", default="", help="module with s2o_paged to time beside the current kernel")
+    sweep(ap.parse_args(), run_length, "s2o_kernel_speed")
+
+
+if __name__ == "__main__":
+    main()
