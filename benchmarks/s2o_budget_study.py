@@ -13,7 +13,9 @@ the planned rule of S2O v3: keys ranked by an estimated mass e_j, the fewest kep
   * ``tile_top32`` / ``tile_top16``: all 128 rows of the tile, logits from each row's 32 / 16 largest |q_d|
     coordinates only (SparQ-style; the intra-segment part exact), i.e. a per-tile estimate at 1/4 / 1/8 of the
     dot-product work;
-  * ``row_oracle``: per row, the fewest earlier keys holding ``knob`` of its mass (the token oracle).
+  * ``row_oracle``: per row, the fewest earlier keys holding ``knob`` of its mass (the token oracle);
+  * ``+comp`` (after ``segment_32`` and ``tile_all``): the same keys, plus tail compensation from the estimate
+    (``_compensated``).
 Density = kept keys / causal keys over the evaluated rows (tokens, no block rounding); rel-L2 against exact fp32
 attention of those rows.  Results: JSON lines, one per (inputs, method, knob).
 """
@@ -35,6 +37,7 @@ from sgl_slim.attention.s2o_ref import planned_budget
 SEGMENT, TILE, GROUP = 2048, 128, 4
 TAUS = [0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4]
 ORACLE_MASS = [0.99, 0.997]
+COMPENSATED = ("segment_32", "tile_all")
 
 
 def _softmax(q, k, rows, h, end, scale, dims=None):
@@ -49,6 +52,20 @@ def _softmax(q, k, rows, h, end, scale, dims=None):
         s[:, :before] = qr @ k[:before, h].T * scale
     late = torch.arange(end)[None] > rows.repeat(GROUP)[:, None]
     return torch.softmax(s.masked_fill(late, -math.inf), -1)
+
+
+def _compensated(pk: torch.Tensor, vv: torch.Tensor, e: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Tail compensation from the estimate: every row keeps, beside its kept keys, the estimated dropped share
+    delta = sum of e over the dropped earlier keys, as one term r = l * delta / (1 - delta) (l: the row's kept
+    mass) whose value is the e-weighted mean value of the dropped keys."""
+    drop = e * ~kept
+    delta = float(drop.sum())
+    l = pk.sum(-1, keepdim=True)
+    if delta <= 0:
+        return (pk @ vv) / l
+    vbar = (drop @ vv[:drop.shape[0]]) / delta
+    r = l * delta / max(1.0 - delta, 1e-6)
+    return (pk @ vv + r * vbar) / (l + r)
 
 
 def _strided(lo: int, hi: int, n: int) -> torch.Tensor:
@@ -104,8 +121,11 @@ def study(kind: str, L: int, n_rows: int, log) -> list[dict]:
                     keep[st:] = True
                     pk = p * keep
                     o = (pk @ vv) / pk.sum(-1, keepdim=True)
-                    add(name, tau, intra + int(keep[:st].sum()) * len(ev) * GROUP, causal,
-                        float(((o - ref) ** 2).sum()), ref2)
+                    dens = intra + int(keep[:st].sum()) * len(ev) * GROUP
+                    add(name, tau, dens, causal, float(((o - ref) ** 2).sum()), ref2)
+                    if name in COMPENSATED:
+                        o = _compensated(pk, vv, e, keep[:st])
+                        add(name + "+comp", tau, dens, causal, float(((o - ref) ** 2).sum()), ref2)
             for mass in ORACLE_MASS:
                 pe = p[:, :st]
                 srt, idx = torch.sort(pe, -1, descending=True)
