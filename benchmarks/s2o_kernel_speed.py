@@ -43,19 +43,27 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
     us_cudnn = 1000 * t_cudnn / causal_blocks
     rows_out.append({**base, "method": "cudnn", "ms": t_cudnn, "us_per_block": us_cudnn})
     log(rows_out[-1])
-    impls = {"current": s2o_triton}
+    impls = {"current": (s2o_triton, {})}
     if args.compare:
-        impls["compare"] = importlib.import_module(args.compare)
+        impls["compare"] = (importlib.import_module(args.compare), {})
+    for cfg in args.configs:                            # launch configurations of the current kernel
+        warps, stages = cfg.split("x")
+        impls[cfg] = (s2o_triton, {"num_warps": int(warps), "num_stages": int(stages)})
     paths = [("dense_contig", 0.0, {"kv_contiguous": True}), ("dense_paged", 0.0, {}),
              ("ranked_all", 0.0, {"kv_contiguous": True, "rank": ident})]
     paths += [("v3", tau, {"kv_contiguous": True, "stop": "planned", "local_window": 1024}) for tau in args.taus]
     for name, tau, kw in paths:
         outs = {}
-        for impl, mod in impls.items():
-            def call(mod=mod, tau=tau, kw=kw):
+        for impl, (mod, extra) in impls.items():
+            def call(mod=mod, tau=tau, kw={**kw, **extra}):
                 return mod.s2o_paged(q, k, v, qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=tau,
                                      block_size=BLOCK, segment_size=SEGMENT, q_tile=128, sm_scale=scale, **kw)
-            t = time_ms(call, warmup=2, iters=iters)
+            try:
+                t = time_ms(call, warmup=2, iters=iters)
+            except Exception as exc:  # noqa: BLE001 (a configuration that does not compile is a result)
+                rows_out.append({**base, "method": name, "impl": impl, "knob": tau, "error": repr(exc)[:300]})
+                log(rows_out[-1])
+                continue
             out, _, comp, caus = call()
             outs[impl] = out
             visited = comp.sum().item() * (BLOCK // 128) ** 2
@@ -66,8 +74,32 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
                 r["max_diff_vs_current"] = (out.float() - outs["current"].float()).abs().max().item()
             rows_out.append(r)
             log(r)
+    if args.breakdown:
+        _index_breakdown(q, k, idx, args.taus, base, rows_out, log, iters)
     del q, k, v, ident
     torch.cuda.empty_cache()
+
+
+def _index_breakdown(q, k, idx, taus, base, rows_out, log, iters) -> None:
+    """The planned index's parts, timed one by one: sampled-row softmax, ranking, budget."""
+    from sgl_slim.attention.s2o_ref import planned_budget, rank_by_mass  # noqa: PLC0415
+    L = k.shape[0]
+    scale = 1.0 / math.sqrt(D)
+    seg_starts = torch.arange(-(-L // SEGMENT), device="cuda") * SEGMENT
+    e = s2o_triton.sampled_mass_triton(q, k, segment_size=SEGMENT, sm_scale=scale)
+    rank = rank_by_mass(e, seg_starts, 1024)
+    tau_kv = torch.full((k.shape[1],), taus[0], device="cuda")
+    parts = {
+        "sampled_mass": lambda: s2o_triton.sampled_mass_triton(q, k, segment_size=SEGMENT, sm_scale=scale),
+        "rank_by_mass": lambda: rank_by_mass(e, seg_starts, 1024),
+        "planned_budget": lambda: planned_budget(e, rank, seg_starts, tau_kv, BLOCK, 1024),
+        "build_index": lambda: s2o_triton.build_index(
+            q, k, qo_indptr=[0, L], kv_indptr=[0, L], kv_indices=idx, segment_size=SEGMENT, sm_scale=scale,
+            n_rows=0, block_size=BLOCK, local_window=1024, planned_tau=tau_kv),
+    }
+    for name, fn in parts.items():
+        rows_out.append({**base, "method": "index_part", "part": name, "ms": time_ms(fn, warmup=1, iters=iters)})
+        log(rows_out[-1])
 
 
 def main():
@@ -75,6 +107,9 @@ def main():
     ap.set_defaults(inputs="planted")
     ap.add_argument("--taus", type=lambda s: [float(x) for x in s.split(",")], default=[1e-1, 1e-2])
     ap.add_argument("--compare", default="", help="module with s2o_paged to time beside the current kernel")
+    ap.add_argument("--configs", type=lambda s: [c for c in s.split(",") if c], default=[],
+                    help="launch configurations of the current kernel to time too: WARPSxSTAGES,...")
+    ap.add_argument("--breakdown", action="store_true", help="time the planned index's parts")
     sweep(ap.parse_args(), run_length, "s2o_kernel_speed")
 
 
