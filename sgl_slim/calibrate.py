@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from sgl_slim.attention import VARIANTS
+
 LADDER = (0.0, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
@@ -126,7 +128,7 @@ def main(argv=None):
     ap.add_argument("--error-budget", type=float, required=True, help="rel-L2 of each layer's attention output")
     ap.add_argument("--length", type=int, default=16384, help="calibration prompt length (tokens)")
     ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--variant", default="v2", choices=("v1", "v2", "v3"))
+    ap.add_argument("--variant", default="v2", choices=sorted(VARIANTS))
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--segment-size", type=int, default=None)
     ap.add_argument("--out", default=None, help="calibration file (default: MODEL/s2o_calibration.json)")

@@ -49,8 +49,8 @@ class S2OConfig:
     def validate(self) -> None:
         if self.tau < 0:
             raise ConfigError("--s2o-tau", f"must be >= 0, got {self.tau}")
-        if self.variant not in ("v1", "v2", "v3"):
-            raise ConfigError("--s2o-variant", f"must be v1, v2 or v3, got {self.variant!r}")
+        if self.variant not in ("v1", "v2", "v3", "v4"):
+            raise ConfigError("--s2o-variant", f"must be v1, v2, v3 or v4, got {self.variant!r}")
         if self.block_size not in (16, 32, 64, 128):
             raise ConfigError("--s2o-block-size", f"must be one of 16, 32, 64, 128, got {self.block_size}")
         if self.segment_size < self.block_size or self.segment_size % self.block_size:
@@ -208,8 +208,10 @@ FEATURES: tuple[Feature, ...] = (
              "of each row's attention mass left unvisited (H200, benchmarks/s2o.md: 3e-3 -> rel-L2 3%% at density "
              "0.78 at 128K; 1.5%% at 0.58 at 32K on mixed inputs)"),
         Flag("--s2o-variant", "variant", str, "early-stop rule: v2 (predicted unvisited mass, default), v1 "
-             "(per-block mass, the original rule) or v3 (budget planned from 32 sampled rows per segment: tau = "
-             "their expected dropped mass; better on mixed synthetic heads, loses retrieval on the testbed model)"),
+             "(per-block mass, the original rule), v3 (budget planned from 32 sampled rows per segment: tau = "
+             "their expected dropped mass; better on mixed synthetic heads, loses retrieval on the testbed model) "
+             "or v4 (v3, then every block it leaves out is audited by its scores and visited if a key there holds "
+             "> tau of some row's mass)"),
         Flag("--s2o-block-size", "block_size", int, "keys per virtual block: 16, 32, 64 or 128"),
         Flag("--s2o-segment-size", "segment_size", int, "queries sharing one ranking; a multiple of the block size"),
         Flag("--s2o-min-length", "min_length", int,

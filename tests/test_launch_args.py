@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
     (["--eagle-draft", "/nonexistent/draft"], "--eagle-draft"),
     (["--eagle-steps", "0"], "--eagle-steps"),
     (["--idpruner-keep-ratio", "abc"], "--idpruner-keep-ratio"),
-    (["--s2o-variant", "v4"], "--s2o-variant"),
+    (["--s2o-variant", "v9"], "--s2o-variant"),
 ])
 def test_invalid_values_exit_2_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as exc:

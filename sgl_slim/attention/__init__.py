@@ -10,7 +10,8 @@ Public API:
 stop (``s2o_ref.VARIANTS``): "v2" (default) stops when the predicted unvisited mass falls below tau times the
 mass so far and keeps that prediction in the softmax; "v1" is the original per-block rule; "v3" plans each
 segment's budget before the scan: the fewest ranked blocks whose mass, estimated from the exact softmax of
-sampled query rows, leaves out at most tau.
+sampled query rows, leaves out at most tau; "v4" is v3 followed by an audit of every block the budget leaves out
+(its scores only): a block joins the softmax if one of its keys holds more than tau of some row's mass so far.
 
 CUDA tensors run the Triton kernel (imported lazily: ``import sgl_slim.attention`` needs no Triton);
 anything else runs the fp32 reference (``s2o_ref``) with exactly the same semantics.

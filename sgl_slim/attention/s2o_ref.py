@@ -38,6 +38,15 @@ Stop rules (block_mass = sum_j exp(s_ij - m) over block b's keys, l = the row's 
     expected share of a row's softmax mass left out (the sampled rows' mean), the budget is set before the
     kernel runs, and the rows' own normalisation weighs a key that one part of the segment needs as much as
     the row finds it (a pooled query averages such keys away).
+  * ``audit`` (with "planned": S2O v4): after the planned blocks, every remaining ranked block of the segment
+    is AUDITED: its scores q.k are computed (no exponentials, no values) and the block is visited if, for any
+    row of the tile, a key in it holds more than tau of the row's mass after the planned blocks
+    (s_ij > m_i + ln l_i + ln tau, with m, l the state after the planned blocks: one threshold per row, so
+    every block's verdict is independent of the others' and the kernel audits them in one pass without a
+    branch, then visits the hits in rank order).  The planned budget covers what the sampled rows share; the
+    audit finds the keys that matter to rows the sampling missed (a needle that only the question's rows
+    read).  An audited block that is not visited costs its score product only; density counts the visited
+    (attended) blocks.
 Tail compensation (v2, ``compensate``): at the stop the predicted unvisited mass rem = block_mass * R[b]
 is kept in the softmax as one term whose value is the mean value of the segment's earlier keys
 (``value_means``): l += rem, acc += rem * vbar.  Then the error is the error of that prediction, not the
@@ -95,6 +104,8 @@ VARIANTS = {
     "v2": {"stop": "remaining", "local_window": 1024, "compensate": True, "tail_estimate": "flat"},
     "v3": {"stop": "planned", "local_window": 1024, "compensate": False, "tail_estimate": "flat",
            "samples": SAMPLES, "mass_reduce": "mean"},
+    "v4": {"stop": "planned", "local_window": 1024, "compensate": False, "tail_estimate": "flat",
+           "samples": SAMPLES, "mass_reduce": "mean", "audit": True},
 }
 
 
@@ -258,9 +269,12 @@ def planned_budget(e: torch.Tensor, rank: torch.Tensor, seg_starts: torch.Tensor
 
 
 def check_settings(stop: str, local_window: int, compensate: bool, tail_estimate: str,
-                   samples: int = SAMPLES, mass_reduce: str = "mean", rank_given: bool = False) -> None:
+                   samples: int = SAMPLES, mass_reduce: str = "mean", rank_given: bool = False,
+                   audit: bool = False) -> None:
     """The early-stop settings (module doc), checked once for the reference and the kernel alike (rank_given:
     the caller overrides the rank or its length)."""
+    if audit and stop != "planned":
+        raise ValueError("audit needs stop='planned' (it audits the blocks the planned budget leaves out)")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if mass_reduce not in MASS_REDUCES:
@@ -335,11 +349,12 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
                       segment_size: int = 2048, q_tile: int = 128, sm_scale: float | None = None,
                       stop: str = "block", local_window: int = 0, compensate: bool = False,
                       tail_estimate: str = "flat", rank: torch.Tensor | None = None, rank_len: torch.Tensor | None = None,
-                      samples: int = SAMPLES, mass_reduce: str = "mean"):
+                      samples: int = SAMPLES, mass_reduce: str = "mean", audit: bool = False):
     """S2O attention of one causal sequence in fp32 (module doc for the semantics).
 
     q: [Tq, Hq, D], the last Tq positions of k, v: [L, Hkv, D].  tau: float or [Hkv] (one per KV head).
-    stop: "block" (v1), "remaining" (v2) or "planned" (v3, with ``samples`` rows per segment); local_window:
+    stop: "block" (v1), "remaining" (v2) or "planned" (v3, with ``samples`` rows per segment; v4 adds ``audit``);
+    local_window:
     keys just before each segment, ranked first and always visited; compensate: keep the predicted unvisited
     mass (v2); tail_estimate: "flat" or "estimate".
     rank: optional [n_seg, Hkv, L] index array (default ``rank_keys``); rank_len: optional [n_seg, Hkv]
@@ -349,7 +364,7 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
     """
     _check(q, k, v, block_size, segment_size, q_tile)
     check_settings(stop, local_window, compensate, tail_estimate, samples, mass_reduce,
-                   rank_given=rank is not None or rank_len is not None)
+                   rank_given=rank is not None or rank_len is not None, audit=audit)
     Tq, Hq, D = q.shape
     L, Hkv, _ = k.shape
     G = Hq // Hkv
@@ -359,8 +374,11 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
     tau_h = tau_kv.repeat_interleave(G)                                         # [Hq]
     segs = segment_range(L, Tq, segment_size)
     seg_starts = torch.tensor([s * segment_size for s in segs], device=q.device, dtype=torch.int64)
+    audit_log_tau = None
     if stop == "planned":
         if float(tau_h.max()) > 0:
+            if audit:
+                audit_log_tau = torch.log(tau_h)                     # [Hq]; -inf where tau is 0: audit all
             e = sampled_mass(q, k, segment_size=segment_size, sm_scale=scale, n_sample=samples, reduce=mass_reduce)
             rank = rank_by_mass(e, seg_starts, local_window)
             rank_len = planned_budget(e, rank, seg_starts, tau_kv, block_size, local_window)
@@ -435,12 +453,40 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
                 stop_now = small.all(-1) & active & (b >= forced)
                 rem = torch.where(stop_now[:, None], tail, rem)
                 active = active & ~(stop_now | (b + 1 >= n_blocks_h))
+            if audit_log_tau is not None:
+                m, l, acc = _audit(qt, kh, vh, rank[si], n_blocks_h, seg_start, block_size, scale, audit_log_tau,
+                                   m, l, acc, computed)
             if compensate:
                 acc = acc + rem[..., None] * vbar[si][:, None, :]
                 l = l + rem
             out[rows - prefix] = (acc / l[..., None]).transpose(0, 1)
             lse[rows - prefix] = (m + torch.log(l)).transpose(0, 1)
     return out, lse, {"computed": computed, "causal": causal}
+
+
+def _audit(qt, kh, vh, rank_row, first_block, seg_start: int, block_size: int, scale: float, log_tau, m, l, acc,
+           computed):
+    """The audit of the ranked blocks after each head's planned ones (module doc), in rank order.  qt [Hq, M, D]
+    (the tile's rows), kh / vh [Hq, L, D], rank_row [Hkv, L], first_block / log_tau [Hq]; updates ``computed``
+    in place and returns the online-softmax state (m, l, acc)."""
+    Hq = qt.shape[0]
+    G = Hq // rank_row.shape[0]
+    heads = torch.arange(Hq, device=qt.device)
+    threshold = m + torch.log(l) + log_tau[:, None]                                 # [Hq, M]: after the plan
+    for b in range(int(first_block.min()), -(-seg_start // block_size)):
+        due = b >= first_block                                                      # [Hq]
+        idx = rank_row[:, b * block_size:min((b + 1) * block_size, seg_start)].long().repeat_interleave(G, 0)
+        sc = qt @ kh[heads[:, None], idx].transpose(1, 2) * scale                     # [Hq, M, B]
+        hit = (sc.amax(-1) > threshold).any(-1) & due                               # [Hq]
+        m_new = torch.maximum(m, sc.amax(-1))
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(sc - m_new[..., None])
+        upd = hit[:, None]
+        l = torch.where(upd, l * alpha + p.sum(-1), l)
+        acc = torch.where(upd[..., None], acc * alpha[..., None] + p @ vh[heads[:, None], idx], acc)
+        m = torch.where(upd, m_new, m)
+        computed += hit.long()
+    return m, l, acc
 
 
 def dense_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None):

@@ -12,7 +12,8 @@ every block, and the blocks of a chunk after the stop are masked out (bit-identi
 count to a check-and-break loop, at the cost of at most CHUNK - 1 wasted block products per (tile, head)).
 tau = 0 without a rank skips the ranking and reads the earlier keys in position order (dense attention).
 The "planned" rule (v3) builds its rank and budget before the launch (``sampled_mass_triton``: two kernels over
-the sampled rows) and runs the tau-0 ranked pass over them.
+the sampled rows) and runs the tau-0 ranked pass over them; with ``audit`` (v4) the same program then audits the
+rest of the segment's ranked blocks by their scores and attends the hits.
 """
 
 from __future__ import annotations
@@ -41,14 +42,23 @@ def _attend_block(q, k, v, m_i, l_i, acc, qk_mask, qk_scale, IEEE: tl.constexpr,
     # into qk_scale and the final output.  MASKED = False: every (row, key) of the block counts (qk_mask is
     # ignored), which saves a select per score; the scale is applied inside the exponent's fused multiply-add
     # (qk_scale > 0, so max(qk) * qk_scale = max(qk * qk_scale))
-    k = k.to(q.dtype)
-    v = v.to(q.dtype)
-    if IEEE:
-        qk = tl.dot(q, k, input_precision="ieee")
-    else:
-        qk = tl.dot(q, k)
+    qk = _scores(q, k, IEEE)
     if MASKED:
         qk = tl.where(qk_mask, qk, float("-inf"))
+    return _softmax_update(qk, v.to(q.dtype), m_i, l_i, acc, qk_scale, IEEE)
+
+
+@triton.jit
+def _scores(q, k, IEEE: tl.constexpr):
+    k = k.to(q.dtype)
+    if IEEE:
+        return tl.dot(q, k, input_precision="ieee")
+    return tl.dot(q, k)
+
+
+@triton.jit
+def _softmax_update(qk, v, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
+    # one block's raw scores qk [BLOCK_M, BLOCK_N] and values v into the online softmax state (log2 units)
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
@@ -76,21 +86,24 @@ def _kv_block(K, V, slot, ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, of
 
 @triton.jit
 def _s2o_fwd(Q, K, V, O, LSE, VISITED,
-             KV_IDX, QO_INDPTR, KV_INDPTR, TILE_SEQ, TILE_START, TILE_ROW, RANK, RANK_LEN, TAU, RATIO, VBAR,
-             qk_scale, v_scale, forced,
+             KV_IDX, QO_INDPTR, KV_INDPTR, TILE_SEQ, TILE_START, TILE_ROW, RANK, RANK_LEN, TAU, RATIO, VBAR, HITS,
+             qk_scale, v_scale, forced, stride_hits,
              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
              stride_lt, stride_lh, stride_rr, stride_rh, stride_nr, stride_xr, stride_xh, stride_br, stride_bh,
              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              SEGMENT: tl.constexpr, HAS_RANK_LEN: tl.constexpr, RETURN_LSE: tl.constexpr,
              IEEE: tl.constexpr, KV_CONTIG: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
-             STAGES: tl.constexpr, STOP: tl.constexpr, HAS_RATIO: tl.constexpr, COMPENSATE: tl.constexpr):
+             STAGES: tl.constexpr, STOP: tl.constexpr, HAS_RATIO: tl.constexpr, COMPENSATE: tl.constexpr,
+             AUDIT: tl.constexpr = False):
     """MODE_EARLY_STOP: ranked pass with early stop (tau > 0), checked after every block, run in chunks of
     CHUNK blocks whose inner loop is software-pipelined (blocks after the stop inside a chunk are masked out,
     so the result and the visited count are exactly those of a check-and-break loop).  STOP picks the rule
     (s2o_ref's module doc); the first ``forced`` ranked blocks are never stopped in (the local window);
     RATIO (HAS_RATIO) holds R[b], else R[b] = blocks left; COMPENSATE keeps the predicted unvisited mass
     with the value mean VBAR.  TAU: one threshold per KV head.
-    MODE_RANKED_ALL: tau = 0 with a rank array: all ``n_rank`` ranked keys, one pipelined loop.
+    MODE_RANKED_ALL: tau = 0 with a rank array: all ``n_rank`` ranked keys, one pipelined loop; with AUDIT (the
+    planned rule's v4) then the audit of the segment's other ranked blocks against TAU (s2o_ref), its hits
+    listed in HITS (one row per program) and attended in rank order.
     MODE_DENSE: tau = 0 without a rank: the earlier keys in position order (dense attention).
     RANK holds token SLOTS (the rank composed with kv_indices on the host); KV_CONTIG: slot = kv_beg + pos.
     An fp8 K/V cache: qk_scale carries k_scale, v_scale multiplies the output (1.0 otherwise); VBAR is then
@@ -181,6 +194,24 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
             k, v = _kv_block(K, V, slot, c_ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d)
             m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, c_ok[None, :], qk_scale, IEEE)
         n_vis = n_blk
+        if AUDIT:
+            # the remaining ranked blocks of the segment (seg_start is a multiple of BLOCK_N), scores only: a block
+            # is a hit if a key there holds > tau of some row's mass after the plan (s2o_ref, "audit").  One
+            # branch-free pass writes the hits' block numbers to this program's row of HITS, a second attends them
+            thr = tl.where(row_ok, m_i + tl.math.log2(l_i) + tl.math.log2(tl.load(TAU + hk)), float("inf"))
+            hits_ptr = HITS + (tile * n_heads + h).to(tl.int64) * stride_hits
+            n_hit = n_blk * 0
+            for j in tl.range(n_blk, seg_start // BLOCK_N, num_stages=STAGES):
+                slot = tl.load(idx_ptr + j * BLOCK_N + offs_b).to(tl.int64)
+                qk = _scores(q, tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None]), IEEE)
+                hit = tl.max(tl.max(qk, 1) * qk_scale - thr, 0) > 0
+                tl.store(hits_ptr + n_hit, j, mask=hit)
+                n_hit += hit.to(tl.int32)
+            for t in tl.range(0, n_hit, num_stages=STAGES):
+                slot = tl.load(idx_ptr + tl.load(hits_ptr + t) * BLOCK_N + offs_b).to(tl.int64)
+                k, v = _kv_block(K, V, slot, None, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d, False)
+                m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, None, qk_scale, IEEE, False)
+            n_vis += n_hit
     else:
         n_vis = n_blk * 0
         go = n_blk > 0
@@ -492,9 +523,9 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
               sm_scale, return_lse=False, rank=None, rank_len=None, num_warps=None, num_stages=None,
               kv_contiguous=False, chunk=None, stop="block", local_window=0, compensate=False,
               tail_estimate="flat", plan: PagedPlan | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-              samples: int = SAMPLES, mass_reduce: str = "mean"):
+              samples: int = SAMPLES, mass_reduce: str = "mean", audit: bool = False):
     """Launch the kernel.  Returns out, lse (or None), computed [B, Hq], causal [B, Hq] block counts.
-    tau: float or [Hkv] tensor.  stop / local_window / compensate / tail_estimate: s2o_ref's semantics.
+    tau: float or [Hkv] tensor.  stop / local_window / compensate / tail_estimate / audit: s2o_ref's semantics.
     rank / rank_len override the S2O ranking (baselines use this to run on the same kernel).
     kv_contiguous: the caller guarantees kv_indices == arange(total) (one sequence stored in order), so
     the kernel computes slots instead of loading them.  tau = 0 without a rank skips the ranking (dense
@@ -529,17 +560,20 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     if not plan.n_tiles:
         return out, (lse if return_lse else None), computed, causal
     check_settings(stop, local_window, compensate, tail_estimate, samples, mass_reduce,
-                   rank_given=rank is not None or rank_len is not None)
+                   rank_given=rank is not None or rank_len is not None, audit=audit)
     taus_host = tau_per_head(tau.cpu() if torch.is_tensor(tau) else tau, Hkv, "cpu")
     taus = _to_device(taus_host, dev)
-    if stop == "planned" and float(taus_host.max()) > 0:
-        # the budget is planned before the launch; the kernel visits it whole (no test inside the scan)
+    planned = stop == "planned" and float(taus_host.max()) > 0
+    if planned:
+        # the budget is planned before the launch; the kernel visits it whole (no test inside the scan), then
+        # audits the rest with ``audit``
         index = build_index(q, k_pool, qo_indptr=qo, kv_indptr=kvp, kv_indices=kv_indices,
                             segment_size=segment_size, sm_scale=sm_scale, n_rows=len(rows), block_size=block_size,
                             local_window=local_window, k_scale=k_scale, planned_tau=taus, samples=samples,
                             mass_reduce=mass_reduce)
         rank, rank_len = index["rank"], index["rank_len"]
-        taus = torch.zeros_like(taus)
+        if not audit:
+            taus = torch.zeros_like(taus)         # (the audit reads tau; nothing else does in this mode)
         taus_host = torch.zeros_like(taus_host)
         local_window, compensate = 0, False
     if float(taus_host.max()) > 0:
@@ -573,9 +607,13 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     num_warps = num_warps or nw
     num_stages = num_stages or ns
     chunk = chunk or ch
+    audit = audit and planned
+    # the audit's hit list: one row per program, room for every earlier-key block of the longest sequence
+    hits = torch.empty(n_tiles * Hq if audit else 1, max(kvp[b + 1] - kvp[b] for b in range(B)) // block_size
+                       if audit else 1, dtype=torch.int32, device=dev)
     args = (q, k_pool, v_pool, out, lse, visited,
             kv_indices, plan.qo_d, plan.kvp_d, meta[0], meta[1], meta[2], rank, rl,
-            taus, ratio, vbar, sm_scale * LOG2E * k_scale, v_scale, forced,
+            taus, ratio, vbar, hits, sm_scale * LOG2E * k_scale, v_scale, forced, hits.stride(0),
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
             out.stride(0), out.stride(1), lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
             rank.stride(0), rank.stride(1), rl.stride(0), ratio.stride(0), ratio.stride(1), vbar.stride(0),
@@ -586,7 +624,7 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     while True:
         try:
             _s2o_fwd[(Hq, n_tiles)](*args, **kw, KV_CONTIG=kv_contiguous, MODE=mode, CHUNK=chunk, STAGES=num_stages,
-                                    num_warps=num_warps, num_stages=num_stages)
+                                    AUDIT=audit, num_warps=num_warps, num_stages=num_stages)
             break
         except triton.runtime.errors.OutOfResources:
             if num_stages <= 1:

@@ -416,3 +416,63 @@ def test_kernel_planned_matches_reference_chunked_gqa():
     assert comp.sum(0).tolist() == cnt["computed"].tolist(), "visited blocks differ from the reference"
     assert (out - ref).abs().max() < 1e-4 and (lse - ref_lse).abs().max() < 1e-4
     assert _density(cnt) < 1.0, "the case must leave blocks out"
+
+
+# ----------------------------------------------------------------------------------- audit (v4)
+def _planted_needles(L, Hq, Hkv, D, seed):
+    """make_qkv plus, per KV head, 6 needle keys that one query row each reads strongly (and no other row):
+    what a segment's sampled rows miss and the audit must find."""
+    q, k, v = make_qkv(L, Hq, Hkv, D, seed=seed, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed + 100)
+    G = Hq // Hkv
+    for h in range(Hkv):
+        keys = torch.randperm(L // 2, generator=gen)[:6]
+        readers = L // 2 + torch.randperm(L // 2, generator=gen)[:6]
+        for j, i in zip(keys.tolist(), readers.tolist()):
+            u = torch.randn(D, generator=gen)
+            u = u / u.norm()
+            k[j, h] = 6.0 * u
+            q[i, h * G:(h + 1) * G] = 6.0 * u             # logit 36 / sqrt(D) * ... : the row's dominant key
+            v[j, h] = 5.0 * torch.randn(D, generator=gen)
+    return q, k, v
+
+
+def test_audit_finds_the_keys_the_sampled_rows_miss():
+    q, k, v = _planted_needles(1536, 8, 2, 64, seed=21)
+    dense, _ = dense_attention_ref(q, k, v)
+    kw = dict(tau=0.05, block_size=64, segment_size=256, q_tile=64, stop="planned", samples=4, local_window=64)
+    plain, _, c3 = s2o_attention_ref(q, k, v, **kw)
+    audited, _, c4 = s2o_attention_ref(q, k, v, audit=True, **kw)
+    e3 = ((plain - dense).norm() / dense.norm()).item()
+    e4 = ((audited - dense).norm() / dense.norm()).item()
+    d3, d4 = _density(c3), _density(c4)
+    assert d3 <= d4 < 1.0, f"the audit only adds blocks, and not all of them: {d3:.3f} -> {d4:.3f}"
+    assert e4 < 0.25 * e3, f"the audit must recover the needles: rel-L2 {e3:.4g} -> {e4:.4g}"
+    out0, _, c0 = s2o_attention_ref(q, k, v, audit=True, **{**kw, "tau": 0.0})
+    assert _density(c0) == 1.0 and ((out0 - dense).norm() / dense.norm()).item() < 1e-5
+
+
+def test_audit_needs_the_planned_rule():
+    q, k, v = make_qkv(64, 2, 1, 32, seed=0, dtype=torch.float32)
+    with pytest.raises(ValueError, match="audit"):
+        s2o_attention_ref(q, k, v, tau=0.1, block_size=16, segment_size=32, q_tile=32, stop="remaining", audit=True)
+
+
+@pytest.mark.parametrize("block", [64, 16])
+def test_kernel_audit_matches_reference_chunked_gqa(block):
+    # block 16: up to 64 audited blocks per segment, so the kernel's 32-block hit words wrap
+    from sgl_slim.attention import s2o_triton
+    L, Tq = 1100, 500
+    q, k, v = _planted_needles(L, 8, 2, 64, seed=22)
+    q = q[L - Tq:]
+    kw = dict(stop="planned", samples=4, local_window=64, audit=True)
+    ref, ref_lse, cnt = s2o_attention_ref(q, k, v, tau=0.05, block_size=block, segment_size=256, q_tile=64, **kw)
+    out, lse, comp, _ = s2o_triton.s2o_paged(
+        q, k, v, qo_indptr=torch.tensor([0, Tq]), kv_indptr=torch.tensor([0, L]),
+        kv_indices=torch.arange(L, dtype=torch.int32), tau=0.05, block_size=block, segment_size=256, q_tile=64,
+        sm_scale=0.125, return_lse=True, **kw)
+    assert comp.sum(0).tolist() == cnt["computed"].tolist(), "visited blocks differ from the reference"
+    assert (out - ref).abs().max() < 1e-4 and (lse - ref_lse).abs().max() < 1e-4
+    plain, _, c3 = s2o_attention_ref(q, k, v, tau=0.05, block_size=block, segment_size=256, q_tile=64,
+                                     **{**kw, "audit": False})
+    assert (cnt["computed"] > c3["computed"]).any(), "the case must make the audit add blocks"
