@@ -46,18 +46,34 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
     impls = {"current": (s2o_triton, {})}
     if args.compare:
         impls["compare"] = (importlib.import_module(args.compare), {})
+    for stages in args.audit_stages:                     # the audit loop's pipelining depth (v4 paths)
+        impls[f"audit_stages_{stages}"] = (s2o_triton, {"_audit_stages": stages})
     for cfg in args.configs:                            # launch configurations of the current kernel
         warps, stages = cfg.split("x")
         impls[cfg] = (s2o_triton, {"num_warps": int(warps), "num_stages": int(stages)})
     paths = [("dense_contig", 0.0, {"kv_contiguous": True}), ("dense_paged", 0.0, {}),
              ("ranked_all", 0.0, {"kv_contiguous": True, "rank": ident})]
     paths += [("v3", tau, {"kv_contiguous": True, "stop": "planned", "local_window": 1024}) for tau in args.taus]
+    paths += [("v4", tau, {"kv_contiguous": True, "stop": "planned", "local_window": 1024, "audit": True})
+              for tau in args.taus]
     for name, tau, kw in paths:
         outs = {}
         for impl, (mod, extra) in impls.items():
+            if "_audit_stages" in extra and not kw.get("audit"):
+                continue
+
             def call(mod=mod, tau=tau, kw={**kw, **extra}):
-                return mod.s2o_paged(q, k, v, qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=tau,
-                                     block_size=BLOCK, segment_size=SEGMENT, q_tile=128, sm_scale=scale, **kw)
+                kw = dict(kw)
+                stages = kw.pop("_audit_stages", None)
+                default = getattr(mod, "AUDIT_STAGES", None)
+                if stages is not None:
+                    mod.AUDIT_STAGES = stages
+                try:
+                    return mod.s2o_paged(q, k, v, qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=tau,
+                                         block_size=BLOCK, segment_size=SEGMENT, q_tile=128, sm_scale=scale, **kw)
+                finally:
+                    if stages is not None:
+                        mod.AUDIT_STAGES = default
             try:
                 t = time_ms(call, warmup=2, iters=iters)
             except Exception as exc:  # noqa: BLE001 (a configuration that does not compile is a result)
@@ -110,6 +126,8 @@ def main():
     ap.add_argument("--configs", type=lambda s: [c for c in s.split(",") if c], default=[],
                     help="launch configurations of the current kernel to time too: WARPSxSTAGES,...")
     ap.add_argument("--breakdown", action="store_true", help="time the planned index's parts")
+    ap.add_argument("--audit-stages", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                    help="pipelining depths of the v4 audit loop to time too")
     sweep(ap.parse_args(), run_length, "s2o_kernel_speed")
 
 

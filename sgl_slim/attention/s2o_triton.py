@@ -33,6 +33,7 @@ MODE_EARLY_STOP = 0     # tau > 0: ranked pass with early stop
 MODE_RANKED_ALL = 1     # tau = 0 with a rank array (baselines): every one of the n_rank ranked keys
 MODE_DENSE = 2          # tau = 0 without a rank: earlier keys in position order (dense attention)
 STOP_BLOCK, STOP_REMAINING = 1, 2            # constexpr STOP: s2o_ref's "block" (v1) / "remaining" (v2) rules
+AUDIT_STAGES = 5        # the audit score loop's pipelining depth (K tiles only; H200: 5 beats 3 by 10%, 2 is 1.8x slower)
 
 
 @triton.jit
@@ -46,6 +47,11 @@ def _attend_block(q, k, v, m_i, l_i, acc, qk_mask, qk_scale, IEEE: tl.constexpr,
     if MASKED:
         qk = tl.where(qk_mask, qk, float("-inf"))
     return _softmax_update(qk, v.to(q.dtype), m_i, l_i, acc, qk_scale, IEEE)
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
 
 
 @triton.jit
@@ -94,7 +100,7 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
              SEGMENT: tl.constexpr, HAS_RANK_LEN: tl.constexpr, RETURN_LSE: tl.constexpr,
              IEEE: tl.constexpr, KV_CONTIG: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
              STAGES: tl.constexpr, STOP: tl.constexpr, HAS_RATIO: tl.constexpr, COMPENSATE: tl.constexpr,
-             AUDIT: tl.constexpr = False):
+             AUDIT: tl.constexpr = False, AUDIT_STAGES: tl.constexpr = 5):
     """MODE_EARLY_STOP: ranked pass with early stop (tau > 0), checked after every block, run in chunks of
     CHUNK blocks whose inner loop is software-pipelined (blocks after the stop inside a chunk are masked out,
     so the result and the visited count are exactly those of a check-and-break loop).  STOP picks the rule
@@ -201,12 +207,20 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
             thr = tl.where(row_ok, m_i + tl.math.log2(l_i) + tl.math.log2(tl.load(TAU + hk)), float("inf"))
             hits_ptr = HITS + (tile * n_heads + h).to(tl.int64) * stride_hits
             n_hit = n_blk * 0
-            for j in tl.range(n_blk, seg_start // BLOCK_N, num_stages=STAGES):
-                slot = tl.load(idx_ptr + j * BLOCK_N + offs_b).to(tl.int64)
-                qk = _scores(q, tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None]), IEEE)
-                hit = tl.max(tl.max(qk, 1) * qk_scale - thr, 0) > 0
-                tl.store(hits_ptr + n_hit, j, mask=hit)
-                n_hit += hit.to(tl.int32)
+            n_all = seg_start // BLOCK_N
+            # 32 blocks at a time: each row keeps its own hit bits (no exchange between warps inside the loop),
+            # then one OR over the rows gives the 32 verdicts, appended to the hit list without a branch
+            for w0 in range(n_blk, n_all, 32):
+                bits = tl.zeros([BLOCK_M], tl.int32)
+                for j in tl.range(w0, tl.minimum(w0 + 32, n_all), num_stages=AUDIT_STAGES):
+                    slot = tl.load(idx_ptr + j * BLOCK_N + offs_b).to(tl.int64)
+                    qk = _scores(q, tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None]), IEEE)
+                    bits = bits | ((tl.max(qk, 1) * qk_scale > thr).to(tl.int32) << (j - w0))
+                word = tl.reduce(bits, 0, _bit_or)
+                for i in tl.static_range(32):
+                    bit = (word >> i) & 1
+                    tl.store(hits_ptr + n_hit, w0 + i, mask=bit == 1)
+                    n_hit += bit
             for t in tl.range(0, n_hit, num_stages=STAGES):
                 slot = tl.load(idx_ptr + tl.load(hits_ptr + t) * BLOCK_N + offs_b).to(tl.int64)
                 k, v = _kv_block(K, V, slot, None, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d, False)
@@ -621,15 +635,21 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     kw = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=q_tile, BLOCK_N=block_size, SEGMENT=segment_size,
               HAS_RANK_LEN=rank_len is not None, RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32,
               STOP=STOP_BLOCK if stop == "block" else STOP_REMAINING, HAS_RATIO=has_ratio, COMPENSATE=compensate)
+    audit_stages = AUDIT_STAGES if audit else 1
     while True:
         try:
             _s2o_fwd[(Hq, n_tiles)](*args, **kw, KV_CONTIG=kv_contiguous, MODE=mode, CHUNK=chunk, STAGES=num_stages,
-                                    AUDIT=audit, num_warps=num_warps, num_stages=num_stages)
+                                    AUDIT=audit, AUDIT_STAGES=audit_stages, num_warps=num_warps,
+                                    num_stages=num_stages)
             break
         except triton.runtime.errors.OutOfResources:
-            if num_stages <= 1:
+            if num_stages <= 1 and audit_stages <= 1:
                 raise
-            num_stages -= 1      # e.g. fp32 K/V blocks: fewer pipeline buffers fit in shared memory
+            # e.g. fp32 K/V blocks: fewer pipeline buffers fit in shared memory
+            if audit_stages > num_stages:
+                audit_stages -= 1
+            else:
+                num_stages = max(1, num_stages - 1)
     # block counts on the (tile x block) grid, per sequence and head
     computed.index_add_(0, plan.tile_seq, visited.long() + plan.tile_intra[:, None])
     causal.index_add_(0, plan.tile_seq, (plan.tile_intra + plan.tile_earlier)[:, None].expand(-1, Hq))
