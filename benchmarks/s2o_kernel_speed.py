@@ -83,7 +83,8 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
             out, _, comp, caus = call()
             outs[impl] = out
             visited = comp.sum().item() * (BLOCK // 128) ** 2
-            r = {**base, "method": name, "impl": impl, "knob": tau, "ms": t, "density": (comp.sum() / caus.sum()).item(),
+            r = {**base, "method": name, "impl": impl, "knob": tau, "ms": t,
+                 "density": (comp.sum() / caus.sum()).item(),
                  "us_per_block": 1000 * t / visited, "vs_cudnn": us_cudnn / (1000 * t / visited),
                  "speedup_vs_cudnn": t_cudnn / t}
             if impl != "current":

@@ -33,7 +33,7 @@ MODE_EARLY_STOP = 0     # tau > 0: ranked pass with early stop
 MODE_RANKED_ALL = 1     # tau = 0 with a rank array (baselines): every one of the n_rank ranked keys
 MODE_DENSE = 2          # tau = 0 without a rank: earlier keys in position order (dense attention)
 STOP_BLOCK, STOP_REMAINING = 1, 2            # constexpr STOP: s2o_ref's "block" (v1) / "remaining" (v2) rules
-AUDIT_STAGES = 5        # the audit score loop's pipelining depth (K tiles only; H200: 5 beats 3 by 10%, 2 is 1.8x slower)
+AUDIT_STAGES = 5        # the audit score loop's pipelining depth (K tiles only; H200: 5 beats 3 by 10%)
 
 
 @triton.jit
