@@ -32,7 +32,7 @@ import torch
 
 from benchmarks.harness import write_results
 from benchmarks.s2o_frontier import make_inputs
-from sgl_slim.attention.s2o_ref import planned_budget
+from sgl_slim.attention.s2o_ref import planned_budget, sampled_rows
 
 SEGMENT, TILE, GROUP = 2048, 128, 4
 TAUS = [0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4]
@@ -69,7 +69,8 @@ def _compensated(pk: torch.Tensor, vv: torch.Tensor, e: torch.Tensor, kept: torc
 
 
 def _strided(lo: int, hi: int, n: int) -> torch.Tensor:
-    return lo + ((torch.arange(n, dtype=torch.float64) + 0.5) / n * (hi - lo)).long()
+    """``n`` evenly strided rows of [lo, hi): the rows S2O v3 samples (``s2o_ref.sampled_rows``)."""
+    return sampled_rows(torch.tensor([lo]), torch.tensor([hi]), n)[0]
 
 
 def _planned(e: torch.Tensor, tau: float) -> torch.Tensor:

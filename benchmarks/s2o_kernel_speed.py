@@ -9,7 +9,8 @@ Paths timed (planted inputs, Llama-3.1-8B attention shape, bf16, block 128 / seg
   * ``ranked_all``: every earlier key through a rank array (the identity order: the gather loop of every
     ranked method, at density 1);
   * ``v3``: the planned budget at ``--taus`` (index building included), for the time per visited block at
-    lower density.
+    lower density;
+  * ``v4``: the same plus the audit of the blocks it leaves out (``--audit-stages``: its loop's depths to try).
 ``us_per_block`` = time / visited score blocks (128 x 128, summed over heads), ``vs_cudnn`` = cuDNN's time per
 causal block / ours (1.0: cuDNN's speed per block).  ``--compare MODULE`` (a module with ``s2o_paged``, e.g. a
 copy of a previous kernel) runs every path with it too, side by side, and records the largest output difference.
@@ -47,7 +48,7 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
     if args.compare:
         impls["compare"] = (importlib.import_module(args.compare), {})
     for stages in args.audit_stages:                     # the audit loop's pipelining depth (v4 paths)
-        impls[f"audit_stages_{stages}"] = (s2o_triton, {"_audit_stages": stages})
+        impls[f"audit_stages_{stages}"] = (s2o_triton, {"audit_stages": stages})
     for cfg in args.configs:                            # launch configurations of the current kernel
         warps, stages = cfg.split("x")
         impls[cfg] = (s2o_triton, {"num_warps": int(warps), "num_stages": int(stages)})
@@ -59,21 +60,12 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
     for name, tau, kw in paths:
         outs = {}
         for impl, (mod, extra) in impls.items():
-            if "_audit_stages" in extra and not kw.get("audit"):
+            if "audit_stages" in extra and not kw.get("audit"):
                 continue
 
             def call(mod=mod, tau=tau, kw={**kw, **extra}):
-                kw = dict(kw)
-                stages = kw.pop("_audit_stages", None)
-                default = getattr(mod, "AUDIT_STAGES", None)
-                if stages is not None:
-                    mod.AUDIT_STAGES = stages
-                try:
-                    return mod.s2o_paged(q, k, v, qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=tau,
-                                         block_size=BLOCK, segment_size=SEGMENT, q_tile=128, sm_scale=scale, **kw)
-                finally:
-                    if stages is not None:
-                        mod.AUDIT_STAGES = default
+                return mod.s2o_paged(q, k, v, qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=tau,
+                                     block_size=BLOCK, segment_size=SEGMENT, q_tile=128, sm_scale=scale, **kw)
             try:
                 t = time_ms(call, warmup=2, iters=iters)
             except Exception as exc:  # noqa: BLE001 (a configuration that does not compile is a result)
@@ -82,7 +74,7 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
                 continue
             out, _, comp, caus = call()
             outs[impl] = out
-            visited = comp.sum().item() * (BLOCK // 128) ** 2
+            visited = comp.sum().item()                  # (128-row tile x BLOCK = 128 keys) blocks, as cuDNN's
             r = {**base, "method": name, "impl": impl, "knob": tau, "ms": t,
                  "density": (comp.sum() / caus.sum()).item(),
                  "us_per_block": 1000 * t / visited, "vs_cudnn": us_cudnn / (1000 * t / visited),

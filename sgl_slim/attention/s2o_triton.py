@@ -537,9 +537,11 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
               sm_scale, return_lse=False, rank=None, rank_len=None, num_warps=None, num_stages=None,
               kv_contiguous=False, chunk=None, stop="block", local_window=0, compensate=False,
               tail_estimate="flat", plan: PagedPlan | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-              samples: int = SAMPLES, mass_reduce: str = "mean", audit: bool = False):
+              samples: int = SAMPLES, mass_reduce: str = "mean", audit: bool = False,
+              audit_stages: int = AUDIT_STAGES):
     """Launch the kernel.  Returns out, lse (or None), computed [B, Hq], causal [B, Hq] block counts.
-    tau: float or [Hkv] tensor.  stop / local_window / compensate / tail_estimate / audit: s2o_ref's semantics.
+    tau: float or [Hkv] tensor.  stop / local_window / compensate / tail_estimate / audit: s2o_ref's semantics;
+    audit_stages: the audit score loop's pipelining depth.
     rank / rank_len override the S2O ranking (baselines use this to run on the same kernel).
     kv_contiguous: the caller guarantees kv_indices == arange(total) (one sequence stored in order), so
     the kernel computes slots instead of loading them.  tau = 0 without a rank skips the ranking (dense
@@ -635,7 +637,7 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     kw = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=q_tile, BLOCK_N=block_size, SEGMENT=segment_size,
               HAS_RANK_LEN=rank_len is not None, RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32,
               STOP=STOP_BLOCK if stop == "block" else STOP_REMAINING, HAS_RATIO=has_ratio, COMPENSATE=compensate)
-    audit_stages = AUDIT_STAGES if audit else 1
+    audit_stages = audit_stages if audit else 1
     while True:
         try:
             _s2o_fwd[(Hq, n_tiles)](*args, **kw, KV_CONTIG=kv_contiguous, MODE=mode, CHUNK=chunk, STAGES=num_stages,
