@@ -5,7 +5,7 @@
 #                           host's image lacks, at pinned versions (--no-deps: exactly these, one of each);
 #   .whl/extra/sgl_kernel/  the Python wrappers of the sglang-kernel 0.4.10 wheel, WITHOUT its compiled
 #                           libraries (extracted from the wheel here; sgl_slim's stand-in ops replace them);
-#   .whl/extra/...          a dist-info naming that version, and two stubs for imports a text model never uses.
+#   .whl/extra/...          a dist-info naming that version, and a stub for an import a model never uses.
 # The folder is ignored by git; it travels to the GPU host beside the working tree (about 50 MiB).
 # There, scripts/gpu_install.sh installs it. Environment: PYTHON (a python with pip, default python3),
 # GPU_PY (the GPU host's Python version, default 3.12), WHL_DIR (default .whl in the checkout).
@@ -25,6 +25,7 @@ PINS=(
   orjson==3.13.0 partial-json-parser==0.2.1.1.post7 pybase64==1.5.1 pydantic==2.14.4 pydantic-core==2.50.5
   python-multipart==0.0.34 pyzmq==27.3.0 referencing==0.37.0 rpds-py==2026.9.1 setproctitle==1.3.8
   sniffio==1.3.1 starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.55.0 xgrammar==0.2.7
+  soundfile==0.13.1 cffi==2.1.1 pycparser==3.12
 )
 PLATFORMS=()
 for tag in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 \
@@ -56,16 +57,13 @@ info.mkdir()
 (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: sglang-kernel\nVersion: {version}\n"
                                "Summary: Python wrappers only (compiled libraries replaced by sgl_slim's stand-ins)\n")
 (info / "RECORD").write_text("")
-# Stubs: SGLang imports these at module level; a text model never calls them.
+# A stub: SGLang imports IPython.display at module level and never calls it.
 ipy = dest / "IPython"
 ipy.mkdir()
 (ipy / "__init__.py").write_text('"""Stub (sgl_slim GPU stand-in mode): SGLang imports IPython.display only."""\n')
 (ipy / "display.py").write_text(
     '"""Stub (sgl_slim GPU stand-in mode)."""\n\n\nclass HTML(str):\n    pass\n\n\n'
     'def display(*args, **kwargs):\n    raise RuntimeError("IPython is not installed (sgl_slim GPU stand-in mode stub)")\n')
-(dest / "soundfile.py").write_text(
-    '"""Stub (sgl_slim GPU stand-in mode): text models never decode audio."""\n\n\n'
-    'def read(*args, **kwargs):\n    raise RuntimeError("soundfile is not installed (sgl_slim GPU stand-in mode stub)")\n')
 print(f"{len(names)} sgl_kernel Python files extracted")
 PY
 du -sh "$out" | sed 's/^/gpu_wheels: /'

@@ -1,10 +1,15 @@
-"""Random-weight Qwen2.5-VL models at a named shape, written as a HF directory SGLang loads (nothing downloaded).
+"""Random-weight Qwen2.5-VL and Qwen2-Audio models at a named shape, written as a HF directory SGLang loads
+(nothing downloaded).
 
 - ``7b``: Qwen2.5-VL-7B-Instruct's shapes. Language model: hidden 3584, 28 layers, 28 query heads, 4 KV heads
   (head dim 128), MLP 18944, rope theta 1e6, M-RoPE sections (16, 24, 24). Vision tower: depth 32, hidden 1280,
   MLP 3420, 16 heads, patch 14, temporal patch 2, spatial merge 2, window 112 with full attention in blocks
   7, 15, 23, 31, output 3584. 7.2B parameters with this vocabulary (8.3B with the real one), 14.4 GB in bf16.
 - ``tiny``: the same architecture at the demo's sizes, for CPU tests.
+- Qwen2-Audio (``build_random_audio``, :data:`AUDIO_SHAPES`): ``7b`` = Qwen2-Audio-7B's shapes (audio encoder d 1280,
+  32 layers, 20 heads, FFN 5120, 128 mel bins; Qwen2-7B language model: hidden 4096, 32 layers, 32 heads (no
+  GQA), MLP 11008, rope theta 1e4), 7.1B parameters with this vocabulary (8.4B with the real one); ``tiny`` for
+  CPU tests.
 
 One difference from the real model on purpose: the vocabulary is the demo's 2,048-token byte-level BPE
 (``sgl_slim.demo.train_tokenizer``, with the Qwen special tokens and chat template) instead of 152,064 tokens.
@@ -48,6 +53,24 @@ SHAPES = {
         "min_pixels": 4 * 28 * 28, "max_pixels": 1024 * 28 * 28,
     },
 }
+AUDIO_SHAPES = {
+    # Qwen2-Audio-7B-Instruct: Whisper-large-v3-size encoder (128 mel bins, 30 s windows -> 1,500 frames, pooled
+    # to 750 LLM tokens), a linear projector, and a Qwen2-7B language model (multi-head attention)
+    "7b": {
+        "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
+                     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        "audio": dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                      num_mel_bins=128, max_source_positions=1500),
+    },
+    "tiny": {
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_act="silu",
+                     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        "audio": dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=128,
+                      max_source_positions=1500),
+    },
+}
 SHARD_BYTES = 4 << 30
 
 
@@ -66,7 +89,6 @@ def build_random_vl(out_dir: str | os.PathLike, shape: str = "7b", *, device: st
     into ``out_dir``. ``device``: where the weights are drawn (default cuda when present); ``dtype``: default
     bf16 on cuda, fp32 on the CPU."""
     import torch  # noqa: PLC0415
-    from safetensors.torch import save_file  # noqa: PLC0415
     from transformers import (  # noqa: PLC0415
         Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor)
 
@@ -92,6 +114,90 @@ def build_random_vl(out_dir: str | os.PathLike, shape: str = "7b", *, device: st
     with torch.device("meta"):
         shapes = {checkpoint_name(k): tuple(v.shape)
                   for k, v in Qwen2_5_VLForConditionalGeneration(config).state_dict().items()}
+
+    write_random_weights(out_dir, shapes, device=device, dtype=dtype, seed=seed, std=std)
+
+    config.save_pretrained(out_dir)
+    cfg = json.loads((out_dir / "config.json").read_text())
+    cfg["vision_config"]["in_chans"] = 3  # SGLang's Qwen2VisionTransformer reads in_chans
+    dtype_name = str(dtype).removeprefix("torch.")
+    cfg["dtype"] = cfg["torch_dtype"] = dtype_name
+    _write_json(out_dir / "config.json", cfg)
+    _write_json(out_dir / "generation_config.json",
+                {"do_sample": False, "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                 "pad_token_id": ids["<|endoftext|>"]})
+    image_processor = Qwen2VLImageProcessor(min_pixels=spec["min_pixels"], max_pixels=spec["max_pixels"])
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                    video_processor=_video_processor(), chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(
+        f"# Random-weight Qwen2.5-VL, shape {shape}\n\nBuilt by sgl_slim.random_vl (seed {seed}, std {std}, "
+        f"{dtype_name}); {sum(math.prod(s) for s in shapes.values()):,} parameters. Its answers are noise.\n")
+    return out_dir
+
+
+def audio_checkpoint_name(param_name: str) -> str:
+    """The checkpoint key SGLang's Qwen2-Audio loader reads for an in-memory (transformers 5) parameter name: the
+    original checkpoint layout (``audio_tower.*``, ``multi_modal_projector.*``, ``language_model.model.*``,
+    ``language_model.lm_head.*``), which transformers loads too."""
+    if param_name.startswith("model.language_model."):
+        return "language_model.model." + param_name[len("model.language_model."):]
+    if param_name.startswith("model."):
+        return param_name[len("model."):]
+    return "language_model." + param_name
+
+
+def build_random_audio(out_dir: str | os.PathLike, shape: str = "7b", *, device: str | None = None,
+                       dtype=None, seed: int = 0, std: float = 0.02) -> Path:
+    """Write a random-weight Qwen2-Audio of ``shape`` (a key of :data:`AUDIO_SHAPES`) with its tokenizer and
+    processor into ``out_dir`` (as :func:`build_random_vl`)."""
+    import torch  # noqa: PLC0415
+    from transformers import (  # noqa: PLC0415
+        Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor)
+
+    from sgl_slim.demo import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer  # noqa: PLC0415
+
+    if shape not in AUDIO_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(AUDIO_SHAPES)}")
+    spec = AUDIO_SHAPES[shape]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(out_dir)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(spec["text"], model_type="qwen2", vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"])
+    config = Qwen2AudioConfig(audio_config=dict(spec["audio"]), text_config=text,
+                              audio_token_index=ids["<|AUDIO|>"])
+    config.architectures = ["Qwen2AudioForConditionalGeneration"]
+    with torch.device("meta"):
+        shapes = {audio_checkpoint_name(k): tuple(v.shape)
+                  for k, v in Qwen2AudioForConditionalGeneration(config).state_dict().items()}
+    write_random_weights(out_dir, shapes, device=device, dtype=dtype, seed=seed, std=std)
+    config.save_pretrained(out_dir)
+    cfg = json.loads((out_dir / "config.json").read_text())
+    dtype_name = str(dtype).removeprefix("torch.")
+    cfg["dtype"] = cfg["torch_dtype"] = dtype_name
+    _write_json(out_dir / "config.json", cfg)
+    _write_json(out_dir / "generation_config.json",
+                {"do_sample": False, "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                 "pad_token_id": ids["<|endoftext|>"]})
+    extractor = WhisperFeatureExtractor(feature_size=spec["audio"]["num_mel_bins"], sampling_rate=16000)
+    Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tokenizer,
+                        chat_template=CHAT_TEMPLATE).save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(
+        f"# Random-weight Qwen2-Audio, shape {shape}\n\nBuilt by sgl_slim.random_vl (seed {seed}, std {std}, "
+        f"{dtype_name}); {sum(math.prod(s) for s in shapes.values()):,} parameters. Its answers are noise.\n")
+    return out_dir
+
+
+def write_random_weights(out_dir: Path, shapes: dict, *, device: str, dtype, seed: int = 0,
+                         std: float = 0.02) -> None:
+    """Write {checkpoint key: shape} as random weights (normal, std ``std``; norms 1, biases 0) drawn on
+    ``device`` one tensor at a time, in safetensors shards with their index."""
+    import torch  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
 
     gen = torch.Generator(device=device).manual_seed(seed)
     shards: list[dict] = [{}]
@@ -120,24 +226,6 @@ def build_random_vl(out_dir: str | os.PathLike, shape: str = "7b", *, device: st
     _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total},
                                                             "weight_map": weight_map})
 
-    config.save_pretrained(out_dir)
-    cfg = json.loads((out_dir / "config.json").read_text())
-    cfg["vision_config"]["in_chans"] = 3  # SGLang's Qwen2VisionTransformer reads in_chans
-    dtype_name = str(dtype).removeprefix("torch.")
-    cfg["dtype"] = cfg["torch_dtype"] = dtype_name
-    _write_json(out_dir / "config.json", cfg)
-    _write_json(out_dir / "generation_config.json",
-                {"do_sample": False, "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-                 "pad_token_id": ids["<|endoftext|>"]})
-    image_processor = Qwen2VLImageProcessor(min_pixels=spec["min_pixels"], max_pixels=spec["max_pixels"])
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                    video_processor=_video_processor(), chat_template=CHAT_TEMPLATE)
-    processor.save_pretrained(out_dir)
-    (out_dir / "README.md").write_text(
-        f"# Random-weight Qwen2.5-VL, shape {shape}\n\nBuilt by sgl_slim.random_vl (seed {seed}, std {std}, "
-        f"{dtype_name}); {sum(math.prod(s) for s in shapes.values()):,} parameters. Its answers are noise.\n")
-    return out_dir
-
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -146,8 +234,9 @@ def _write_json(path: Path, data: dict) -> None:
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="Build a random-weight Qwen2.5-VL of a named shape.")
+    ap = argparse.ArgumentParser(description="Build a random-weight Qwen2.5-VL (or Qwen2-Audio) of a named shape.")
     ap.add_argument("out_dir")
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    ap.add_argument("--audio", action="store_true", help="a Qwen2-Audio instead of a Qwen2.5-VL")
     cli = ap.parse_args()
-    print(build_random_vl(cli.out_dir, cli.shape))
+    print((build_random_audio if cli.audio else build_random_vl)(cli.out_dir, cli.shape))

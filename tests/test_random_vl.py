@@ -80,3 +80,34 @@ def test_7b_shape_matches_qwen25_vl_7b():
     # 7.07B with the real 152,064-token vocabulary's embedding and head; 6.54B with the demo's 2,048
     assert 6.5e9 < lm < 6.6e9, lm
     assert sum(spec["text"]["rope_parameters"]["mrope_section"]) == 3584 // 28 // 2
+
+
+def test_tiny_audio_loads_in_transformers_and_its_keys_are_sglangs(tmp_path):
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from sgl_slim.random_vl import AUDIO_SHAPES, build_random_audio
+
+    d = build_random_audio(tmp_path / "audio", "tiny", device="cpu")
+    model, info = Qwen2AudioForConditionalGeneration.from_pretrained(d, output_loading_info=True)
+    assert not any(info.values()), f"keys not matched on load: {info}"
+    keys = set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"])
+    # SGLang's Qwen2-Audio loader reads the original checkpoint layout
+    assert {k.split(".")[0] for k in keys} == {"audio_tower", "multi_modal_projector", "language_model"}, keys
+    assert "language_model.lm_head.weight" in keys and "language_model.model.norm.weight" in keys
+    p = dict(model.named_parameters())
+    assert torch.equal(p["model.language_model.norm.weight"], torch.ones(AUDIO_SHAPES["tiny"]["text"]["hidden_size"]))
+    assert (d / "processor_config.json").is_file() and (d / "tokenizer.json").is_file()
+
+
+def test_7b_audio_shape_is_qwen2_audio_7b():
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    from sgl_slim.random_vl import AUDIO_SHAPES
+
+    spec = AUDIO_SHAPES["7b"]
+    config = Qwen2AudioConfig(audio_config=spec["audio"], text_config=dict(spec["text"], model_type="qwen2",
+                                                                           vocab_size=2048))
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Qwen2AudioForConditionalGeneration(config).parameters())
+    # Qwen2-Audio-7B: 8.40B with its 156,032-token vocabulary; the two vocab-sized matrices account for the rest
+    assert n + 2 * (156032 - 2048) * 4096 == pytest.approx(8.40e9, rel=0.01), n
