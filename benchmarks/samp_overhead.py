@@ -10,6 +10,9 @@ Samp, per clip of N tokens: last-layer attention statistics recomputed from its 
 Also the demo-audio model (tiny encoder), where Samp cannot be cheap relative to the encoder: shown for honesty.
 
 Run: ~/.cache/sgl_slim/venv/bin/python -m benchmarks.samp_overhead
+     python -m benchmarks.samp_overhead --device cuda --out benchmarks/results/samp_overhead_gpu.jsonl   (bf16)
+Besides the totals, the compression's parts: the merge scan (``merge_clusters``) and the greedy DPP
+(``dpp_select``) on the clip's device, and the DPP on the host (its [C, C] kernel copied there first).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 
 from benchmarks.harness import markdown_table, record, time_ms, write_results
 from sgl_slim.audio import encoder_attention_stats, samp_compress
+from sgl_slim.audio.samp import dpp_select, merge_clusters
 from sgl_slim.config import SampConfig
 
 
@@ -42,12 +46,15 @@ def main() -> None:
     ap.add_argument("--encoder-iters", type=int, default=1)
     ap.add_argument("--samp-iters", type=int, default=3)
     ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     ap.add_argument("--out", default="benchmarks/results/samp_overhead.jsonl")
     args = ap.parse_args()
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     rows = []
     for name, full in (("qwen2-audio-7b encoder", True), ("demo-audio encoder", False)):
         enc, proj, cfg = build(full)
-        mel = torch.randn(1, cfg.num_mel_bins, 3000)
+        enc, proj = enc.to(args.device, dtype), proj.to(args.device, dtype)
+        mel = torch.randn(1, cfg.num_mel_bins, 3000, device=args.device, dtype=dtype)
         captured = []
         handle = enc.layers[-1].register_forward_pre_hook(lambda m, a: captured.append(a[0]))
 
@@ -78,17 +85,24 @@ def main() -> None:
 
                 stats_ms = time_ms(stats_only, warmup=1, iters=args.samp_iters)
                 compress_ms = time_ms(compress_only, warmup=1, iters=args.samp_iters)
+                merge_ms = time_ms(lambda: merge_clusters(tokens, keep=keep, merge_threshold=args.threshold),
+                                   warmup=1, iters=args.samp_iters)
+                unit = torch.nn.functional.normalize(tokens.double(), dim=-1)
+                kernel = unit @ unit.T                                           # a [C, C] kernel of this size
+                dpp_ms = time_ms(lambda: dpp_select(kernel, keep), warmup=1, iters=args.samp_iters)
+                dpp_host_ms = time_ms(lambda: dpp_select(kernel.cpu(), keep), warmup=1, iters=args.samp_iters)
                 kept, groups = compress_only()
                 samp_ms = stats_ms + compress_ms
                 rows.append(record("samp_overhead", encoder=name, clip_s=seconds, n_tokens=n, keep_ratio=ratio,
                                    kept=kept.shape[0], merged_tokens=sum(len(g) for g in groups if len(g) > 1),
                                    encoder_ms=enc_ms, stats_ms=stats_ms, compress_ms=compress_ms,
+                                   merge_ms=merge_ms, dpp_ms=dpp_ms, dpp_host_ms=dpp_host_ms, device=args.device,
                                    samp_ms=samp_ms, share_pct=100 * samp_ms / enc_ms,
                                    threads=torch.get_num_threads()))
                 print(rows[-1], flush=True)
     write_results(args.out, rows)
     print(markdown_table(rows, ["encoder", "clip_s", "n_tokens", "keep_ratio", "kept", "encoder_ms", "stats_ms",
-                                "compress_ms", "share_pct"]))
+                                "compress_ms", "merge_ms", "dpp_ms", "dpp_host_ms", "share_pct"]))
 
 
 if __name__ == "__main__":

@@ -253,7 +253,10 @@ def samp_compress(tokens: Tensor, attn, *, keep: int, merge_threshold: float
     else:
         unit = F.normalize(merged, dim=-1, eps=_NORM_EPS)
         kernel = rel[:, None] * (unit @ unit.T) * rel[None, :]               # [C, C] diag(a) L diag(a)
-        pick = dpp_select(kernel, keep)
+        # the greedy selection runs on the host: one pick at a time is latency-bound on a GPU (H200, 750 -> 450
+        # tokens: 73 ms there, 27 ms on the host with the copy; benchmarks/samp.md), and the host's fp64
+        # arithmetic gives the same picks whatever device the clip was encoded on
+        pick = dpp_select(kernel.cpu(), keep)
     out = merged[pick.to(dev)].to(tokens.dtype)
     starts_l, ends_l = starts.tolist(), ends.tolist()
     return out, [list(range(starts_l[i], ends_l[i])) for i in pick.tolist()]

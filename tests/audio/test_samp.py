@@ -148,3 +148,17 @@ def test_bad_arguments_name_the_problem():
         samp_compress(x, SampAttention(-torch.ones(6), torch.ones(6)), keep=2, merge_threshold=0.9)
     with pytest.raises(ValueError, match="floating point"):
         samp_compress(x.long(), probs, keep=2, merge_threshold=0.9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n, threshold", [(750, 2.0), (750, 0.5), (250, 0.9)])
+def test_samp_compress_on_cuda_keeps_the_cpu_tokens(n, threshold):
+    """A clip encoded on the GPU keeps the same groups as on the CPU (the selection runs on the host)."""
+    x, probs = _clip(n, seed=7)
+    keep = SampConfig(keep_ratio=0.6).keep_count(n)
+    out, groups = samp_compress(x, probs, keep=keep, merge_threshold=threshold)
+    out_gpu, groups_gpu = samp_compress(x.cuda(), probs.cuda(), keep=keep, merge_threshold=threshold)
+    assert groups_gpu == groups
+    # the same float64 sums in a possibly different order on each device, then one rounding to float32
+    torch.testing.assert_close(out_gpu.cpu(), out, rtol=1e-6, atol=1e-6)
