@@ -46,6 +46,8 @@ def request_body(clips: list[str], setting: str, max_new: int) -> dict:
 
 def server_flags(model: Path, args) -> list[str]:
     flags = ["--model-path", str(model), "--samp", "--samp-keep-ratio", str(args.keep), "--disable-radix-cache"]
+    if args.merge_threshold is not None:
+        flags += ["--samp-merge-threshold", str(args.merge_threshold)]
     if args.tiny:
         return flags + ["--dtype", "float32"]
     return flags + ["--dtype", "bfloat16", "--attention-backend", "triton", "--disable-cuda-graph",
@@ -56,6 +58,9 @@ def _add_args(ap) -> None:
     ap.add_argument("--keep", type=float, default=0.6, help="the server's --samp-keep-ratio")
     ap.add_argument("--clips", dest="per_prompt", type=int, default=1, help="clips per prompt")
     ap.add_argument("--clip-s", type=float, default=30.0, help="seconds per clip")
+    ap.add_argument("--merge-threshold", type=float, default=None,
+                    help="the server's --samp-merge-threshold (default: the server's; > 1: no merge, the DPP "
+                         "selects every kept token)")
 
 
 def _model_info(shape: str) -> dict:
