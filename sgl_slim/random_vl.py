@@ -92,20 +92,9 @@ def build_random_vl(out_dir: str | os.PathLike, shape: str = "7b", *, device: st
     from transformers import (  # noqa: PLC0415
         Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor)
 
-    from sgl_slim.demo import CHAT_TEMPLATE, SPECIAL_TOKENS, _video_processor, train_tokenizer  # noqa: PLC0415
+    from sgl_slim.demo import CHAT_TEMPLATE, _video_processor  # noqa: PLC0415
 
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
-    spec = SHAPES[shape]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = train_tokenizer(out_dir)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(spec["text"], vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
-                eos_token_id=ids["<|im_end|>"])
+    spec, device, dtype, out_dir, tokenizer, ids, text = _start(out_dir, shape, SHAPES, device, dtype)
     config = Qwen2_5_VLConfig(
         text_config=text, vision_config=dict(spec["vision"]), image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
@@ -117,22 +106,14 @@ def build_random_vl(out_dir: str | os.PathLike, shape: str = "7b", *, device: st
 
     write_random_weights(out_dir, shapes, device=device, dtype=dtype, seed=seed, std=std)
 
-    config.save_pretrained(out_dir)
-    cfg = json.loads((out_dir / "config.json").read_text())
+    cfg = _save_configs(out_dir, config, ids, dtype)
     cfg["vision_config"]["in_chans"] = 3  # SGLang's Qwen2VisionTransformer reads in_chans
-    dtype_name = str(dtype).removeprefix("torch.")
-    cfg["dtype"] = cfg["torch_dtype"] = dtype_name
     _write_json(out_dir / "config.json", cfg)
-    _write_json(out_dir / "generation_config.json",
-                {"do_sample": False, "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-                 "pad_token_id": ids["<|endoftext|>"]})
     image_processor = Qwen2VLImageProcessor(min_pixels=spec["min_pixels"], max_pixels=spec["max_pixels"])
     processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                     video_processor=_video_processor(), chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out_dir)
-    (out_dir / "README.md").write_text(
-        f"# Random-weight Qwen2.5-VL, shape {shape}\n\nBuilt by sgl_slim.random_vl (seed {seed}, std {std}, "
-        f"{dtype_name}); {sum(math.prod(s) for s in shapes.values()):,} parameters. Its answers are noise.\n")
+    _readme(out_dir, "Qwen2.5-VL", shape, seed, std, dtype, shapes)
     return out_dir
 
 
@@ -155,19 +136,10 @@ def build_random_audio(out_dir: str | os.PathLike, shape: str = "7b", *, device:
     from transformers import (  # noqa: PLC0415
         Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor)
 
-    from sgl_slim.demo import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer  # noqa: PLC0415
+    from sgl_slim.demo import CHAT_TEMPLATE  # noqa: PLC0415
 
-    if shape not in AUDIO_SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(AUDIO_SHAPES)}")
-    spec = AUDIO_SHAPES[shape]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(out_dir)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(spec["text"], model_type="qwen2", vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
-                eos_token_id=ids["<|im_end|>"])
+    spec, device, dtype, out_dir, tokenizer, ids, text = _start(out_dir, shape, AUDIO_SHAPES, device, dtype)
+    text["model_type"] = "qwen2"
     config = Qwen2AudioConfig(audio_config=dict(spec["audio"]), text_config=text,
                               audio_token_index=ids["<|AUDIO|>"])
     config.architectures = ["Qwen2AudioForConditionalGeneration"]
@@ -175,21 +147,52 @@ def build_random_audio(out_dir: str | os.PathLike, shape: str = "7b", *, device:
         shapes = {audio_checkpoint_name(k): tuple(v.shape)
                   for k, v in Qwen2AudioForConditionalGeneration(config).state_dict().items()}
     write_random_weights(out_dir, shapes, device=device, dtype=dtype, seed=seed, std=std)
+    _save_configs(out_dir, config, ids, dtype)
+    extractor = WhisperFeatureExtractor(feature_size=spec["audio"]["num_mel_bins"], sampling_rate=16000)
+    Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tokenizer,
+                        chat_template=CHAT_TEMPLATE).save_pretrained(out_dir)
+    _readme(out_dir, "Qwen2-Audio", shape, seed, std, dtype, shapes)
+    return out_dir
+
+
+def _start(out_dir, shape: str, shapes: dict, device, dtype):
+    """The builders' shared start: the shape checked, device and dtype resolved, the tokenizer trained into
+    ``out_dir``; returns (spec, device, dtype, out_dir, tokenizer, special-token ids, text config)."""
+    import torch  # noqa: PLC0415
+
+    from sgl_slim.demo import SPECIAL_TOKENS, train_tokenizer  # noqa: PLC0415
+
+    if shape not in shapes:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(shapes)}")
+    spec = shapes[shape]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(out_dir)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(spec["text"], vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"])
+    return spec, device, dtype, out_dir, tokenizer, ids, text
+
+
+def _save_configs(out_dir: Path, config, ids: dict, dtype) -> dict:
+    """config.json (with the weights' dtype) and generation_config.json; returns the written config dict."""
     config.save_pretrained(out_dir)
     cfg = json.loads((out_dir / "config.json").read_text())
-    dtype_name = str(dtype).removeprefix("torch.")
-    cfg["dtype"] = cfg["torch_dtype"] = dtype_name
+    cfg["dtype"] = cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     _write_json(out_dir / "config.json", cfg)
     _write_json(out_dir / "generation_config.json",
                 {"do_sample": False, "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
                  "pad_token_id": ids["<|endoftext|>"]})
-    extractor = WhisperFeatureExtractor(feature_size=spec["audio"]["num_mel_bins"], sampling_rate=16000)
-    Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tokenizer,
-                        chat_template=CHAT_TEMPLATE).save_pretrained(out_dir)
+    return cfg
+
+
+def _readme(out_dir: Path, kind: str, shape: str, seed: int, std: float, dtype, shapes: dict) -> None:
     (out_dir / "README.md").write_text(
-        f"# Random-weight Qwen2-Audio, shape {shape}\n\nBuilt by sgl_slim.random_vl (seed {seed}, std {std}, "
-        f"{dtype_name}); {sum(math.prod(s) for s in shapes.values()):,} parameters. Its answers are noise.\n")
-    return out_dir
+        f"# Random-weight {kind}, shape {shape}\n\nBuilt by sgl_slim.random_vl (seed {seed}, std {std}, "
+        f"{str(dtype).removeprefix('torch.')}); {sum(math.prod(s) for s in shapes.values()):,} parameters. "
+        "Its answers are noise.\n")
 
 
 def write_random_weights(out_dir: Path, shapes: dict, *, device: str, dtype, seed: int = 0,
