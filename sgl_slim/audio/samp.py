@@ -192,11 +192,15 @@ def merge_clusters(tokens: Tensor, *, keep: int, merge_threshold: float) -> Tens
 
 def dpp_select(kernel: Tensor, keep: int) -> Tensor:
     """Fast greedy DPP MAP with an incremental Cholesky factor (Chen, Zhang, Zhou 2018).
-    ``kernel [C, C]`` PSD; returns ``keep`` sorted indices (int64). Same rule as :func:`dpp_select_ref`."""
+    ``kernel [C, C]`` PSD; returns ``keep`` sorted indices (int64). Same rule as :func:`dpp_select_ref`.
+    A CUDA kernel runs every pick in one Triton program (``dpp_triton``); a CPU one here, pick by pick."""
     c = kernel.shape[0]
     k = kernel.double()
     diag = k.diagonal()
     floor = DEGENERATE_GAIN * float(diag.max())
+    if k.is_cuda and c <= _dpp_triton().MAX_CANDIDATES:
+        picks = _dpp_triton().dpp_picks_triton(k, keep, floor)
+        return _fill_degenerate(diag.cpu(), picks.cpu().tolist(), keep)
     cis = k.new_zeros(keep, c)                   # rows of the Cholesky factor, one per pick
     gain = diag.clone()                          # d_i^2: conditional gain of each candidate
     taken = torch.zeros(c, dtype=torch.bool, device=k.device)
@@ -210,10 +214,24 @@ def dpp_select(kernel: Tensor, keep: int) -> Tensor:
         e = (k[j] - cis[:t, j] @ cis[:t]) / gain[j].sqrt()                    # [C]
         cis[t] = e
         gain = gain - e * e
-    if len(chosen) < keep:                      # degenerate: fill by largest diagonal, earlier first
+    return _fill_degenerate(diag, chosen, keep)
+
+
+def _fill_degenerate(diag: Tensor, chosen: list[int], keep: int) -> Tensor:
+    """Degenerate (no diversity left): fill the picks up to ``keep`` by largest diagonal, earlier first;
+    sorted int64."""
+    if len(chosen) < keep:
+        taken = torch.zeros(diag.shape[0], dtype=torch.bool, device=diag.device)
+        taken[chosen] = True
         order = torch.sort(diag.masked_fill(taken, -float("inf")), descending=True, stable=True).indices
-        chosen += order[: keep - len(chosen)].tolist()
+        chosen = chosen + order[: keep - len(chosen)].tolist()
     return torch.tensor(sorted(chosen), dtype=torch.int64)
+
+
+def _dpp_triton():
+    from sgl_slim.audio import dpp_triton  # noqa: PLC0415 (Triton only where a CUDA kernel asks for it)
+
+    return dpp_triton
 
 
 def samp_compress(tokens: Tensor, attn, *, keep: int, merge_threshold: float
@@ -253,10 +271,7 @@ def samp_compress(tokens: Tensor, attn, *, keep: int, merge_threshold: float
     else:
         unit = F.normalize(merged, dim=-1, eps=_NORM_EPS)
         kernel = rel[:, None] * (unit @ unit.T) * rel[None, :]               # [C, C] diag(a) L diag(a)
-        # the greedy selection runs on the host: one pick at a time is latency-bound on a GPU (H200, 750 -> 450
-        # tokens: 73 ms there, 27 ms on the host with the copy; benchmarks/samp.md), and the host's fp64
-        # arithmetic gives the same picks whatever device the clip was encoded on
-        pick = dpp_select(kernel.cpu(), keep)
+        pick = dpp_select(kernel, keep)
     out = merged[pick.to(dev)].to(tokens.dtype)
     starts_l, ends_l = starts.tolist(), ends.tolist()
     return out, [list(range(starts_l[i], ends_l[i])) for i in pick.tolist()]

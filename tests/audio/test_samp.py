@@ -1,5 +1,11 @@
 """Samp algorithm: fast path vs plain-loop references, count / order / distinctness rules, bad arguments."""
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -154,7 +160,7 @@ def test_bad_arguments_name_the_problem():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n, threshold", [(750, 2.0), (750, 0.5), (250, 0.9)])
 def test_samp_compress_on_cuda_keeps_the_cpu_tokens(n, threshold):
-    """A clip encoded on the GPU keeps the same groups as on the CPU (the selection runs on the host)."""
+    """A clip compressed on the GPU keeps the same groups as on the CPU."""
     x, probs = _clip(n, seed=7)
     keep = SampConfig(keep_ratio=0.6).keep_count(n)
     out, groups = samp_compress(x, probs, keep=keep, merge_threshold=threshold)
@@ -162,3 +168,49 @@ def test_samp_compress_on_cuda_keeps_the_cpu_tokens(n, threshold):
     assert groups_gpu == groups
     # the same float64 sums in a possibly different order on each device, then one rounding to float32
     torch.testing.assert_close(out_gpu.cpu(), out, rtol=1e-6, atol=1e-6)
+
+
+_INTERPRET_DPP_SCRIPT = textwrap.dedent("""
+    import torch
+    from sgl_slim.audio.dpp_triton import dpp_picks_triton
+    from sgl_slim.audio.samp import DEGENERATE_GAIN, _fill_degenerate, dpp_select, dpp_select_ref
+    def kernel_of(feats, rel):
+        f = torch.nn.functional.normalize(feats, dim=-1)
+        return (rel[:, None] * (f @ f.T) * rel[None, :]).double()
+    for c, keep, seed in [(5, 1, 0), (12, 5, 1), (40, 17, 2), (40, 39, 3), (97, 31, 4), (130, 60, 5)]:
+        g = torch.Generator().manual_seed(seed)
+        k = kernel_of(torch.randn(c, 64, generator=g), torch.rand(c, generator=g) + 0.1)
+        floor = DEGENERATE_GAIN * float(k.diagonal().max())
+        picks = dpp_picks_triton(k, keep, floor).tolist()
+        assert len(picks) == keep, (c, keep, picks)
+        got = _fill_degenerate(k.diagonal(), picks, keep).tolist()
+        assert got == dpp_select(k, keep).tolist(), (c, keep)
+        if c <= 40:
+            assert got == dpp_select_ref(k, keep), (c, keep)
+    # rank 1 (duplicates): one diverse pick, then the caller fills by largest diagonal, earlier first
+    rel = torch.tensor([0.2, 0.9, 0.5, 0.9, 0.1, 0.3])
+    k = kernel_of(torch.tensor([[1.0, 0.0]] * 6), rel)
+    picks = dpp_picks_triton(k, 4, DEGENERATE_GAIN * float(k.diagonal().max())).tolist()
+    assert picks == [1], picks
+    assert _fill_degenerate(k.diagonal(), picks, 4).tolist() == [1, 2, 3, 5]
+    print("OK")
+""")
+
+
+def test_dpp_triton_matches_host_loop_under_interpreter():
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
+    out = subprocess.run([sys.executable, "-c", _INTERPRET_DPP_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=repo)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("c, keep", [(750, 450), (750, 300), (2000, 900)])
+def test_dpp_select_on_cuda_equals_the_host_loop(c, keep):
+    g = torch.Generator().manual_seed(c + keep)
+    feats = torch.nn.functional.normalize(torch.randn(c, 256, generator=g), dim=-1)
+    rel = torch.rand(c, generator=g) + 0.1
+    kernel = (rel[:, None] * (feats @ feats.T) * rel[None, :]).double()
+    assert torch.equal(dpp_select(kernel.cuda(), keep), dpp_select(kernel, keep))
