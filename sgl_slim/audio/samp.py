@@ -193,7 +193,9 @@ def merge_clusters(tokens: Tensor, *, keep: int, merge_threshold: float) -> Tens
 def dpp_select(kernel: Tensor, keep: int) -> Tensor:
     """Fast greedy DPP MAP with an incremental Cholesky factor (Chen, Zhang, Zhou 2018).
     ``kernel [C, C]`` PSD; returns ``keep`` sorted indices (int64). Same rule as :func:`dpp_select_ref`.
-    A CUDA kernel runs every pick in one Triton program (``dpp_triton``); a CPU one here, pick by pick."""
+    A CUDA kernel of up to ``dpp_triton.MAX_CANDIDATES`` rows runs every pick in one Triton program; any other
+    here on the host, pick by pick (a pick-by-pick loop on a GPU waits on a read-back per pick: 2.7x slower than
+    the host on an H200, benchmarks/samp.md)."""
     c = kernel.shape[0]
     k = kernel.double()
     diag = k.diagonal()
@@ -201,6 +203,7 @@ def dpp_select(kernel: Tensor, keep: int) -> Tensor:
     if k.is_cuda and c <= _dpp_triton().MAX_CANDIDATES:
         picks = _dpp_triton().dpp_picks_triton(k, keep, floor)
         return _fill_degenerate(diag.cpu(), picks.cpu().tolist(), keep)
+    k, diag = k.cpu(), diag.cpu()
     cis = k.new_zeros(keep, c)                   # rows of the Cholesky factor, one per pick
     gain = diag.clone()                          # d_i^2: conditional gain of each candidate
     taken = torch.zeros(c, dtype=torch.bool, device=k.device)
