@@ -26,6 +26,8 @@ from pathlib import Path
 
 from benchmarks.harness import wave_image
 from benchmarks.toggle_gpu import UNPRUNED, Workload, run
+from benchmarks.toggle_gpu import server_flags as toggle_flags
+from sgl_slim.random_vl import SHAPES, build_random_vl
 
 QUESTION = "Compare these pictures and describe what changes between them."
 
@@ -50,13 +52,9 @@ def request_body(images: list[str], setting: str, max_new: int) -> dict:
 
 
 def server_flags(model: Path, args) -> list[str]:
-    flags = ["--model-path", str(model), "--idpruner", "--idpruner-keep-ratio", str(args.keep),
-             "--disable-radix-cache"]
-    if args.tiny:
-        return flags + ["--dtype", "float32"]
-    # the stand-in mode's attention for both towers (SGLang's vision default on Hopper is FA3, compiled)
-    return flags + ["--dtype", "bfloat16", "--attention-backend", "triton", "--mm-attention-backend", "triton_attn",
-                    "--disable-cuda-graph", "--mem-fraction-static", str(args.mem_fraction)]
+    # the stand-in mode's attention for the vision tower too (SGLang's vision default on Hopper is FA3, compiled)
+    return toggle_flags(model, args, ["--idpruner", "--idpruner-keep-ratio", str(args.keep)],
+                        gpu=("--mm-attention-backend", "triton_attn"))
 
 
 def _add_args(ap) -> None:
@@ -65,20 +63,8 @@ def _add_args(ap) -> None:
     ap.add_argument("--image-size", type=int, default=None, help="square images, pixels (896; tiny 224)")
 
 
-def _model_info(shape: str) -> dict:
-    from sgl_slim.random_vl import SHAPES  # noqa: PLC0415
-
-    return {"shape": shape, **SHAPES[shape], "weights": "random (seed 0)", "vocab": "demo BPE, 2048 tokens"}
-
-
-def _build(model_dir: Path, shape: str, device: str) -> None:
-    from sgl_slim.random_vl import build_random_vl  # noqa: PLC0415
-
-    build_random_vl(model_dir, shape, device=device)
-
-
 WORKLOAD = Workload(
-    name="idp", media="vision", model_info=_model_info, build_model=_build,
+    name="idp", media="vision", shapes=SHAPES, build_model=build_random_vl,
     make_media=lambda seed, args: image_data_url(seed, args.image_size), request_body=request_body,
     server_flags=server_flags, add_args=_add_args, tiny_defaults={"image_size": 224},
     gpu_defaults={"image_size": 896}, goals={"ttft": 2.5, "rps": 2.0})

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from benchmarks.samp_ttft import wav_b64
 from benchmarks.toggle_gpu import UNPRUNED, Workload, run
+from benchmarks.toggle_gpu import server_flags as toggle_flags
+from sgl_slim.random_vl import AUDIO_SHAPES, build_random_audio
 
 QUESTION = "What is said in these recordings, and how do they differ?"
 
@@ -45,13 +47,10 @@ def request_body(clips: list[str], setting: str, max_new: int) -> dict:
 
 
 def server_flags(model: Path, args) -> list[str]:
-    flags = ["--model-path", str(model), "--samp", "--samp-keep-ratio", str(args.keep), "--disable-radix-cache"]
+    toggle = ["--samp", "--samp-keep-ratio", str(args.keep)]
     if args.merge_threshold is not None:
-        flags += ["--samp-merge-threshold", str(args.merge_threshold)]
-    if args.tiny:
-        return flags + ["--dtype", "float32"]
-    return flags + ["--dtype", "bfloat16", "--attention-backend", "triton", "--disable-cuda-graph",
-                    "--mem-fraction-static", str(args.mem_fraction)]
+        toggle += ["--samp-merge-threshold", str(args.merge_threshold)]
+    return toggle_flags(model, args, toggle)
 
 
 def _add_args(ap) -> None:
@@ -63,20 +62,8 @@ def _add_args(ap) -> None:
                          "selects every kept token)")
 
 
-def _model_info(shape: str) -> dict:
-    from sgl_slim.random_vl import AUDIO_SHAPES  # noqa: PLC0415
-
-    return {"shape": shape, **AUDIO_SHAPES[shape], "weights": "random (seed 0)", "vocab": "demo BPE, 2048 tokens"}
-
-
-def _build(model_dir: Path, shape: str, device: str) -> None:
-    from sgl_slim.random_vl import build_random_audio  # noqa: PLC0415
-
-    build_random_audio(model_dir, shape, device=device)
-
-
 WORKLOAD = Workload(
-    name="samp", media="audio", model_info=_model_info, build_model=_build,
+    name="samp", media="audio", shapes=AUDIO_SHAPES, build_model=build_random_audio,
     make_media=lambda seed, args: wav_b64(args.clip_s, seed), request_body=request_body,
     server_flags=server_flags, add_args=_add_args)
 

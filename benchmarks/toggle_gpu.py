@@ -42,8 +42,8 @@ UNPRUNED, PRUNED = "unpruned", "pruned"
 class Workload:
     name: str                      # the log's file name: {name}_server.log
     media: str                     # "vision" | "audio": meta_info's {media}_tokens_kept / _total
-    model_info: Callable[[str], dict]                          # shape -> the setup line's model description
-    build_model: Callable[[Path, str, str], object]            # (dir, shape, device)
+    shapes: dict                                               # shape name -> the model's sizes (setup line)
+    build_model: Callable[..., object]                         # (dir, shape, device=...): sgl_slim.random_vl
     make_media: Callable[[int, argparse.Namespace], str]       # (seed, args) -> one data URL
     request_body: Callable[[list, str, int], dict]             # (media of one prompt, setting, max_new)
     server_flags: Callable[[Path, argparse.Namespace], list]
@@ -51,6 +51,16 @@ class Workload:
     tiny_defaults: dict = field(default_factory=dict)          # argument defaults of the CPU dry run
     gpu_defaults: dict = field(default_factory=dict)
     goals: dict = field(default_factory=dict)                  # {"ttft": x, "rps": y}: speed-up goals, if any
+
+
+def server_flags(model: Path, args: argparse.Namespace, toggle: list[str], gpu: tuple = ()) -> list[str]:
+    """The server's flags: the toggle's own, the radix cache off, fp32 for the CPU dry run; on a GPU the stand-in
+    mode's Triton attention without CUDA graphs (plus ``gpu``, the workload's own there)."""
+    flags = ["--model-path", str(model), *toggle, "--disable-radix-cache"]
+    if args.tiny:
+        return flags + ["--dtype", "float32"]
+    return flags + ["--dtype", "bfloat16", "--attention-backend", "triton", *gpu, "--disable-cuda-graph",
+                    "--mem-fraction-static", str(args.mem_fraction)]
 
 
 def measure_request(base_url: str, body: dict, timeout_s: float, media: str) -> dict:
@@ -170,7 +180,7 @@ def run(work: Workload, argv: list[str] | None, description: str) -> int:
     reused = complete.is_file() and complete.read_text().strip() == shape
     if not reused:
         device = "cpu" if args.tiny else "cuda"
-        work.build_model(model_dir, shape, device)
+        work.build_model(model_dir, shape, device=device)
         complete.write_text(shape + "\n")
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -179,7 +189,8 @@ def run(work: Workload, argv: list[str] | None, description: str) -> int:
     media_pool.shutdown()
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "logs", "model_dir", "startup_timeout",
                                                                  "request_timeout", "budget_s")}
-    emit({"kind": "setup", "env": env_info(), "model": work.model_info(shape), "model_dir": str(model_dir),
+    model = {"shape": shape, **work.shapes[shape], "weights": "random (seed 0)", "vocab": "demo BPE, 2048 tokens"}
+    emit({"kind": "setup", "env": env_info(), "model": model, "model_dir": str(model_dir),
           "model_reused": reused, "build_s": round(build_s, 1), "media_ready_s": round(time.perf_counter() - t0, 1),
           **settings, "radix_cache": "off"})
 

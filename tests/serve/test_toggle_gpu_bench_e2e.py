@@ -15,15 +15,21 @@ from serving import ROOT
 pytestmark = pytest.mark.e2e
 
 
-def test_idpruner_bench_script_tiny_on_cpu(tmp_path):
+def _run_tiny(workload: str, tmp_path, *flags: str) -> list[dict]:
+    """scripts/gpu_toggle_bench.sh WORKLOAD with the tiny model on the CPU; its JSON lines."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, IDP_TIMEOUT_S="900")
     proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu_toggle_bench.sh"), "idpruner", str(out), "--tiny", "--model-dir",
-         str(tmp_path / "model"), "--ttft-prompts", "2", "--rps-requests", "4", "--concurrency", "2",
-         "--max-new", "4"], capture_output=True, text=True, cwd=ROOT, timeout=1000, env=env)
+        ["bash", str(ROOT / "scripts" / "gpu_toggle_bench.sh"), workload, str(out), "--tiny", "--model-dir",
+         str(tmp_path / "model"), "--concurrency", "2", *flags],
+        capture_output=True, text=True, cwd=ROOT, timeout=1000, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    rows = [json.loads(line) for line in (out / "idpruner_gpu.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / f"{workload}_gpu.jsonl").read_text().splitlines()]
+
+
+def test_idpruner_bench_script_tiny_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    rows = _run_tiny("idpruner", tmp_path, "--ttft-prompts", "2", "--rps-requests", "4", "--max-new", "4")
     assert rows[0]["kind"] == "setup" and rows[0]["env"]["git_sha"], rows[0]
     kinds = [r["kind"] for r in rows]
     assert kinds.count("ttft") == 4 and kinds.count("rps") == 2 and kinds[-1] == "summary", kinds
@@ -46,13 +52,8 @@ def test_idpruner_bench_script_tiny_on_cpu(tmp_path):
 
 def test_samp_bench_script_tiny_on_cpu(tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, IDP_TIMEOUT_S="900")
-    proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu_toggle_bench.sh"), "samp", str(out), "--tiny", "--model-dir",
-         str(tmp_path / "model"), "--ttft-prompts", "2", "--rps-requests", "2", "--concurrency", "2",
-         "--max-new", "2", "--clip-s", "10"], capture_output=True, text=True, cwd=ROOT, timeout=1000, env=env)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    rows = [json.loads(line) for line in (out / "samp_gpu.jsonl").read_text().splitlines()]
+    rows = _run_tiny("samp", tmp_path, "--ttft-prompts", "2", "--rps-requests", "2", "--max-new", "2",
+                     "--clip-s", "10")
     kinds = [r["kind"] for r in rows]
     assert kinds.count("ttft") == 4 and kinds.count("rps") == 2 and kinds[-1] == "summary", kinds
     assert "error" not in kinds, [r for r in rows if r["kind"] == "error"]
