@@ -18,6 +18,10 @@ query rows, this study counts, over every (q head, 128-row tile, audited block):
     2^-7 |q| max|k'|.  It never misses a hit (asserted); the question is how many blocks it lets through;
   * ``approx_d_cS``: an estimate instead of a bound: q.mu + q_D.k'_D + q_R.mean(k'_R) + S sigma, sigma^2 =
     sum_{d in R} q_d^2 var(k'_d).  Reported: blocks it flags and the share of the exact hits among them (recall).
+  * ``fp8_cS``: the kernel's fp8 pre-filter (``s2o_triton.fp8_audit_operands``: q and K rounded to e4m3 with a
+    per-row / per-head scale) with a margin of S standard deviations of its rounding error: blocks it lists (the
+    kernel tests them again exactly) and the share of the exact hits among them (a miss is a hit it did not
+    list); ``fp8_max_sigmas``: the largest rounding error seen, in those standard deviations.
 Planned budget as in v3 / v4: 32 strided rows per 2048-row segment, the 1024-key window, block 128.
 """
 
@@ -33,6 +37,7 @@ import torch
 
 from benchmarks.harness import write_results
 from sgl_slim.attention.s2o_ref import planned_budget, rank_by_mass, sampled_mass
+from sgl_slim.attention.s2o_triton import fp8_audit_operands
 
 BLOCK, SEGMENT, TILE, WINDOW = 128, 2048, 128, 1024
 ROUNDING = 2.0 ** -7
@@ -47,12 +52,17 @@ def _tile_any(x: torch.Tensor, n_blocks: int) -> torch.Tensor:
     return x.view(G, n_tiles, TILE, n_blocks).any(2)
 
 
-def study(q: torch.Tensor, k: torch.Tensor, tau: float, dims: list[int], sigmas: list[float]) -> dict:
+def study(q: torch.Tensor, k: torch.Tensor, tau: float, dims: list[int], sigmas: list[float],
+          fp8_sigmas: tuple[float, ...] = ()) -> dict:
     """Counts over every KV head and segment of one layer (module doc).  q [T, Hq, D], k [T, Hkv, D]."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D)
+    if fp8_sigmas:
+        q8, qs, k8, k8s, sig = fp8_audit_operands(q.bfloat16(), k.bfloat16(), sigmas=1.0)
+        q8 = q8.float() * qs[..., None]
+        k8 = k8.float() * k8s[:, None]
     seg_starts = torch.arange(-(-T // SEGMENT)) * SEGMENT
     e = sampled_mass(q, k, segment_size=SEGMENT, sm_scale=scale)
     rank = rank_by_mass(e, seg_starts, WINDOW)
@@ -80,6 +90,17 @@ def study(q: torch.Tensor, k: torch.Tensor, tau: float, dims: list[int], sigmas:
             exact = _tile_any(sc[:, :, idx] > thr, b1 - b0)
             out["audited"] += exact.numel()
             out["hits"] += int(exact.sum())
+            if fp8_sigmas:
+                q8r = q8[rows, h * G:(h + 1) * G].transpose(0, 1)
+                approx = q8r @ k8[idx, h].T * scale
+                sig_r = (sig[rows, h * G:(h + 1) * G].T * scale)[..., None]
+                err = (approx - (qr.bfloat16().float() @ k[idx, h].bfloat16().float().T) * scale).abs() / sig_r
+                out["fp8_max_sigmas"] = max(out.get("fp8_max_sigmas", 0.0), round(float(err.max()), 3))
+                for c in fp8_sigmas:
+                    listed = _tile_any(approx > thr - c * sig_r, b1 - b0)
+                    key = f"fp8_c{c:g}"
+                    out[key] = out.get(key, 0) + int(listed.sum())
+                    out[key + "_hits"] = out.get(key + "_hits", 0) + int((listed & exact).sum())
             base = (qr @ mu)[..., None]
             for d in dims:
                 keep, rest = order[:d], order[d:]
@@ -117,21 +138,23 @@ def main(argv=None):
     ap.add_argument("--taus", default="1e-2")
     ap.add_argument("--dims", default="16,32,64")
     ap.add_argument("--sigmas", default="0,1,2")
+    ap.add_argument("--fp8-sigmas", default="", help="margins of the fp8 pre-filter to count, e.g. 1.5,2,3,4")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     wanted = [int(x) for x in args.layers.split(",")] if args.layers else None
     dims = [int(x) for x in args.dims.split(",")]
     sigmas = [float(x) for x in args.sigmas.split(",")]
     source = args.inputs if args.inputs in ("planted", "mixed") else "testbed"
+    fp8 = tuple(float(x) for x in args.fp8_sigmas.split(",") if x)
     rows = []
     for layer, (q, k) in _layers(args.inputs, args.length, wanted).items():
         for tau in (float(x) for x in args.taus.split(",")):
             t0 = time.perf_counter()
             row = {"bench": "s2o_audit_study", "inputs": source, "length": q.shape[0], "layer": layer, "tau": tau,
-                   **study(q, k, tau, dims, sigmas), "s": round(time.perf_counter() - t0, 1)}
+                   **study(q, k, tau, dims, sigmas, fp8), "s": round(time.perf_counter() - t0, 1)}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    path = Path(args.out) / f"s2o_audit_study_{source}.jsonl"
+    path = Path(args.out) / f"s2o_audit_study_{source}{'_fp8' if fp8 else ''}.jsonl"
     write_results(path, rows)
 
 

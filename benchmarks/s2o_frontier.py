@@ -49,6 +49,8 @@ S2O_METHODS = {
     "s2o_v3_s128": ({"stop": "planned", "samples": 128}, [3e-2, 1e-2, 3e-3, 1e-3, 3e-4]),
     # v4: v3 (window 1024) + the audit of the blocks its budget leaves out
     "s2o_v4": ({"stop": "planned", "local_window": 1024, "audit": True}, [0.3, 0.1, 3e-2, 1e-2, 3e-3, 1e-3]),
+    "s2o_v4_fp8audit": ({"stop": "planned", "local_window": 1024, "audit": True, "audit_fp8": True},
+                        [0.3, 0.1, 3e-2, 1e-2, 3e-3, 1e-3]),
 }
 CUM_GAMMAS = [0.9, 0.95, 0.99, 0.999]
 VS_GAMMAS = [0.9, 0.95, 0.99]

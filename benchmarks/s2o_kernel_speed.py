@@ -10,7 +10,8 @@ Paths timed (planted inputs, Llama-3.1-8B attention shape, bf16, block 128 / seg
     ranked method, at density 1);
   * ``v3``: the planned budget at ``--taus`` (index building included), for the time per visited block at
     lower density;
-  * ``v4``: the same plus the audit of the blocks it leaves out (``--audit-stages``: its loop's depths to try).
+  * ``v4``: the same plus the audit of the blocks it leaves out (``--audit-stages``: its loop's depths to try;
+    ``--audit-fp8``: with the audit's fp8 pre-filter too).
 ``us_per_block`` = time / visited score blocks (128 x 128, summed over heads), ``vs_cudnn`` = cuDNN's time per
 causal block / ours (1.0: cuDNN's speed per block).  ``--compare MODULE`` (a module with ``s2o_paged``, e.g. a
 copy of a previous kernel) runs every path with it too, side by side, and records the largest output difference.
@@ -49,6 +50,8 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
         impls["compare"] = (importlib.import_module(args.compare), {})
     for stages in args.audit_stages:                     # the audit loop's pipelining depth (v4 paths)
         impls[f"audit_stages_{stages}"] = (s2o_triton, {"audit_stages": stages})
+    if args.audit_fp8:                                   # the audit's fp8 pre-filter (v4 paths)
+        impls["audit_fp8"] = (s2o_triton, {"audit_fp8": True})
     for cfg in args.configs:                            # launch configurations of the current kernel
         warps, stages = cfg.split("x")
         impls[cfg] = (s2o_triton, {"num_warps": int(warps), "num_stages": int(stages)})
@@ -60,7 +63,7 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
     for name, tau, kw in paths:
         outs = {}
         for impl, (mod, extra) in impls.items():
-            if "audit_stages" in extra and not kw.get("audit"):
+            if ("audit_stages" in extra or "audit_fp8" in extra) and not kw.get("audit"):
                 continue
 
             def call(mod=mod, tau=tau, kw={**kw, **extra}):
@@ -73,14 +76,15 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
                 log(rows_out[-1])
                 continue
             out, _, comp, caus = call()
-            outs[impl] = out
+            outs[impl] = out, comp
             visited = comp.sum().item()                  # (128-row tile x BLOCK = 128 keys) blocks, as cuDNN's
             r = {**base, "method": name, "impl": impl, "knob": tau, "ms": t,
                  "density": (comp.sum() / caus.sum()).item(),
                  "us_per_block": 1000 * t / visited, "vs_cudnn": us_cudnn / (1000 * t / visited),
                  "speedup_vs_cudnn": t_cudnn / t}
             if impl != "current":
-                r["max_diff_vs_current"] = (out.float() - outs["current"].float()).abs().max().item()
+                r["max_diff_vs_current"] = (out.float() - outs["current"][0].float()).abs().max().item()
+                r["blocks_differ_vs_current"] = (comp - outs["current"][1]).abs().sum().item()
             rows_out.append(r)
             log(r)
     if args.breakdown:
@@ -121,6 +125,7 @@ def main():
     ap.add_argument("--breakdown", action="store_true", help="time the planned index's parts")
     ap.add_argument("--audit-stages", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                     help="pipelining depths of the v4 audit loop to time too")
+    ap.add_argument("--audit-fp8", action="store_true", help="time v4 with the audit's fp8 pre-filter too")
     sweep(ap.parse_args(), run_length, "s2o_kernel_speed")
 
 

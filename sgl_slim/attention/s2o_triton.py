@@ -34,6 +34,11 @@ MODE_RANKED_ALL = 1     # tau = 0 with a rank array (baselines): every one of th
 MODE_DENSE = 2          # tau = 0 without a rank: earlier keys in position order (dense attention)
 STOP_BLOCK, STOP_REMAINING = 1, 2            # constexpr STOP: s2o_ref's "block" (v1) / "remaining" (v2) rules
 AUDIT_STAGES = 5        # the audit score loop's pipelining depth (K tiles only; H200: 5 beats 3 by 10%)
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+# the fp8 audit's margin in standard deviations of its rounding error (``fp8_audit_operands``); the largest error
+# seen on the generator and the trained model's activations was 2.6 of them (benchmarks/s2o.md)
+AUDIT_FP8_SIGMAS = 4.0
 
 
 @triton.jit
@@ -93,14 +98,15 @@ def _kv_block(K, V, slot, ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, of
 @triton.jit
 def _s2o_fwd(Q, K, V, O, LSE, VISITED,
              KV_IDX, QO_INDPTR, KV_INDPTR, TILE_SEQ, TILE_START, TILE_ROW, RANK, RANK_LEN, TAU, RATIO, VBAR, HITS,
-             qk_scale, v_scale, forced, stride_hits,
+             Q8, QS, MARG, K8, K8S, qk_scale, v_scale, forced, stride_hits, stride_q8t, stride_q8h, stride_qst,
+             stride_k8t, stride_k8h,
              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
              stride_lt, stride_lh, stride_rr, stride_rh, stride_nr, stride_xr, stride_xh, stride_br, stride_bh,
              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              SEGMENT: tl.constexpr, HAS_RANK_LEN: tl.constexpr, RETURN_LSE: tl.constexpr,
              IEEE: tl.constexpr, KV_CONTIG: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
              STAGES: tl.constexpr, STOP: tl.constexpr, HAS_RATIO: tl.constexpr, COMPENSATE: tl.constexpr,
-             AUDIT: tl.constexpr = False, AUDIT_STAGES: tl.constexpr = 5):
+             AUDIT: tl.constexpr = False, AUDIT_STAGES: tl.constexpr = 5, AUDIT_FP8: tl.constexpr = False):
     """MODE_EARLY_STOP: ranked pass with early stop (tau > 0), checked after every block, run in chunks of
     CHUNK blocks whose inner loop is software-pipelined (blocks after the stop inside a chunk are masked out,
     so the result and the visited count are exactly those of a check-and-break loop).  STOP picks the rule
@@ -109,7 +115,11 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     with the value mean VBAR.  TAU: one threshold per KV head.
     MODE_RANKED_ALL: tau = 0 with a rank array: all ``n_rank`` ranked keys, one pipelined loop; with AUDIT (the
     planned rule's v4) then the audit of the segment's other ranked blocks against TAU (s2o_ref), its hits
-    listed in HITS (one row per program) and attended in rank order.
+    listed in HITS (one row per program) and attended in rank order.  AUDIT_FP8: the audit's scores come from fp8
+    copies of q and K (Q8 x QS, K8 x K8S) on fp8 tensor cores; a block whose approximate score comes within the
+    row's margin MARG of the threshold is listed, and the listed blocks are tested again on the exact scores before
+    they count (``fp8_audit_operands``): the visited blocks are the exact audit's as long as no fp8 rounding
+    error exceeds its margin.
     MODE_DENSE: tau = 0 without a rank: the earlier keys in position order (dense attention).
     RANK holds token SLOTS (the rank composed with kv_indices on the host); KV_CONTIG: slot = kv_beg + pos.
     An fp8 K/V cache: qk_scale carries k_scale, v_scale multiplies the output (1.0 otherwise); VBAR is then
@@ -208,19 +218,50 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
             hits_ptr = HITS + (tile * n_heads + h).to(tl.int64) * stride_hits
             n_hit = n_blk * 0
             n_all = seg_start // BLOCK_N
+            if AUDIT_FP8:
+                # one fp8 row of q per query row, its scale with K8's and the softmax scale folded in (log2 units),
+                # and the threshold lowered by the row's rounding margin
+                q8 = tl.load(Q8 + q_rows[:, None] * stride_q8t + h * stride_q8h + offs_d[None, :],
+                             mask=row_ok[:, None], other=0.0)
+                qs = tl.load(QS + q_rows * stride_qst + h, mask=row_ok, other=0.0) * tl.load(K8S + hk) * qk_scale
+                thr8 = thr - tl.load(MARG + q_rows * stride_qst + h, mask=row_ok, other=0.0) * qk_scale
             # 32 blocks at a time: each row keeps its own hit bits (no exchange between warps inside the loop),
             # then one OR over the rows gives the 32 verdicts, appended to the hit list without a branch
             for w0 in range(n_blk, n_all, 32):
                 bits = tl.zeros([BLOCK_M], tl.int32)
                 for j in tl.range(w0, tl.minimum(w0 + 32, n_all), num_stages=AUDIT_STAGES):
                     slot = tl.load(idx_ptr + j * BLOCK_N + offs_b).to(tl.int64)
-                    qk = _scores(q, tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None]), IEEE)
-                    bits = bits | ((tl.max(qk, 1) * qk_scale > thr).to(tl.int32) << (j - w0))
+                    if AUDIT_FP8:
+                        k8 = tl.load(K8 + slot[None, :] * stride_k8t + hk * stride_k8h + offs_d[:, None])
+                        hit = tl.max(tl.dot(q8, k8), 1) * qs > thr8
+                    else:
+                        qk = _scores(q, tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None]),
+                                     IEEE)
+                        hit = tl.max(qk, 1) * qk_scale > thr
+                    bits = bits | (hit.to(tl.int32) << (j - w0))
                 word = tl.reduce(bits, 0, _bit_or)
                 for i in tl.static_range(32):
                     bit = (word >> i) & 1
                     tl.store(hits_ptr + n_hit, w0 + i, mask=bit == 1)
                     n_hit += bit
+            if AUDIT_FP8:
+                # the listed blocks tested again on their exact scores, 32 at a time as above; the hits are kept in
+                # place (a hit is written at or before the entry it was read from, after that entry was read)
+                n_list = n_hit
+                n_hit = n_blk * 0
+                for w0 in range(0, n_list, 32):
+                    bits = tl.zeros([BLOCK_M], tl.int32)
+                    for t in tl.range(w0, tl.minimum(w0 + 32, n_list), num_stages=AUDIT_STAGES):
+                        slot = tl.load(idx_ptr + tl.load(hits_ptr + t) * BLOCK_N + offs_b).to(tl.int64)
+                        qk = _scores(q, tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None]),
+                                     IEEE)
+                        bits = bits | ((tl.max(qk, 1) * qk_scale > thr).to(tl.int32) << (t - w0))
+                    word = tl.reduce(bits, 0, _bit_or)
+                    for i in tl.static_range(32):
+                        bit = (word >> i) & 1
+                        listed = tl.load(hits_ptr + w0 + i, mask=w0 + i < n_list, other=0)
+                        tl.store(hits_ptr + n_hit, listed, mask=bit == 1)
+                        n_hit += bit
             for t in tl.range(0, n_hit, num_stages=STAGES):
                 slot = tl.load(idx_ptr + tl.load(hits_ptr + t) * BLOCK_N + offs_b).to(tl.int64)
                 k, v = _kv_block(K, V, slot, None, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d, False)
@@ -524,6 +565,32 @@ def _compose_rank(rank, plan: PagedPlan, kv_indices, kv_contiguous):
     return kv_indices[rank.long() + off].to(torch.int32)
 
 
+def fp8_audit_operands(q: torch.Tensor, k_pool: torch.Tensor, sigmas: float = AUDIT_FP8_SIGMAS):
+    """The fp8 audit's operands: q8 [Tq, Hq, D] e4m3 and its per-row scale qs [Tq, Hq], k8 [slots, Hkv, D] e4m3
+    (the cache itself when it is e4m3) and its per-head scale k8s [Hkv], and each row's margin [Tq, Hq] (in
+    the units of q . k as stored), with no host synchronisation.
+
+    Rounding to e4m3 (to nearest) changes each element by a relative delta with |delta| <= 2^-4, so
+    q8 qs . k8 k8s - q . k = sum_d q_d k_d (delta_d + eps_d + delta_d eps_d); taking the deltas as independent
+    with variance u^2 / 3 (u = 2^-4), its standard deviation is at most
+    sigma = u sqrt(2/3) sqrt(sum_d q_d^2 max_t k_td^2) (the max over the head's cached keys), and a row's margin
+    is ``sigmas`` x sigma.  Elements below e4m3's smallest normal (2^-6 of the scale) carry an absolute error
+    of at most 2^-10 of the scale instead, left out of sigma."""
+    Hq, Hkv = q.shape[1], k_pool.shape[1]
+    qf = q.float()
+    qs = qf.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / E4M3_MAX
+    q8 = (qf / qs[..., None]).to(E4M3)
+    if k_pool.dtype == E4M3:
+        k8, k8s, kf = k_pool, torch.ones(Hkv, device=q.device), k_pool.float()
+    else:
+        kf = k_pool.float()
+        k8s = kf.abs().amax((0, 2)).clamp_min(torch.finfo(torch.float32).tiny) / E4M3_MAX
+        k8 = (kf / k8s[:, None]).to(E4M3)
+    kmax2 = kf.square().amax(0).repeat_interleave(Hq // Hkv, 0)              # [Hq, D]
+    sigma = 2.0 ** -4 * (2.0 / 3.0) ** 0.5 * (qf.square() * kmax2).sum(-1).sqrt()
+    return q8, qs, k8, k8s, sigmas * sigma
+
+
 def default_config(dtype, head_dim: int, q_tile: int, block_size: int):
     """(num_warps, num_stages, chunk) measured on an H200 (benchmarks/s2o.md, kernel tuning)."""
     if dtype == torch.float32:
@@ -538,10 +605,11 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
               kv_contiguous=False, chunk=None, stop="block", local_window=0, compensate=False,
               tail_estimate="flat", plan: PagedPlan | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
               samples: int = SAMPLES, mass_reduce: str = "mean", audit: bool = False,
-              audit_stages: int = AUDIT_STAGES):
+              audit_stages: int = AUDIT_STAGES, audit_fp8: bool = False):
     """Launch the kernel.  Returns out, lse (or None), computed [B, Hq], causal [B, Hq] block counts.
     tau: float or [Hkv] tensor.  stop / local_window / compensate / tail_estimate / audit: s2o_ref's semantics;
-    audit_stages: the audit score loop's pipelining depth.
+    audit_stages: the audit score loop's pipelining depth; audit_fp8: the audit's scores on fp8 tensor cores
+    first, the exact test on the blocks they list (``fp8_audit_operands``).
     rank / rank_len override the S2O ranking (baselines use this to run on the same kernel).
     kv_contiguous: the caller guarantees kv_indices == arange(total) (one sequence stored in order), so
     the kernel computes slots instead of loading them.  tau = 0 without a rank skips the ranking (dense
@@ -627,9 +695,16 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     # the audit's hit list: one row per program, room for every earlier-key block of the longest sequence
     hits = torch.empty(n_tiles * Hq if audit else 1, max(kvp[b + 1] - kvp[b] for b in range(B)) // block_size
                        if audit else 1, dtype=torch.int32, device=dev)
+    audit_fp8 = audit and audit_fp8
+    if audit_fp8:
+        q8, qs, k8, k8s, marg = fp8_audit_operands(q, k_pool)
+    else:
+        q8 = qs = marg = k8 = k8s = taus                  # not read
     args = (q, k_pool, v_pool, out, lse, visited,
             kv_indices, plan.qo_d, plan.kvp_d, meta[0], meta[1], meta[2], rank, rl,
-            taus, ratio, vbar, hits, sm_scale * LOG2E * k_scale, v_scale, forced, hits.stride(0),
+            taus, ratio, vbar, hits, q8, qs, marg, k8, k8s, sm_scale * LOG2E * k_scale, v_scale, forced,
+            hits.stride(0), q8.stride(0) if audit_fp8 else 0, q8.stride(1) if audit_fp8 else 0,
+            qs.stride(0) if audit_fp8 else 0, k8.stride(0) if audit_fp8 else 0, k8.stride(1) if audit_fp8 else 0,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
             out.stride(0), out.stride(1), lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
             rank.stride(0), rank.stride(1), rl.stride(0), ratio.stride(0), ratio.stride(1), vbar.stride(0),
@@ -641,8 +716,8 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     while True:
         try:
             _s2o_fwd[(Hq, n_tiles)](*args, **kw, KV_CONTIG=kv_contiguous, MODE=mode, CHUNK=chunk, STAGES=num_stages,
-                                    AUDIT=audit, AUDIT_STAGES=audit_stages, num_warps=num_warps,
-                                    num_stages=num_stages)
+                                    AUDIT=audit, AUDIT_STAGES=audit_stages, AUDIT_FP8=audit_fp8,
+                                    num_warps=num_warps, num_stages=num_stages)
             break
         except triton.runtime.errors.OutOfResources:
             if num_stages <= 1 and audit_stages <= 1:

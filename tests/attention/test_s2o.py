@@ -458,9 +458,31 @@ def test_audit_needs_the_planned_rule():
         s2o_attention_ref(q, k, v, tau=0.1, block_size=16, segment_size=32, q_tile=32, stop="remaining", audit=True)
 
 
-@pytest.mark.parametrize("block", [64, 16])
-def test_kernel_audit_matches_reference_chunked_gqa(block):
-    # block 16: up to 64 audited blocks per segment, so the kernel's 32-block hit words wrap
+def test_fp8_audit_margin_covers_the_rounding_error():
+    """fp8_audit_operands: q8 qs . k8 k8s stays within each row's margin of the exact q . k (keys with outlier
+    coordinates and queries of mixed scale, as RoPE'd projections have), while a quarter of the margin does not
+    cover it (the margin is a measured bound, not slack), and an e4m3 cache is read as it is."""
+    from sgl_slim.attention.s2o_triton import fp8_audit_operands
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(512, 8, 64, generator=g) * torch.logspace(-1, 1, 64)
+    k = torch.randn(2048, 2, 64, generator=g)
+    k[:, :, :4] *= 20
+    q, k = q.bfloat16(), k.bfloat16()
+    q8, qs, k8, k8s, marg = fp8_audit_operands(q, k)
+    for h in range(8):
+        approx = (q8[:, h].float() * qs[:, h, None]) @ (k8[:, h // 4].float() * k8s[h // 4]).T
+        err = (approx - q[:, h].float() @ k[:, h // 4].float().T).abs()
+        assert (err <= marg[:, h, None]).all(), f"head {h}: error beyond the margin"
+        assert (err > marg[:, h, None] / 4).any(), f"head {h}: a quarter of the margin already covers it"
+    cache = k.float().to(torch.float8_e4m3fn)
+    _, _, k8c, k8sc, _ = fp8_audit_operands(q, cache)
+    assert k8c is cache and torch.equal(k8sc, torch.ones(2))
+
+
+@pytest.mark.parametrize("block,fp8", [(64, False), (16, False), (64, True), (16, True)])
+def test_kernel_audit_matches_reference_chunked_gqa(block, fp8):
+    # block 16: up to 64 audited blocks per segment, so the kernel's 32-block hit words wrap; fp8: the audit's
+    # fp8 pre-filter, whose listed blocks are tested again exactly, must visit the exact audit's blocks
     from sgl_slim.attention import s2o_triton
     L, Tq = 1100, 500
     q, k, v = _planted_needles(L, 8, 2, 64, seed=22)
@@ -470,7 +492,7 @@ def test_kernel_audit_matches_reference_chunked_gqa(block):
     out, lse, comp, _ = s2o_triton.s2o_paged(
         q, k, v, qo_indptr=torch.tensor([0, Tq]), kv_indptr=torch.tensor([0, L]),
         kv_indices=torch.arange(L, dtype=torch.int32), tau=0.05, block_size=block, segment_size=256, q_tile=64,
-        sm_scale=0.125, return_lse=True, **kw)
+        sm_scale=0.125, return_lse=True, audit_fp8=fp8, **kw)
     assert comp.sum(0).tolist() == cnt["computed"].tolist(), "visited blocks differ from the reference"
     assert (out - ref).abs().max() < 1e-4 and (lse - ref_lse).abs().max() < 1e-4
     plain, _, c3 = s2o_attention_ref(q, k, v, tau=0.05, block_size=block, segment_size=256, q_tile=64,

@@ -114,6 +114,30 @@ def test_stop_rules_match_reference_at_real_shape(settings):
     assert e_ker <= 1.2 * e_ref + 5e-3, f"{settings}: kernel rel-L2 {e_ker:.4g} vs reference {e_ref:.4g}"
 
 
+@pytest.mark.parametrize("fp8_cache", [False, True])
+def test_fp8_audit_visits_the_exact_audits_blocks(fp8_cache):
+    """v4's audit with its fp8 pre-filter: the listed blocks are tested again exactly, so the kernel visits the
+    exact audit's blocks (a miss would need an fp8 rounding error beyond the row's margin) and gives the same
+    output up to summation order; over an fp8 KV cache the pre-filter reads the cache itself."""
+    from sgl_slim.attention import s2o_triton
+    L, Hq, Hkv, D = 8192, 32, 8, 128
+    q, k, v = make_qkv(L, Hq, Hkv, D, seed=5, dtype=torch.bfloat16, device="cuda")
+    scales = {}
+    if fp8_cache:
+        k, v = (k.float() / 0.5).to(torch.float8_e4m3fn), (v.float() / 0.25).to(torch.float8_e4m3fn)
+        scales = {"k_scale": 0.5, "v_scale": 0.25}
+    ind = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+    kw = dict(qo_indptr=ind, kv_indptr=ind, kv_indices=torch.arange(L, dtype=torch.int32, device="cuda"),
+              block_size=128, segment_size=2048, q_tile=128, sm_scale=D ** -0.5, kv_contiguous=True,
+              stop="planned", local_window=1024, audit=True, **scales)
+    for tau in (3e-2, 3e-3):
+        exact, _, c_exact, _ = s2o_triton.s2o_paged(q, k, v, tau=tau, **kw)
+        fast, _, c_fast, _ = s2o_triton.s2o_paged(q, k, v, tau=tau, audit_fp8=True, **kw)
+        assert torch.equal(c_fast, c_exact), f"tau {tau}: {(c_fast - c_exact).abs().sum().item()} blocks differ"
+        err = ((fast.float() - exact.float()).norm() / exact.float().norm()).item()
+        assert err < 1e-3, f"tau {tau}: fp8-filtered audit vs exact audit rel-L2 {err:.3g}"
+
+
 @pytest.mark.parametrize("tau", [0.0, 1e-3])
 def test_fp8_kv_kernel_equals_its_dequantised_values(tau):
     # fp8 K/V with power-of-two scales: the kernel folds k_scale into the logit scale and v_scale into the
