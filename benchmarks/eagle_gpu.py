@@ -118,13 +118,16 @@ def windows_at(stream: torch.Tensor, starts: torch.Tensor, length: int) -> torch
 
 
 class Results:
-    def __init__(self, out: Path, env: dict, name: str = NAME):
+    """Rows of one run in ``out/{name}.jsonl``, the environment first; the file is rewritten after each row."""
+
+    def __init__(self, out: Path, env: dict, name: str = NAME, bench: str = NAME):
         self.path = out / f"{name}.jsonl"
         self.env = env
+        self.bench = bench
         self.rows: list[dict] = []
 
     def add(self, **fields) -> dict:
-        row = record(NAME, **fields)
+        row = record(self.bench, **fields)
         self.rows.append(row)
         write_results(self.path, self.rows, env=self.env)
         return row

@@ -64,6 +64,19 @@ def run_batch(base_url: str, prompts: list[list[int]], max_new: int) -> tuple[fl
     return time.perf_counter() - t0, out
 
 
+def served_acceptance(metas: list[dict]) -> dict:
+    """Acceptance as SGLang served it, from the responses' ``meta_info``: the mean of its per-request
+    ``spec_accept_length`` (completion tokens / verifies: the prefill's token counted too), accepted drafts per
+    verify over all requests (plus 1: tokens per target forward, ``simulate_chain``'s acceptance length) and the
+    accepted-drafts histogram summed over the requests."""
+    verifies = sum(m["spec_verify_ct"] for m in metas)
+    accepted = sum(m["spec_num_correct_drafts"] for m in metas)
+    histograms = [m["spec_correct_drafts_histogram"] for m in metas if m.get("spec_correct_drafts_histogram")]
+    return {"mean_accept_length": statistics.mean(m["spec_accept_length"] for m in metas),
+            "accepted_per_verify": accepted / verifies, "verifies": verifies,
+            "accepted_drafts_histogram": [sum(h) for h in zip(*histograms)]}
+
+
 def serve(kind: str, target_dir: Path, draft_dir: Path, prompts: list[list[int]], max_new: int, repeats: int):
     from sgl_slim.bench.runner import LaunchedServer  # noqa: PLC0415
 
@@ -100,15 +113,10 @@ def main() -> None:
         (t_plain, plain), (t_eagle, eagle) = served["plain"][bs], served["eagle"][bs]
         tokens = sum(len(r["output_ids"]) for r in eagle)
         equal = all(a["output_ids"] == b["output_ids"] for a, b in zip(plain, eagle))
-        metas = [r["meta_info"] for r in eagle]
-        hist = [sum(h) for h in zip(*[m.get("spec_correct_drafts_histogram", [0] * 4) for m in metas])]
         rows.append(record(
             "eagle_serve", batch=bs, max_new_tokens=args.max_new, tokens=tokens,
             plain_tok_s=tokens / t_plain, eagle_tok_s=tokens / t_eagle, speedup=t_plain / t_eagle,
-            lossless=equal, mean_accept_length=statistics.mean(m["spec_accept_length"] for m in metas),
-            accepted_per_verify=sum(m["spec_num_correct_drafts"] for m in metas) / sum(m["spec_verify_ct"]
-                                                                                    for m in metas),
-            accepted_drafts_histogram=hist))
+            lossless=equal, **served_acceptance([r["meta_info"] for r in eagle])))
     path = write_results(RESULTS / "eagle_serve.jsonl", rows)
     print(markdown_table([r for r in rows if r["bench"] == "eagle_offline"],
                          ["draft_tokens", "mean_acceptance_length", "mean_accepted", "histogram"]))

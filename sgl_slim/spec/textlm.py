@@ -223,6 +223,34 @@ class TextLM(nn.Module):
             if changed:
                 save_file(tensors, file, metadata={"format": "pt"})
 
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype = torch.float32, **config_extra) -> Path:
+        """Write this decoder as a new Hugging Face checkpoint that transformers and SGLang load: ``config.json``
+        (``Qwen2ForCausalLM`` when q/k/v have biases, else ``LlamaForCausalLM``; ``config_extra`` adds keys such
+        as the tokenizer's ``eos_token_id``) and ``model.safetensors`` (``model.*`` and ``lm_head.weight``,
+        floats in ``dtype``). Other files in ``path`` (a tokenizer) are left alone. Returns ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        c = self.cfg
+        qkv_bias = self.layers[0].self_attn.q_proj.bias is not None
+        config = {
+            "architectures": ["Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM"],
+            "model_type": "qwen2" if qkv_bias else "llama",
+            "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+            "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
+            "tie_word_embeddings": c.tie_word_embeddings, "hidden_act": "silu",
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            **({} if qkv_bias else {"attention_bias": False, "mlp_bias": False}),
+            **config_extra,
+        }
+        # a tied lm_head is the embedding's Parameter: named_parameters() yields it once, as embed_tokens.weight
+        tensors = {(name if name == "lm_head.weight" else "model." + name): p.detach().to("cpu", dtype).contiguous()
+                   for name, p in self.named_parameters()}
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return path
+
     # ---- compute -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, past: list | None = None, start: int = 0):
         """input_ids: [B, S] at positions start..start+S-1.

@@ -32,6 +32,14 @@ ENV = {
     "SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK": "1",        # the wrappers' version is checked against the library
 }
 
+# SGLang 0.5.23's CUDA-graph flags: setting any of them leaves the CUDA-graph choice to the user. (There is no
+# --cuda-graph-max-bs any more: argparse rejects it as an ambiguous prefix of the -decode / -prefill forms.)
+CUDA_GRAPH_FLAGS = (
+    "--disable-cuda-graph", "--disable-decode-cuda-graph", "--disable-prefill-cuda-graph", "--cuda-graph-config",
+    "--cuda-graph-backend-decode", "--cuda-graph-backend-prefill", "--cuda-graph-max-bs-decode",
+    "--cuda-graph-max-bs-prefill", "--cuda-graph-bs-decode", "--cuda-graph-bs-prefill",
+)
+
 # SGLang flag -> value (None: a switch), each added only when the user set none of the flags in its group.
 DEFAULT_FLAGS = (
     (("--attention-backend", "--prefill-attention-backend", "--decode-attention-backend"),
@@ -39,7 +47,7 @@ DEFAULT_FLAGS = (
     (("--sampling-backend",), "--sampling-backend", "pytorch"),
     (("--grammar-backend",), "--grammar-backend", "none"),
     (("--bf16-gemm-backend",), "--bf16-gemm-backend", "torch"),
-    (("--disable-cuda-graph", "--cuda-graph-max-bs", "--cuda-graph-bs"), "--disable-cuda-graph", None),
+    (CUDA_GRAPH_FLAGS, "--disable-cuda-graph", None),
 )
 
 _COMPILED_SUFFIXES = (".so", ".pyd")

@@ -50,3 +50,18 @@ def test_guard_turns_only_a_missing_cutlass_into_no_mode():
 def test_hooked_symbols_exist_in_the_pinned_sglang():
     for dotted in gpu_glue.HOOKED_SYMBOLS:
         assert callable(resolve(dotted)), dotted
+
+
+def test_flashmla_placeholder_lets_the_eagle_worker_import_it(registered, monkeypatch):
+    import sys
+    monkeypatch.setenv(MODE_VAR, "1")
+    monkeypatch.delitem(sys.modules, gpu_glue._FLASHMLA_BACKEND, raising=False)
+    with pytest.raises((ImportError, OSError), match="flash_mla"):  # SGLang's EAGLE worker's import, unguarded
+        from sglang.srt.layers.attention.flashmla_backend import FlashMLABackend  # noqa: F401
+    monkeypatch.delitem(sys.modules, gpu_glue._FLASHMLA_BACKEND, raising=False)
+    gpu_glue.register()
+    from sglang.srt.layers.attention.flashmla_backend import FlashMLABackend
+    assert not isinstance(object(), FlashMLABackend)
+    with pytest.raises(ImportError, match="working flash_mla package"):
+        FlashMLABackend(None)
+    monkeypatch.delitem(sys.modules, gpu_glue._FLASHMLA_BACKEND)

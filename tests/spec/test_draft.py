@@ -154,3 +154,33 @@ def test_text_target_equals_transformers(tmp_path):
     ours.lm_head.weight.data.mul_(2.0)
     ours.save_text_weights(tmp_path)
     assert torch.equal(load_file(tmp_path / "model.safetensors")["lm_head.weight"], ours.lm_head.weight)
+
+
+@pytest.mark.parametrize("qkv_bias, tied, architecture", [(True, False, "Qwen2ForCausalLM"),
+                                                          (False, True, "LlamaForCausalLM")])
+def test_text_target_saves_a_new_checkpoint_that_transformers_loads(tmp_path, qkv_bias, tied, architecture):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                     num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=5000.0,
+                     max_position_embeddings=256, tie_word_embeddings=tied)
+    ours = TextLM(cfg, qkv_bias=qkv_bias).eval()
+    with torch.no_grad():             # no zero biases or unit norms: every tensor must land where it belongs
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+    ours.save_pretrained(tmp_path, eos_token_id=3)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == [architecture] and config["eos_token_id"] == 3
+    assert ("lm_head.weight" in load_file(tmp_path / "model.safetensors")) is not tied
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(ref).__name__ == architecture
+    ids = torch.randint(0, VOCAB, (2, 17))
+    with torch.no_grad():
+        hidden, _, _ = ours(ids)
+        torch.testing.assert_close(ref(ids).logits, ours.logits(hidden), atol=1e-5, rtol=1e-5)
+    again = TextLM.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(ours.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), name
+
+    ours.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "bf16" / "model.safetensors").values())

@@ -53,10 +53,27 @@ def test_defaults_only_where_the_user_set_nothing():
                  "--disable-cuda-graph"):
         assert flag in argv
     assert argv[argv.index("--attention-backend") + 1] == "triton"
-    argv = gpu.apply_gpu_defaults(["--prefill-attention-backend=s2o", "--cuda-graph-max-bs", "8",
+    argv = gpu.apply_gpu_defaults(["--prefill-attention-backend=s2o", "--cuda-graph-max-bs-decode", "8",
                                    "--sampling-backend", "flashinfer"])
     assert "--attention-backend" not in argv and "--disable-cuda-graph" not in argv
     assert argv.count("--sampling-backend") == 1
+    for flag in gpu.CUDA_GRAPH_FLAGS:                # any CUDA-graph choice of the user's: no --disable-cuda-graph
+        argv = gpu.apply_gpu_defaults([flag, "x"])
+        assert argv.count("--disable-cuda-graph") == (flag == "--disable-cuda-graph"), (flag, argv)
+
+
+def test_cuda_graph_flags_are_sglang_flags():
+    """Each flag of the stand-in mode's CUDA-graph group exists in the pinned SGLang (a renamed flag would turn
+    CUDA graphs off behind the user's back)."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    known = set(parser._option_string_actions)
+    assert not [f for f in gpu.CUDA_GRAPH_FLAGS if f not in known]
+    assert "--cuda-graph-max-bs" not in known and "--cuda-graph-bs" not in known
 
 
 def test_gpu_shim_defines_the_ops_where_the_loader_imports_it():
