@@ -11,18 +11,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$1"
 shift
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-py="${PYTHON:-python3}"
-t0=$(date +%s)
-if "$py" -c "import sglang" 2>/dev/null; then
-  echo "gpu_eagle_bench: SGLang already importable, nothing installed"
-else
-  site="$("$root/scripts/gpu_install.sh")"
-  echo "gpu_eagle_bench: installed into $site in $(( $(date +%s) - t0 )) s"
-  export PYTHONPATH="$root:$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-cd "$root"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+source "$root/scripts/gpu_env.sh" gpu_eagle_bench
 rc=0
 timeout -k 30 "${EAGLE_TIMEOUT_S:-500}" "$py" -m benchmarks.eagle_sglang_gpu --out "$out" --logs "$out" "$@" || rc=$?
 echo "gpu_eagle_bench: exit $rc after $(( $(date +%s) - t0 )) s"

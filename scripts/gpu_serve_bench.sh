@@ -8,11 +8,5 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$1"
 shift
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-t0=$(date +%s)
-site="$("$root/scripts/gpu_install.sh")"
-echo "gpu_serve_bench: installed into $site in $(( $(date +%s) - t0 )) s"
-export PYTHONPATH="$root:$site${PYTHONPATH:+:$PYTHONPATH}"
-cd "$root"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"${PYTHON:-python3}" -m benchmarks.serving_gpu --out "$out/serving_gpu_s2o.jsonl" --logs "$out" "$@"
+source "$root/scripts/gpu_env.sh" gpu_serve_bench
+"$py" -m benchmarks.serving_gpu --out "$out/serving_gpu_s2o.jsonl" --logs "$out" "$@"

@@ -17,18 +17,7 @@ case "$work" in
   *) echo "gpu_toggle_bench: WORKLOAD must be idpruner or samp, got '$work'" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-py="${PYTHON:-python3}"
-t0=$(date +%s)
-if "$py" -c "import sglang" 2>/dev/null; then
-  echo "gpu_toggle_bench: SGLang already importable, nothing installed"
-else
-  site="$("$root/scripts/gpu_install.sh")"
-  echo "gpu_toggle_bench: installed into $site in $(( $(date +%s) - t0 )) s"
-  export PYTHONPATH="$root:$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-cd "$root"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+source "$root/scripts/gpu_env.sh" gpu_toggle_bench
 rc=0
 timeout -k 30 "${IDP_TIMEOUT_S:-380}" \
   "$py" -m "benchmarks.${work}_gpu" --out "$out/${work}_gpu.jsonl" --logs "$out" "$@" || rc=$?
