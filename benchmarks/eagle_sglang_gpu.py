@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-fraction", type=float, default=0.5, help="GPU: SGLang's --mem-fraction-static")
     ap.add_argument("--startup-timeout", type=float, default=300.0, help="seconds a server may take to be ready")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sha", help="git SHA to record (the device's copy of the tree has no .git)")
+    ap.add_argument("--sha", help="git SHA to record (a copy of the tree without .git cannot tell its own)")
     args = ap.parse_args(argv)
     if args.max_new is None:
         args.max_new = 16 if args.tiny else 128
