@@ -39,7 +39,7 @@ S2O_METHODS = {
     "s2o_v2_estimate": ({"stop": "remaining", "compensate": True, "tail_estimate": "estimate"},
                         [0.3, 0.1, 3e-2, 1e-2, 3e-3]),
     "s2o_v2_local1024": ({"stop": "remaining", "compensate": True, "local_window": 1024},
-                         [0.3, 0.1, 3e-2, 1e-2, 3e-3]),
+                         [0.3, 0.1, 3e-2, 1e-2, 3e-3, 1e-3]),
     # v3: budget planned from the exact softmax of 32 sampled rows per segment (tau = estimated dropped share)
     "s2o_v3": ({"stop": "planned"}, [0.1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4]),
     "s2o_v3_local1024": ({"stop": "planned", "local_window": 1024}, [0.1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4]),

@@ -35,12 +35,14 @@ def _check_keep_ratio(flag: str, value: float) -> None:
 @dataclass(frozen=True)
 class S2OConfig:
     enabled: bool = False
-    # Defaults measured on the H200 (benchmarks/s2o.md): variant v2 (tau = the share of each row's mass left
-    # unvisited; 2-3.5x lower error than v1 at equal density on the mixed inputs, equal on the planted ones);
-    # tau 1e-3 sits between the measured 3e-3 (128K: rel-L2 3.0% at density 0.78) and dense; block 128 is as accurate as 64 at equal density and faster; segment 2048 matches 512's
+    # Defaults measured on the H200 (benchmarks/s2o.md, "Defaults"): variant v4 at tau 1e-2 (rel-L2 0.9-1.5% on
+    # both synthetic families at 32K and 128K, where v2 at its former default 1e-3 gave 0.2-2.8%; faster than it
+    # on the planted inputs, 11-14% slower on the mixed ones; dense retrieval on the trained testbed model at
+    # density 0.33); block 128 is as accurate as 64 at equal density and faster; segment 2048 matches 512's
     # quality with 3.5x cheaper index building at 128K.
-    tau: float = 1e-3            # early stop: the scan ends once the predicted unvisited mass < tau * mass so far
-    variant: str = "v2"          # early-stop rule (sgl_slim.attention.VARIANTS): v2, or v1 (per-block rule)
+    tau: float = 1e-2            # v4: the share of each row's mass its planned budget may leave out; the audit
+    #                              adds any left-out block holding a key with more than tau of a row's mass
+    variant: str = "v4"          # early-stop rule (sgl_slim.attention.VARIANTS): v1, v2, v3 or v4
     block_size: int = 128        # keys per virtual block (a run of the importance order)
     segment_size: int = 2048     # queries that share one ranking
     min_length: int = 4096       # shorter prefills run dense attention
@@ -204,14 +206,14 @@ FEATURES: tuple[Feature, ...] = (
     # always: the backend name must be a valid choice in every process before SGLang parses its command line
     Feature("s2o", "s2o_backend", S2OConfig, install=ALWAYS, metric_fields=("s2o_density", "s2o_sparse"), flags=(
         Flag("--s2o", "enabled", bool, "S2O sparse prefill attention (prefill/extend; decode stays dense)"),
-        Flag("--s2o-tau", "tau", float, "early-stop threshold, >= 0 (0 = visit every block = dense); v2: the share "
-             "of each row's attention mass left unvisited (H200, benchmarks/s2o.md: 3e-3 -> rel-L2 3%% at density "
-             "0.78 at 128K; 1.5%% at 0.58 at 32K on mixed inputs)"),
-        Flag("--s2o-variant", "variant", str, "early-stop rule: v2 (predicted unvisited mass, default), v1 "
-             "(per-block mass, the original rule), v3 (budget planned from 32 sampled rows per segment: tau = "
-             "their expected dropped mass; better on mixed synthetic heads, loses retrieval on the testbed model) "
-             "or v4 (v3, then every block it leaves out is audited by its scores and visited if a key there holds "
-             "> tau of some row's mass)"),
+        Flag("--s2o-tau", "tau", float, "sparsity threshold, >= 0 (0 = visit every block = dense); v4: the share "
+             "of each row's attention mass left out (H200, benchmarks/s2o.md, 32K-128K: 1e-2 -> rel-L2 0.9-1.5%% "
+             "at density 0.32-0.68, 3e-3 -> 0.3-0.6%%, 1e-3 -> 0.2-0.3%%)"),
+        Flag("--s2o-variant", "variant", str, "sparsity rule: v4 (default: v3, then every block it leaves out is "
+             "audited by its scores and visited if a key there holds > tau of some row's mass), v3 (budget "
+             "planned from 32 sampled rows per segment: tau = their expected dropped mass; loses retrieval on the "
+             "testbed model), v2 (early stop on the predicted unvisited mass) or v1 (per-block mass, the "
+             "original rule)"),
         Flag("--s2o-block-size", "block_size", int, "keys per virtual block: 16, 32, 64 or 128"),
         Flag("--s2o-segment-size", "segment_size", int, "queries sharing one ranking; a multiple of the block size"),
         Flag("--s2o-min-length", "min_length", int,

@@ -98,7 +98,7 @@ MASS_REDUCES = ("mean", "max")   # "planned": a key's estimate over the sampled 
 MASS_BUCKETS_PER_OCTAVE = 8   # "planned" ranking: buckets of 2^(1/8) in estimated mass (32 octaves below the max)
 FP8_KV = (torch.float8_e4m3fn, torch.float8_e5m2)   # K/V cache dtypes read with a scale (q in bf16 / fp16)
 TAIL_ESTIMATES = ("flat", "estimate")
-# named settings of (stop rule, local window, tail compensation); "v2" is the default of the public API
+# named settings of (stop rule, local window, tail compensation, ...); "v4" is the default of the public API
 VARIANTS = {
     "v1": {"stop": "block", "local_window": 0, "compensate": False, "tail_estimate": "flat"},
     "v2": {"stop": "remaining", "local_window": 1024, "compensate": True, "tail_estimate": "flat"},

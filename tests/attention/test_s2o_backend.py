@@ -95,7 +95,7 @@ def test_layer_taus_from_the_flag_or_a_calibration_per_kv_head():
     cfg = S2OConfig(enabled=True, tau=0.7)
     plain = sb.LayerTaus.from_config(cfg)
     assert plain.tau(0) == plain.tau(31) == 0.7 and not plain.all_dense and not plain.any_dense_layer
-    assert not plain.dense(3) and plain.describe() == "tau=0.7" and plain.variant == cfg.variant == "v2"
+    assert not plain.dense(3) and plain.describe() == "tau=0.7" and plain.variant == cfg.variant == "v4"
     cal = sb.LayerTaus.from_config(cfg, _calibration(((0.3, 0.1), (0.0, 0.0), (0.5, 0.5))))
     assert [cal.tau(i) for i in range(3)] == [(0.3, 0.1), 0.0, 0.5]   # one float when the heads agree
     assert [cal.dense(i) for i in range(3)] == [False, True, False] and cal.variant == "v1"
