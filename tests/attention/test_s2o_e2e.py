@@ -5,8 +5,11 @@
   concurrent clients; every prefill ran on the stock backend (its log line and ``meta_info`` say dense);
 * ``--s2o --s2o-tau 0.5 --s2o-min-length 100``: every prompt shorter than 100 tokens gives exactly the stock
   server's tokens; a 256-token prompt is served sparse (density below 1) once its chunks reach 100 tokens.
+* the default variant (v4: planned budget + audit) with ``--s2o-tau 0.3``: a 1,600-token prompt, whose later
+  segments reach past the 1,024-key window, is served sparse in chunks of 512; a short prompt gives the stock
+  server's tokens.
 
-Three servers, two at a time at most (the stock and tau-0 servers together, then the min-length one), each in
+Four servers, two at a time at most (the stock and tau-0 servers together, then the min-length and v4 ones), each in
 its own process group, killed after; the stock server's answers are the reference for both.
 """
 
@@ -151,6 +154,9 @@ IMAGE_PROMPTS = {                         # name -> (text, [(width, height, seed
 }
 SPARSE_MIN_LENGTH = 100
 LONG_SPARSE = _ids(256, 7)                # chunks of 64: kv 64 (dense), 128, 192, 256 (sparse)
+LONG_V4 = _ids(1600, 8)                   # chunks of 512: kv 512, 1024, 1536, 1600
+V4 = ["--s2o", "--s2o-tau", "0.3", "--s2o-min-length", "100", "--s2o-block-size", "64", "--s2o-segment-size", "128",
+      "--chunked-prefill-size", "512"]    # no --s2o-variant: the default
 
 
 def _workload(server: Server) -> dict:
@@ -182,12 +188,15 @@ def runs(tmp_path_factory):
     out = {}
     phases = [{"stock": [], "tau0": ["--s2o", "--s2o-tau", "0", "--s2o-min-length", "0", *S2O_SMALL]},
               {"min_length": ["--s2o", "--s2o-tau", "0.5", "--s2o-min-length", str(SPARSE_MIN_LENGTH),
-                              *S2O_SMALL]}]
+                              *S2O_SMALL], "v4": V4}]
     for specs in phases:
         servers = _start_all(specs, tmp)
         try:
             for name, server in servers.items():
-                results = _workload(server)
+                if name == "v4":
+                    results = {"long_v4": server.generate(LONG_V4), "short": server.generate(SHORT)}
+                else:
+                    results = _workload(server)
                 if name == "min_length":
                     results["long_sparse"] = server.generate(LONG_SPARSE)
                 server.check_alive()
@@ -266,3 +275,18 @@ def test_tau_positive_serves_and_logs_density_below_one(runs):
     assert long_result["meta_info"]["sgl_slim"]["s2o_sparse"] is True
     (short_line,) = [line for line in lines if line[0] == results["concurrent"][0]["meta_info"]["id"]]
     assert short_line[3] == 1.0 and "dense (kv_len < --s2o-min-length 100)" in short_line[4]
+
+
+def test_default_variant_serves_a_long_prompt_sparse(runs):
+    from sgl_slim.attention import DEFAULT_VARIANT
+    assert DEFAULT_VARIANT == "v4"
+    results, lines = runs["v4"]
+    long_result = results["long_v4"]
+    assert len(long_result["output_ids"]) == MAX_NEW
+    long_lines = [line for line in lines if line[0] == long_result["meta_info"]["id"]]
+    assert [line[1] for line in long_lines] == [512, 1024, 1536, 1600]
+    assert all("tau=0.3" in line[4] for line in long_lines)
+    assert long_lines[-1][3] < 1.0, f"keys past the 1024-key window should be left out at tau 0.3: {long_lines}"
+    assert long_result["meta_info"]["sgl_slim"]["s2o_sparse"] is True
+    stock = runs["stock"][0]["concurrent"][0]                 # SHORT on the stock server
+    assert results["short"]["output_ids"] == stock["output_ids"]
