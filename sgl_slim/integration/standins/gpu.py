@@ -30,14 +30,16 @@ logger = logging.getLogger("sgl_slim.standins")
 _SELECT_MODE = "sglang.srt.layers.dual_gemm.DualGemm._select_mode"
 _FLASHMLA_BACKEND = "sglang.srt.layers.attention.flashmla_backend"
 # (the module itself cannot be resolved without flash_mla: its importer is listed)
-HOOKED_SYMBOLS: list[str] = [_SELECT_MODE, "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker._capture_cuda_graphs"]
+HOOKED_SYMBOLS: list[str] = [_SELECT_MODE,
+                             "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker._capture_cuda_graphs"]
 _MISSING_MODULES = ("cutlass", "cuda")
 
 _state = {"registered": False}
 
 
 def register() -> None:
-    """The plugin entry point: register the hook in stand-in mode (idempotent)."""
+    """The plugin entry point, in stand-in mode only (idempotent): the dual-GEMM hook and, where the FlashMLA
+    backend module cannot be imported, its placeholder."""
     if _state["registered"] or not standins_enabled():
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType  # noqa: PLC0415
