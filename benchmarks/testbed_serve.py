@@ -1,15 +1,19 @@
 """S2O judged end to end through SGLang: the long-context testbed model (sgl_slim.testbed, trained here) answers
-passkey and key-value retrieval prompts served by two CPU servers side by side, one with ``--s2o`` (its default
-tau) and one without (SGLang's own dense attention).
+passkey and key-value retrieval prompts served by servers side by side, one with ``--s2o`` (its defaults), one
+without (SGLang's own dense attention) and, with ``--tau0``, one with ``--s2o --s2o-tau 0`` (whose outputs must
+equal the dense server's).
 
     python -m benchmarks.testbed_serve --model ~/.cache/sgl_slim/models/testbed/model \\
-        --out benchmarks/results/testbed_serve.jsonl
+        --out benchmarks/results/testbed_serve.jsonl                    # CPU, float32
+    python -m benchmarks.testbed_serve --model DIR --gpu --length 32768 --per-depth 6 --tau0 --out F   # a GPU
 
 Each prompt is a held-out retrieval sample (``sgl_slim.testbed.data.eval_samples``: the same tasks, depths and
 seeds as the in-process evaluation) cut before its answer, sent as token ids to ``/generate`` with greedy
-decoding for as many tokens as the answer has; correct = the generated ids equal the answer's. Both servers are
-up at once and each prompt goes to both (the order alternating), float32, radix cache off. Per request: correct,
-latency, and the S2O density the server reports (``meta_info["sgl_slim"]``).
+decoding for as many tokens as the answer has; correct = the generated ids equal the answer's. The servers are
+up at once and each prompt goes to each (the order alternating), radix cache off, one warm-up request each.
+Per request: correct, latency (prefill plus the answer's few greedy tokens), the generated ids and the S2O
+density the server reports (``meta_info["sgl_slim"]``); per server, the share of requests whose ids equal the
+dense server's.
 """
 
 from __future__ import annotations
@@ -27,10 +31,18 @@ from benchmarks.harness import env_info, markdown_table, record, write_results
 from sgl_slim.bench.runner import LaunchedServer, running
 
 
-def server_args(model: str, length: int, s2o: bool, min_length: int) -> list[str]:
-    args = ["--model-path", model, "--dtype", "float32", "--disable-radix-cache", "--context-length",
-            str(2 * length), "--max-total-tokens", str(3 * length), "--skip-server-warmup"]
-    return args + (["--s2o", "--s2o-min-length", str(min_length)] if s2o else [])
+SERVERS = {"dense": [], "s2o": ["--s2o"], "s2o_tau0": ["--s2o", "--s2o-tau", "0"]}
+
+
+def server_args(model: str, length: int, name: str, min_length: int, gpu: bool, servers: int) -> list[str]:
+    """A CPU server in float32, or a GPU server in bf16 on SGLang's Triton attention (its fastest backend that
+    needs no compiled library) sharing the GPU with the other servers."""
+    args = ["--model-path", model, "--disable-radix-cache", "--context-length", str(2 * length),
+            "--max-total-tokens", str(3 * length), "--skip-server-warmup"]
+    args += (["--dtype", "bfloat16", "--attention-backend", "triton", "--mem-fraction-static",
+              f"{0.8 / servers:.2f}"] if gpu else ["--dtype", "float32"])
+    flags = SERVERS[name]
+    return args + (flags + ["--s2o-min-length", str(min_length)] if flags else [])
 
 
 def ask(base_url: str, ids: list[int], answer: list[int]) -> dict:
@@ -42,7 +54,7 @@ def ask(base_url: str, ids: list[int], answer: list[int]) -> dict:
         out = json.loads(r.read())
     numbers = out["meta_info"].get("sgl_slim", {})
     return {"correct": out["output_ids"] == answer, "latency_s": time.perf_counter() - t0,
-            "density": numbers.get("s2o_density")}
+            "density": numbers.get("s2o_density"), "output_ids": out["output_ids"]}
 
 
 def main(argv=None) -> int:
@@ -55,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-length", type=int, default=1024, help="--s2o-min-length of the S2O server")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--port", type=int, default=32600)
+    ap.add_argument("--gpu", action="store_true", help="serve on the GPU (bf16, Triton attention)")
+    ap.add_argument("--tau0", action="store_true", help="a third server with --s2o --s2o-tau 0")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -72,11 +86,16 @@ def main(argv=None) -> int:
                                      per_depth=args.per_depth, seed=args.seed)]
     logs = Path("/tmp/sgl_slim_testbed_serve")
     logs.mkdir(exist_ok=True)
-    servers = {name: LaunchedServer(server_args(args.model, args.length, name == "s2o", args.min_length),
+    names = ("dense", "s2o", "s2o_tau0") if args.tau0 else ("dense", "s2o")
+    servers = {name: LaunchedServer(server_args(args.model, args.length, name, args.min_length, args.gpu,
+                                                len(names)),
                                     port=args.port + i, log_path=logs / f"{name}.log")
-               for i, name in enumerate(("dense", "s2o"))}
+               for i, name in enumerate(names)}
     rows = []
     with running(servers):
+        (start, end), = samples[0][1].answers
+        for server in servers.values():            # warm-up: kernels compile on first use, out of the timing
+            ask(server.base_url, samples[0][1].ids[:start], samples[0][1].ids[start:end])
         for i, (task, sample) in enumerate(samples):
             (start, end), = sample.answers
             order = list(servers) if i % 2 == 0 else list(reversed(servers))
@@ -93,12 +112,14 @@ def main(argv=None) -> int:
         for task in args.tasks.split(","):
             hits = [r["correct"] for r in mine if r["task"] == task]
             row[f"{task}_accuracy"] = sum(hits) / len(hits)
+        dense = [r for r in rows if r["server"] == "dense"]
+        row["equal_to_dense"] = sum(a["output_ids"] == b["output_ids"] for a, b in zip(mine, dense)) / len(mine)
         densities = [r["density"] for r in mine if r["density"] is not None]
         row["s2o_density"] = statistics.mean(densities) if densities else None
         summary.append(row)
     write_results(args.out, rows + summary, env=env_info())
     print(markdown_table(summary, ["server", "length", "samples", *[f"{t}_accuracy" for t in args.tasks.split(",")],
-                                   "s2o_density", "latency_s"]))
+                                   "s2o_density", "equal_to_dense", "latency_s"]))
     return 0
 
 
