@@ -40,7 +40,7 @@ def server_args(model: str, length: int, name: str, min_length: int, gpu: bool, 
     args = ["--model-path", model, "--disable-radix-cache", "--context-length", str(2 * length),
             "--max-total-tokens", str(3 * length), "--skip-server-warmup"]
     args += (["--dtype", "bfloat16", "--attention-backend", "triton", "--mem-fraction-static",
-              f"{0.8 / servers:.2f}"] if gpu else ["--dtype", "float32"])
+              f"{int(80 / servers) / 100:.2f}"] if gpu else ["--dtype", "float32"])
     flags = SERVERS[name]
     return args + (flags + ["--s2o-min-length", str(min_length)] if flags else [])
 
