@@ -11,12 +11,6 @@ real text at a chosen depth and asked for at the end:
   kv        2-16 lines (at most one per 256 tokens) ``\\nKV["hqtz"] = "48213"\\n`` spread through the haystack, then 1-4 questions
             ``\\nassert KV["hqtz"] == "`` -> ``48213`` (a key may be asked twice)
 
-Every sample starts with the beginning-of-sequence token (``<|endoftext|>``, the corpus's document separator and
-the checkpoint's ``bos_token_id``), as Llama's prompts start with BOS: the model's attention sink then has a
-token of its own, and a needle at depth 0 (right after BOS) is content like any other.  Without it the first
-tokens of the haystack became the sink and a needle planted there was lost: dense key-value accuracy at depth 0
-was 0.05-0.15 at 32K against 0.88-1.0 at every other depth (benchmarks/testbed.md).
-
 Each piece is tokenized on its own: the byte-level pre-tokenizer splits at the quotes and digit runs, so the
 pieces concatenate to the same ids as the whole text.  Every sample is a pure function of (seed, index):
 training resumes exactly, and evaluation sets are the same for every attention method.
@@ -36,14 +30,13 @@ from sgl_slim.spec.data import stdlib_files
 
 ANSWER_WEIGHT = 1.0
 KEY_LETTERS = "abcdefghjkmnpqrstuvwxyz"
-BOS_TOKEN = "<|endoftext|>"
 TASKS = ("lm", "passkey", "kv")
 
 
 def corpus_stream(tokenizer, split: str, max_tokens: int) -> torch.Tensor:
     """Token ids of the split's stdlib files in sorted order, files separated by <|endoftext|> -> [N] int64."""
     backend = tokenizer.backend_tokenizer
-    sep = tokenizer.convert_tokens_to_ids(BOS_TOKEN)
+    sep = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     ids: list[int] = []
     files = stdlib_files(split)
     for i in range(0, len(files), 64):
@@ -57,11 +50,10 @@ def corpus_stream(tokenizer, split: str, max_tokens: int) -> torch.Tensor:
 
 
 class Pieces:
-    """Cached tokenization of the task templates' pieces; ``bos``: the id every sample starts with."""
+    """Cached tokenization of the task templates' pieces."""
 
     def __init__(self, tokenizer):
         self._backend = tokenizer.backend_tokenizer
-        self.bos = tokenizer.convert_tokens_to_ids(BOS_TOKEN)
         self._cache: dict[str, list[int]] = {}
 
     def __call__(self, text: str) -> list[int]:
@@ -92,13 +84,13 @@ def _key(rng: random.Random) -> str:
 
 def build_sample(stream: torch.Tensor, length: int, pieces: Pieces, rng: random.Random, *, kind: str,
                  depth: float | None = None, n_pairs: int | None = None, n_queries: int | None = None) -> Sample:
-    """One sample of exactly ``length`` tokens, BOS first.  ``depth`` in [0, 1] places the (first) asked needle at
-    that fraction of the haystack (random if None); ``n_pairs`` / ``n_queries`` fix the kv task's sizes."""
+    """One sample of exactly ``length`` tokens.  ``depth`` in [0, 1] places the (first) asked needle at that
+    fraction of the haystack (random if None); ``n_pairs`` / ``n_queries`` fix the kv task's sizes."""
     if kind not in TASKS:
         raise ValueError(f"kind must be one of {TASKS}, got {kind!r}")
     if kind == "lm":
         start = rng.randrange(stream.numel() - length)
-        ids = [pieces.bos] + stream[start:start + length - 1].tolist()
+        ids = stream[start:start + length].tolist()
         return Sample(ids, [0.0] + [1.0 / (length - 1)] * (length - 1), kind="lm")
     if kind == "passkey":
         value = _value(rng)
@@ -123,7 +115,7 @@ def build_sample(stream: torch.Tensor, length: int, pieces: Pieces, rng: random.
     close = pieces('"')
     tail_len = sum(len(q) + len(a) + len(close) for q, a in questions)
     needle_len = sum(len(a) + len(b) + len(c) for a, b, c in needles)
-    hay_len = length - 1 - tail_len - needle_len
+    hay_len = length - tail_len - needle_len
     if hay_len < 16:
         raise ValueError(f"length {length} is too short for a {kind} sample ({needle_len + tail_len} task tokens)")
     start = rng.randrange(stream.numel() - hay_len)
@@ -132,8 +124,8 @@ def build_sample(stream: torch.Tensor, length: int, pieces: Pieces, rng: random.
     pos = [rng.randint(0, hay_len) for _ in needles]
     if depth is not None:
         pos[asked_needle] = round(depth * hay_len)
-    ids: list[int] = [pieces.bos]
-    weights: list[float] = [0.0]
+    ids: list[int] = []
+    weights: list[float] = []
     order = sorted(range(len(needles)), key=lambda i: (pos[i], i))
     cursor = 0
     text_w = 1.0  # markers: 1 text, 0 needle value, -1 answer; replaced by the real weights below
@@ -154,9 +146,10 @@ def build_sample(stream: torch.Tensor, length: int, pieces: Pieces, rng: random.
         ids += answer + close
         weights += [-1.0] * len(answer) + [text_w] * len(close)
     n_answer = sum(e - s for s, e in answers)
-    n_text = sum(1 for w in weights if w == text_w)              # BOS (weight 0) is never a label
+    n_text = sum(1 for w in weights if w == text_w) - 1          # the first token is never a label
     w_text, w_ans = 1.0 / n_text, ANSWER_WEIGHT / n_answer
     weights = [w_ans if w < 0 else (w_text if w == text_w else 0.0) for w in weights]
+    weights[0] = 0.0
     return Sample(ids, weights, answers, kind=kind, depth=depth)
 
 

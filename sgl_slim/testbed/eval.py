@@ -68,11 +68,10 @@ def heldout_loss(model, windows: torch.Tensor, device) -> float:
     return total / count
 
 
-def heldout_windows(stream: torch.Tensor, length: int, count: int, seed: int, bos: int) -> torch.Tensor:
-    """``count`` held-out windows [count, length]: BOS, then length - 1 tokens of the stream (as trained)."""
+def heldout_windows(stream: torch.Tensor, length: int, count: int, seed: int) -> torch.Tensor:
     rng = sample_rng(seed, 104729, length)
     starts = [rng.randrange(stream.numel() - length) for _ in range(count)]
-    return torch.stack([torch.cat([stream.new_tensor([bos]), stream[s:s + length - 1]]) for s in starts])
+    return torch.stack([stream[s:s + length] for s in starts])
 
 
 def evaluate(model, tokenizer, methods: list[str], *, lengths: list[int], tasks=("passkey", "kv"),
@@ -87,7 +86,7 @@ def evaluate(model, tokenizer, methods: list[str], *, lengths: list[int], tasks=
     pieces = Pieces(tokenizer)
     sets = {(task, L): eval_samples(stream, pieces, kind=task, length=L, depths=depths, per_depth=per_depth,
                                     seed=seed) for task in tasks for L in lengths}
-    windows = {L: heldout_windows(stream, L, loss_windows, seed, pieces.bos) for L in lengths} if loss_windows else {}
+    windows = {L: heldout_windows(stream, L, loss_windows, seed) for L in lengths} if loss_windows else {}
     rows = []
     for text in methods:
         method = parse_method(text, block_size=block_size, segment_size=segment_size)
