@@ -1,6 +1,6 @@
 """The whole testbed in one GPU call: train, bring the checkpoint back, evaluate, dump, calibrate.
 
-    python -m sgl_slim.testbed.pipeline --out OUT [--deadline 520] [--train-budget 250] [--plan default]
+    python -m sgl_slim.testbed.pipeline --out OUT [--deadline 900] [--train-budget 480] [--plan default]
     python -m sgl_slim.testbed.pipeline --out OUT --model DIR --skip dense,extrapolate   # no training
 
 Stages, in order of value (each checks the time left before the ``--deadline`` in seconds from the start):
@@ -56,8 +56,8 @@ def main(argv=None):
     ap.add_argument("--plan", default="default")
     ap.add_argument("--model", default=None, help="evaluate this checkpoint instead of training one")
     ap.add_argument("--skip", default="", help="comma-separated stages to leave out (dense, extrapolate, ...)")
-    ap.add_argument("--deadline", type=float, default=520.0)
-    ap.add_argument("--train-budget", type=float, default=250.0)
+    ap.add_argument("--deadline", type=float, default=900.0)
+    ap.add_argument("--train-budget", type=float, default=480.0)
     ap.add_argument("--error-budget", type=float, default=0.01)
     ap.add_argument("--per-depth", type=int, default=50)
     ap.add_argument("--sparse-per-depth", type=int, default=10)

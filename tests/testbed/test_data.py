@@ -3,7 +3,8 @@ import random
 import pytest
 import torch
 
-from sgl_slim.testbed.data import ANSWER_WEIGHT, Pieces, build_sample, eval_samples, sample_rng, training_batch
+from sgl_slim.testbed.data import (ANSWER_WEIGHT, START_SHARE, Pieces, build_sample, eval_samples, sample_rng,
+                                  training_batch)
 
 
 def _decode(tokenizer, ids):
@@ -84,3 +85,23 @@ def test_eval_sets_cover_the_depth_grid(tokenizer, stream):
 def test_too_short_length_names_the_problem(tokenizer, stream):
     with pytest.raises(ValueError, match="too short"):
         build_sample(stream, 40, Pieces(tokenizer), random.Random(0), kind="kv", n_pairs=8)
+
+
+def _opens_with_asked_needle(tokenizer, sample, kind) -> bool:
+    text = _decode(tokenizer, sample.ids)
+    asked = "PASSKEY" if kind == "passkey" else 'KV["' + text[text.rindex('KV["'):].split('"')[1] + '"]'
+    return text.startswith(f"\n{asked} = ")
+
+
+@pytest.mark.parametrize("kind", ["passkey", "kv"])
+def test_training_samples_open_with_the_asked_needle_at_the_start_share(tokenizer, stream, kind):
+    # uniform positions alone almost never put a needle at the start; START_SHARE of the samples do
+    pieces = Pieces(tokenizer)
+    n = 400
+    opened = sum(_opens_with_asked_needle(tokenizer, build_sample(stream, 1024, pieces, sample_rng(11, i),
+                                                                  kind=kind, n_queries=1), kind) for i in range(n))
+    assert abs(opened / n - START_SHARE) < 3 * (START_SHARE * (1 - START_SHARE) / n) ** 0.5
+    # an explicit depth is never moved
+    assert not any(_opens_with_asked_needle(tokenizer, build_sample(stream, 1024, pieces, sample_rng(12, i),
+                                                                    kind=kind, depth=0.5, n_queries=1), kind)
+                   for i in range(50))
