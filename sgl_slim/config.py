@@ -42,7 +42,7 @@ class S2OConfig:
     # quality with 3.5x cheaper index building at 128K.
     tau: float = 1e-2            # v4: the share of each row's mass its planned budget may leave out; the audit
     #                              adds any left-out block holding a key with more than tau of a row's mass
-    variant: str = "v4"          # early-stop rule (sgl_slim.attention.VARIANTS): v1, v2, v3 or v4
+    variant: str = "v4"          # early-stop rule (sgl_slim.attention.VARIANTS): v1 ... v5
     block_size: int = 128        # keys per virtual block (a run of the importance order)
     segment_size: int = 2048     # queries that share one ranking
     min_length: int = 4096       # shorter prefills run dense attention
@@ -51,8 +51,8 @@ class S2OConfig:
     def validate(self) -> None:
         if self.tau < 0:
             raise ConfigError("--s2o-tau", f"must be >= 0, got {self.tau}")
-        if self.variant not in ("v1", "v2", "v3", "v4"):
-            raise ConfigError("--s2o-variant", f"must be v1, v2, v3 or v4, got {self.variant!r}")
+        if self.variant not in ("v1", "v2", "v3", "v4", "v5"):
+            raise ConfigError("--s2o-variant", f"must be v1, v2, v3, v4 or v5, got {self.variant!r}")
         if self.block_size not in (16, 32, 64, 128):
             raise ConfigError("--s2o-block-size", f"must be one of 16, 32, 64, 128, got {self.block_size}")
         if self.segment_size < self.block_size or self.segment_size % self.block_size:
@@ -210,7 +210,9 @@ FEATURES: tuple[Feature, ...] = (
              "of each row's attention mass left out (H200, benchmarks/s2o.md, 32K-128K: 1e-2 -> rel-L2 0.9-1.5%% "
              "at density 0.32-0.68, 3e-3 -> 0.3-0.6%%, 1e-3 -> 0.2-0.3%%)"),
         Flag("--s2o-variant", "variant", str, "sparsity rule: v4 (default: v3, then every block it leaves out is "
-             "audited by its scores and visited if a key there holds > tau of some row's mass), v3 (budget "
+             "audited by its scores and visited if a key there holds > tau of some row's mass), v5 (v3, with v4's "
+             "audit for the prompt's last 128 positions only: cheaper, exact for the rows the next token reads), "
+             "v3 (budget "
              "planned from 32 sampled rows per segment: tau = their expected dropped mass; loses retrieval on the "
              "testbed model), v2 (early stop on the predicted unvisited mass) or v1 (per-block mass, the "
              "original rule)"),

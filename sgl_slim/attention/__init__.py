@@ -11,7 +11,9 @@ stop (``s2o_ref.VARIANTS``): "v2" stops when the predicted unvisited mass falls 
 and keeps that prediction in the softmax; "v1" is the original per-block rule; "v3" plans each segment's budget
 before the scan: the fewest ranked blocks whose mass, estimated from the exact softmax of sampled query rows,
 leaves out at most tau; "v4" (default) is v3 followed by an audit of every block the budget leaves out (its
-scores only): a block joins the softmax if one of its keys holds more than tau of some row's mass so far.  v4 is
+scores only): a block joins the softmax if one of its keys holds more than tau of some row's mass so far; "v5"
+runs that audit only for the tiles of the sequence's last 128 positions (the rows the next token is read from),
+at about v3's cost.  v4 is
 the default because its error follows tau on every input measured (H200, benchmarks/s2o.md, "Defaults": tau
 1e-2 -> rel-L2 0.9-1.5%, 3e-3 -> 0.3-0.6% at 32K-128K) where v2's error falls slowly with tau (mixed 128K: 3.5%
 at 3e-3, 2.8% at 1e-3), and it keeps the trained testbed model's retrieval at a third of the blocks.

@@ -47,6 +47,13 @@ Stop rules (block_mass = sum_j exp(s_ij - m) over block b's keys, l = the row's 
     audit finds the keys that matter to rows the sampling missed (a needle that only the question's rows
     read).  An audited block that is not visited costs its score product only; density counts the visited
     (attended) blocks.
+  * ``audit_last`` R > 0 (S2O v5): the audit runs only for the query tiles that hold one of the sequence's last
+    R positions; every other tile keeps the planned budget alone (v3).  The audit costs about 0.4 of an
+    attended block for every block it checks (benchmarks/s2o.md), so v4 is rarely faster than dense attention;
+    v5 puts it where a prompt's next token is read: the last rows (the question, the instruction) are the ones
+    whose output the first generated token depends on, and they see every key holding more than tau of their
+    mass.  Rows elsewhere may miss a key only they read (v3's error); a chunked prefill audits the last rows of
+    every chunk.
 Tail compensation (v2, ``compensate``): at the stop the predicted unvisited mass rem = block_mass * R[b]
 is kept in the softmax as one term whose value is the mean value of the segment's earlier keys
 (``value_means``): l += rem, acc += rem * vbar.  Then the error is the error of that prediction, not the
@@ -98,6 +105,7 @@ MASS_REDUCES = ("mean", "max")   # "planned": a key's estimate over the sampled 
 MASS_BUCKETS_PER_OCTAVE = 8   # "planned" ranking: buckets of 2^(1/8) in estimated mass (32 octaves below the max)
 FP8_KV = (torch.float8_e4m3fn, torch.float8_e5m2)   # K/V cache dtypes read with a scale (q in bf16 / fp16)
 TAIL_ESTIMATES = ("flat", "estimate")
+AUDIT_LAST = 128      # v5: the audit covers the tiles holding the sequence's last AUDIT_LAST positions
 # named settings of (stop rule, local window, tail compensation, ...); "v4" is the default of the public API
 VARIANTS = {
     "v1": {"stop": "block", "local_window": 0, "compensate": False, "tail_estimate": "flat"},
@@ -106,6 +114,8 @@ VARIANTS = {
            "samples": SAMPLES, "mass_reduce": "mean"},
     "v4": {"stop": "planned", "local_window": 1024, "compensate": False, "tail_estimate": "flat",
            "samples": SAMPLES, "mass_reduce": "mean", "audit": True},
+    "v5": {"stop": "planned", "local_window": 1024, "compensate": False, "tail_estimate": "flat",
+           "samples": SAMPLES, "mass_reduce": "mean", "audit": True, "audit_last": AUDIT_LAST},
 }
 
 
@@ -270,11 +280,13 @@ def planned_budget(e: torch.Tensor, rank: torch.Tensor, seg_starts: torch.Tensor
 
 def check_settings(stop: str, local_window: int, compensate: bool, tail_estimate: str,
                    samples: int = SAMPLES, mass_reduce: str = "mean", rank_given: bool = False,
-                   audit: bool = False) -> None:
+                   audit: bool = False, audit_last: int = 0) -> None:
     """The early-stop settings (module doc), checked once for the reference and the kernel alike (rank_given:
     the caller overrides the rank or its length)."""
     if audit and stop != "planned":
         raise ValueError("audit needs stop='planned' (it audits the blocks the planned budget leaves out)")
+    if audit_last < 0 or (audit_last and not audit):
+        raise ValueError(f"audit_last must be >= 0 and needs audit=True, got {audit_last} (audit={audit})")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if mass_reduce not in MASS_REDUCES:
@@ -349,11 +361,12 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
                       segment_size: int = 2048, q_tile: int = 128, sm_scale: float | None = None,
                       stop: str = "block", local_window: int = 0, compensate: bool = False,
                       tail_estimate: str = "flat", rank: torch.Tensor | None = None, rank_len: torch.Tensor | None = None,
-                      samples: int = SAMPLES, mass_reduce: str = "mean", audit: bool = False):
+                      samples: int = SAMPLES, mass_reduce: str = "mean", audit: bool = False, audit_last: int = 0):
     """S2O attention of one causal sequence in fp32 (module doc for the semantics).
 
     q: [Tq, Hq, D], the last Tq positions of k, v: [L, Hkv, D].  tau: float or [Hkv] (one per KV head).
-    stop: "block" (v1), "remaining" (v2) or "planned" (v3, with ``samples`` rows per segment; v4 adds ``audit``);
+    stop: "block" (v1), "remaining" (v2) or "planned" (v3, with ``samples`` rows per segment; v4 adds ``audit``,
+    v5 limits it to the tiles of the last ``audit_last`` positions);
     local_window:
     keys just before each segment, ranked first and always visited; compensate: keep the predicted unvisited
     mass (v2); tail_estimate: "flat" or "estimate".
@@ -364,7 +377,7 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
     """
     _check(q, k, v, block_size, segment_size, q_tile)
     check_settings(stop, local_window, compensate, tail_estimate, samples, mass_reduce,
-                   rank_given=rank is not None or rank_len is not None, audit=audit)
+                   rank_given=rank is not None or rank_len is not None, audit=audit, audit_last=audit_last)
     Tq, Hq, D = q.shape
     L, Hkv, _ = k.shape
     G = Hq // Hkv
@@ -453,7 +466,7 @@ def s2o_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau,
                 stop_now = small.all(-1) & active & (b >= forced)
                 rem = torch.where(stop_now[:, None], tail, rem)
                 active = active & ~(stop_now | (b + 1 >= n_blocks_h))
-            if audit_log_tau is not None:
+            if audit_log_tau is not None and (audit_last == 0 or last >= L - audit_last):
                 m, l, acc = _audit(qt, kh, vh, rank[si], n_blocks_h, seg_start, block_size, scale, audit_log_tau,
                                    m, l, acc, computed)
             if compensate:

@@ -106,7 +106,8 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
              SEGMENT: tl.constexpr, HAS_RANK_LEN: tl.constexpr, RETURN_LSE: tl.constexpr,
              IEEE: tl.constexpr, KV_CONTIG: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
              STAGES: tl.constexpr, STOP: tl.constexpr, HAS_RATIO: tl.constexpr, COMPENSATE: tl.constexpr,
-             AUDIT: tl.constexpr = False, AUDIT_STAGES: tl.constexpr = 5, AUDIT_FP8: tl.constexpr = False):
+             AUDIT: tl.constexpr = False, AUDIT_STAGES: tl.constexpr = 5, AUDIT_FP8: tl.constexpr = False,
+             AUDIT_LAST: tl.constexpr = 0):
     """MODE_EARLY_STOP: ranked pass with early stop (tau > 0), checked after every block, run in chunks of
     CHUNK blocks whose inner loop is software-pipelined (blocks after the stop inside a chunk are masked out,
     so the result and the visited count are exactly those of a check-and-break loop).  STOP picks the rule
@@ -115,7 +116,8 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     with the value mean VBAR.  TAU: one threshold per KV head.
     MODE_RANKED_ALL: tau = 0 with a rank array: all ``n_rank`` ranked keys, one pipelined loop; with AUDIT (the
     planned rule's v4) then the audit of the segment's other ranked blocks against TAU (s2o_ref), its hits
-    listed in HITS (one row per program) and attended in rank order.  AUDIT_FP8: the audit's scores come from fp8
+    listed in HITS (one row per program) and attended in rank order; AUDIT_LAST > 0 (v5): only the tiles holding
+    one of the sequence's last AUDIT_LAST positions audit (the others audit no block).  AUDIT_FP8: the audit's scores come from fp8
     copies of q and K (Q8 x QS, K8 x K8S) on fp8 tensor cores; a block whose approximate score comes within the
     row's margin MARG of the threshold is listed, and the listed blocks are tested again on the exact scores before
     they count (``fp8_audit_operands``): the visited blocks are the exact audit's as long as no fp8 rounding
@@ -218,6 +220,8 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
             hits_ptr = HITS + (tile * n_heads + h).to(tl.int64) * stride_hits
             n_hit = n_blk * 0
             n_all = seg_start // BLOCK_N
+            if AUDIT_LAST > 0:
+                n_all = tl.where(last > L - AUDIT_LAST, n_all, n_blk)
             if AUDIT_FP8:
                 # one fp8 row of q per query row, its scale with K8's and the softmax scale folded in (log2 units),
                 # and the threshold lowered by the row's rounding margin
@@ -605,9 +609,10 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
               kv_contiguous=False, chunk=None, stop="block", local_window=0, compensate=False,
               tail_estimate="flat", plan: PagedPlan | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
               samples: int = SAMPLES, mass_reduce: str = "mean", audit: bool = False,
-              audit_stages: int = AUDIT_STAGES, audit_fp8: bool = False):
+              audit_stages: int = AUDIT_STAGES, audit_fp8: bool = False, audit_last: int = 0):
     """Launch the kernel.  Returns out, lse (or None), computed [B, Hq], causal [B, Hq] block counts.
     tau: float or [Hkv] tensor.  stop / local_window / compensate / tail_estimate / audit: s2o_ref's semantics;
+    audit_last: audit only the tiles of the last ``audit_last`` positions (v5; 0: every tile);
     audit_stages: the audit score loop's pipelining depth; audit_fp8: the audit's scores on fp8 tensor cores
     first, the exact test on the blocks they list (``fp8_audit_operands``).
     rank / rank_len override the S2O ranking (baselines use this to run on the same kernel).
@@ -644,7 +649,7 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     if not plan.n_tiles:
         return out, (lse if return_lse else None), computed, causal
     check_settings(stop, local_window, compensate, tail_estimate, samples, mass_reduce,
-                   rank_given=rank is not None or rank_len is not None, audit=audit)
+                   rank_given=rank is not None or rank_len is not None, audit=audit, audit_last=audit_last)
     taus_host = tau_per_head(tau.cpu() if torch.is_tensor(tau) else tau, Hkv, "cpu")
     taus = _to_device(taus_host, dev)
     planned = stop == "planned" and float(taus_host.max()) > 0
@@ -717,6 +722,7 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
         try:
             _s2o_fwd[(Hq, n_tiles)](*args, **kw, KV_CONTIG=kv_contiguous, MODE=mode, CHUNK=chunk, STAGES=num_stages,
                                     AUDIT=audit, AUDIT_STAGES=audit_stages, AUDIT_FP8=audit_fp8,
+                                    AUDIT_LAST=audit_last if audit else 0,
                                     num_warps=num_warps, num_stages=num_stages)
             break
         except triton.runtime.errors.OutOfResources:

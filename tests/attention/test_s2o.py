@@ -479,15 +479,40 @@ def test_fp8_audit_margin_covers_the_rounding_error():
     assert k8c is cache and torch.equal(k8sc, torch.ones(2))
 
 
-@pytest.mark.parametrize("block,fp8", [(64, False), (16, False), (64, True), (16, True)])
-def test_kernel_audit_matches_reference_chunked_gqa(block, fp8):
+def test_v5_audits_the_last_rows_only():
+    # v5 = v3's plan + v4's audit on the tiles of the last positions: those rows get v4's output exactly, every
+    # other row v3's, and a needle that only the last row reads is found
+    L, Hq, Hkv, D = 1536, 8, 2, 64
+    q, k, v = _planted_needles(L, Hq, Hkv, D, seed=21)
+    g = torch.Generator().manual_seed(5)
+    for h in range(Hkv):
+        u = torch.randn(D, generator=g)
+        u = u / u.norm()
+        k[100 + h, h], v[100 + h, h] = 10.0 * u, 5.0 * torch.randn(D, generator=g)   # most of the row's mass
+        q[L - 1, h * 4:(h + 1) * 4] = 10.0 * u
+    dense, _ = dense_attention_ref(q, k, v)
+    kw = dict(tau=0.05, block_size=64, segment_size=256, q_tile=64, stop="planned", samples=4, local_window=64)
+    o3, _, c3 = s2o_attention_ref(q, k, v, **kw)
+    o4, _, c4 = s2o_attention_ref(q, k, v, audit=True, **kw)
+    o5, _, c5 = s2o_attention_ref(q, k, v, audit=True, audit_last=64, **kw)
+    assert _density(c3) < _density(c5) < _density(c4), (_density(c3), _density(c5), _density(c4))
+    assert torch.equal(o5[-64:], o4[-64:]) and torch.equal(o5[:-64], o3[:-64])
+    err = lambda o: ((o[-1] - dense[-1]).norm() / dense[-1].norm()).item()  # noqa: E731
+    assert err(o5) < 0.1 * err(o3), f"the last row's needle: rel-L2 {err(o3):.3g} (v3) -> {err(o5):.3g} (v5)"
+    with pytest.raises(ValueError, match="audit_last"):
+        s2o_attention_ref(q, k, v, audit_last=64, **kw)
+
+
+@pytest.mark.parametrize("block,fp8,last", [(64, False, 0), (16, False, 0), (64, True, 0), (16, True, 0),
+                                            (64, False, 100), (16, True, 100)])
+def test_kernel_audit_matches_reference_chunked_gqa(block, fp8, last):
     # block 16: up to 64 audited blocks per segment, so the kernel's 32-block hit words wrap; fp8: the audit's
     # fp8 pre-filter, whose listed blocks are tested again exactly, must visit the exact audit's blocks
     from sgl_slim.attention import s2o_triton
     L, Tq = 1100, 500
     q, k, v = _planted_needles(L, 8, 2, 64, seed=22)
     q = q[L - Tq:]
-    kw = dict(stop="planned", samples=4, local_window=64, audit=True)
+    kw = dict(stop="planned", samples=4, local_window=64, audit=True, audit_last=last)
     ref, ref_lse, cnt = s2o_attention_ref(q, k, v, tau=0.05, block_size=block, segment_size=256, q_tile=64, **kw)
     out, lse, comp, _ = s2o_triton.s2o_paged(
         q, k, v, qo_indptr=torch.tensor([0, Tq]), kv_indptr=torch.tensor([0, L]),
@@ -496,5 +521,5 @@ def test_kernel_audit_matches_reference_chunked_gqa(block, fp8):
     assert comp.sum(0).tolist() == cnt["computed"].tolist(), "visited blocks differ from the reference"
     assert (out - ref).abs().max() < 1e-4 and (lse - ref_lse).abs().max() < 1e-4
     plain, _, c3 = s2o_attention_ref(q, k, v, tau=0.05, block_size=block, segment_size=256, q_tile=64,
-                                     **{**kw, "audit": False})
+                                     **{**kw, "audit": False, "audit_last": 0})
     assert (cnt["computed"] > c3["computed"]).any(), "the case must make the audit add blocks"

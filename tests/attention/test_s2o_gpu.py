@@ -90,6 +90,7 @@ def test_varlen_prefix_pool_lse():
     {"stop": "planned"},
     {"stop": "planned", "mass_reduce": "max", "local_window": 1024},
     {"stop": "planned", "local_window": 1024, "audit": True},
+    {"stop": "planned", "local_window": 1024, "audit": True, "audit_last": 128},
 ])
 def test_stop_rules_match_reference_at_real_shape(settings):
     """The kernel's early stop is the reference's: with the same rank the visited blocks agree (the stop test

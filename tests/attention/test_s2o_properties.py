@@ -63,7 +63,7 @@ def test_s2o_attention_shape_finite_and_dense_at_tau0(case):
 
 
 @SETTINGS
-@given(cases(), st.sampled_from(["v1", "v2", "v3", "v4"]))
+@given(cases(), st.sampled_from(["v1", "v2", "v3", "v4", "v5"]))
 def test_reference_shape_finite_and_dense_at_tau0(case, variant):
     from sgl_slim.attention import VARIANTS
     q, k, v, tau, segment = case
@@ -99,7 +99,7 @@ def test_paged_batch_of_two_equals_each_alone(a, b):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cases(head_dims=(64,)), st.sampled_from(["v1", "v2", "v3", "v4"]))
+@given(cases(head_dims=(64,)), st.sampled_from(["v1", "v2", "v3", "v4", "v5"]))
 def test_kernel_under_the_interpreter_shape_finite_counts(case, variant):
     """The Triton kernel (interpreter, fp32) on the same degenerate inputs, with either variant's settings."""
     from sgl_slim.attention import VARIANTS, s2o_triton
