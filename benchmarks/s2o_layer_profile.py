@@ -1,0 +1,121 @@
+"""Where one S2O layer call's time goes on a trained model's real q/k/v (the testbed model, one long key-value
+prompt), beside dense attention of the same layer.
+
+    python -m benchmarks.s2o_layer_profile --model DIR --length 32768 --variants v4,v5 --taus 1e-2 --out F.jsonl
+
+Per layer and setting (one JSON line each):
+  sdpa_ms          torch SDPA, causal (GQA by repeating K/V), the dense reference the testbed eval times
+  s2o_dense_ms     S2O's kernel at tau 0 (its dense path)
+  gpu_ms           a call of the variant as a server makes it: plan built once per batch, no host read inside the call
+                   (CUDA events, median)
+  host_ms          the same call's time on the host (Python + launches, no synchronisation): when it is larger
+                   than gpu_ms the GPU waits on the host
+  kernels          GPU time per kernel family of one call (torch.profiler): the attention kernel, the sampled
+                   mass kernels, sorting, everything else
+  density          visited / causal score blocks of the call
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from benchmarks.harness import env_info, time_ms
+from sgl_slim.testbed import append_jsonl
+
+FAMILIES = (("_s2o_fwd", "attention"), ("_sampled", "sampled_mass"), ("sort", "sort"), ("Sort", "sort"))
+
+
+def _sdpa(q, k, v, scale):
+    g = q.shape[1] // k.shape[1]
+    qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)))
+    return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+
+
+def host_ms(fn, iters: int = 20) -> float:
+    """Median host time of one call, without waiting for the GPU between calls (synchronised before and after
+    the whole loop; a call that launches faster than the GPU runs it measures its launch cost only)."""
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def kernel_families(fn) -> dict[str, float]:
+    """GPU milliseconds per kernel family of one call of ``fn`` (torch.profiler, CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        family = next((f for key, f in FAMILIES if key in ev.name), "other")
+        out[family] += ev.device_time_total / 1e3
+    out["count"] = sum(1 for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA)
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--length", type=int, default=32768)
+    ap.add_argument("--taus", default="1e-2,3e-2")
+    ap.add_argument("--variants", default="v4")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    from sgl_slim.attention import plan_paged, s2o_attention_paged  # noqa: PLC0415
+    from sgl_slim.testbed.dump import capture_qkv, long_prompt  # noqa: PLC0415
+    from sgl_slim.testbed.model import load_model  # noqa: PLC0415
+
+    model = load_model(args.model, device="cuda")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    qkv = capture_qkv(model, long_prompt(tokenizer, args.length).cuda())
+    rows = [{"bench": "s2o_layer_profile", "env": env_info(), "model": args.model, "length": args.length}]
+    L = args.length
+    indptr = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+    idx = torch.arange(L, dtype=torch.int32, device="cuda")
+    plan = plan_paged([0, L], [0, L], device="cuda")
+    for layer in sorted(qkv):
+        q, k, v = (x.cuda().to(torch.bfloat16).contiguous() for x in qkv[layer])
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        base = {"bench": "s2o_layer_profile", "layer": layer, "length": L, "hq": q.shape[1], "hkv": k.shape[1]}
+
+        def call(tau, variant="v4"):
+            return s2o_attention_paged(q, k, v, qo_indptr=indptr, kv_indptr=indptr, kv_indices=idx, tau=tau,
+                                       variant=variant, plan=plan, return_counts=True)
+
+        row = dict(base, sdpa_ms=time_ms(lambda: _sdpa(q, k, v, scale)), s2o_dense_ms=time_ms(lambda: call(0.0)))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        for variant in args.variants.split(","):
+            for tau in (float(t) for t in args.taus.split(",")):
+                _, (computed, causal) = call(tau, variant)
+                row = dict(base, variant=variant, tau=tau,
+                           density=round(float(computed.sum()) / max(1, int(causal.sum())), 4),
+                           gpu_ms=time_ms(lambda: call(tau, variant)), host_ms=host_ms(lambda: call(tau, variant)),
+                           kernels=kernel_families(lambda: call(tau, variant)))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.out:
+        append_jsonl(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()
