@@ -117,11 +117,11 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     MODE_RANKED_ALL: tau = 0 with a rank array: all ``n_rank`` ranked keys, one pipelined loop; with AUDIT (the
     planned rule's v4) then the audit of the segment's other ranked blocks against TAU (s2o_ref), its hits
     listed in HITS (one row per program) and attended in rank order; AUDIT_LAST > 0 (v5): only the tiles holding
-    one of the sequence's last AUDIT_LAST positions audit (the others audit no block).  AUDIT_FP8: the audit's scores come from fp8
-    copies of q and K (Q8 x QS, K8 x K8S) on fp8 tensor cores; a block whose approximate score comes within the
-    row's margin MARG of the threshold is listed, and the listed blocks are tested again on the exact scores before
-    they count (``fp8_audit_operands``): the visited blocks are the exact audit's as long as no fp8 rounding
-    error exceeds its margin.
+    one of the sequence's last AUDIT_LAST positions audit (the others audit no block).  AUDIT_FP8: the audit's
+    scores come from fp8 copies of q and K (Q8 x QS, K8 x K8S) on fp8 tensor cores; a block whose approximate
+    score comes within the row's margin MARG of the threshold is listed, and the listed blocks are tested again on
+    the exact scores before they count (``fp8_audit_operands``): the visited blocks are the exact audit's as long
+    as no fp8 rounding error exceeds its margin.
     MODE_DENSE: tau = 0 without a rank: the earlier keys in position order (dense attention).
     RANK holds token SLOTS (the rank composed with kv_indices on the host); KV_CONTIG: slot = kv_beg + pos.
     An fp8 K/V cache: qk_scale carries k_scale, v_scale multiplies the output (1.0 otherwise); VBAR is then
