@@ -523,3 +523,45 @@ def test_kernel_audit_matches_reference_chunked_gqa(block, fp8, last):
     plain, _, c3 = s2o_attention_ref(q, k, v, tau=0.05, block_size=block, segment_size=256, q_tile=64,
                                      **{**kw, "audit": False, "audit_last": 0})
     assert (cnt["computed"] > c3["computed"]).any(), "the case must make the audit add blocks"
+
+
+def test_kernel_v5_audits_each_sequences_last_rows_in_a_paged_batch():
+    # two sequences in one launch (one with a cached prefix), K/V at shuffled pool slots: the kernel audits the
+    # last tiles of EACH sequence, as the reference does per sequence, and only those
+    from sgl_slim.attention import VARIANTS, s2o_triton
+    Hq, Hkv, D, block, seg = 8, 2, 64, 16, 64
+    lens, qlens = [700, 520], [420, 520]
+    qs, ks, vs = [], [], []
+    g = torch.Generator().manual_seed(8)
+    for i, L in enumerate(lens):
+        q, k, v = _planted_needles(L, Hq, Hkv, D, seed=30 + i)
+        for h in range(Hkv):                                   # a needle only each sequence's last row reads
+            u = torch.randn(D, generator=g)
+            u = u / u.norm()
+            k[40 + h, h], v[40 + h, h] = 10.0 * u, 5.0 * torch.randn(D, generator=g)
+            q[L - 1, h * 4:(h + 1) * 4] = 10.0 * u
+        qs.append(q[L - qlens[i]:])
+        ks.append(k)
+        vs.append(v)
+    slots = torch.randperm(sum(lens) + 50, generator=g)[:sum(lens)].to(torch.int32)
+    k_pool = torch.zeros(sum(lens) + 50, Hkv, D)
+    v_pool = torch.zeros_like(k_pool)
+    k_pool[slots.long()], v_pool[slots.long()] = torch.cat(ks), torch.cat(vs)
+    qo, kvp = [0, qlens[0], sum(qlens)], [0, lens[0], sum(lens)]
+    counts = {}
+    for name in ("v3", "v4", "v5"):
+        settings = {**VARIANTS[name], "local_window": block, "samples": 4}
+        out, _, comp, _ = s2o_triton.s2o_paged(
+            torch.cat(qs), k_pool, v_pool, qo_indptr=torch.tensor(qo), kv_indptr=torch.tensor(kvp),
+            kv_indices=slots, tau=0.05, block_size=block, segment_size=seg, q_tile=seg, sm_scale=D ** -0.5,
+            **settings)
+        counts[name] = comp.sum(1).tolist()
+        if name != "v5":
+            continue
+        for b in range(2):
+            ref, _, cnt = s2o_attention_ref(qs[b], ks[b], vs[b], tau=0.05, block_size=block, segment_size=seg,
+                                            q_tile=seg, **settings)
+            assert comp[b].tolist() == cnt["computed"].tolist(), f"sequence {b}: visited blocks differ"
+            assert (out[qo[b]:qo[b + 1]] - ref).abs().max() < 1e-4
+    for b in range(2):
+        assert counts["v3"][b] < counts["v5"][b] < counts["v4"][b], (b, counts)
