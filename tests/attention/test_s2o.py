@@ -479,17 +479,23 @@ def test_fp8_audit_margin_covers_the_rounding_error():
     assert k8c is cache and torch.equal(k8sc, torch.ones(2))
 
 
+def _last_row_needle(q, k, v, key, g):
+    """Per KV head h, key ``key + h`` holds most of the mass of the last query row, and no other row reads it."""
+    Hkv, D = k.shape[1:]
+    G = q.shape[1] // Hkv
+    for h in range(Hkv):
+        u = torch.randn(D, generator=g)
+        u = u / u.norm()
+        k[key + h, h], v[key + h, h] = 10.0 * u, 5.0 * torch.randn(D, generator=g)
+        q[-1, h * G:(h + 1) * G] = 10.0 * u
+
+
 def test_v5_audits_the_last_rows_only():
     # v5 = v3's plan + v4's audit on the tiles of the last positions: those rows get v4's output exactly, every
     # other row v3's, and a needle that only the last row reads is found
     L, Hq, Hkv, D = 1536, 8, 2, 64
     q, k, v = _planted_needles(L, Hq, Hkv, D, seed=21)
-    g = torch.Generator().manual_seed(5)
-    for h in range(Hkv):
-        u = torch.randn(D, generator=g)
-        u = u / u.norm()
-        k[100 + h, h], v[100 + h, h] = 10.0 * u, 5.0 * torch.randn(D, generator=g)   # most of the row's mass
-        q[L - 1, h * 4:(h + 1) * 4] = 10.0 * u
+    _last_row_needle(q, k, v, 100, torch.Generator().manual_seed(5))
     dense, _ = dense_attention_ref(q, k, v)
     kw = dict(tau=0.05, block_size=64, segment_size=256, q_tile=64, stop="planned", samples=4, local_window=64)
     o3, _, c3 = s2o_attention_ref(q, k, v, **kw)
@@ -535,11 +541,7 @@ def test_kernel_v5_audits_each_sequences_last_rows_in_a_paged_batch():
     g = torch.Generator().manual_seed(8)
     for i, L in enumerate(lens):
         q, k, v = _planted_needles(L, Hq, Hkv, D, seed=30 + i)
-        for h in range(Hkv):                                   # a needle only each sequence's last row reads
-            u = torch.randn(D, generator=g)
-            u = u / u.norm()
-            k[40 + h, h], v[40 + h, h] = 10.0 * u, 5.0 * torch.randn(D, generator=g)
-            q[L - 1, h * 4:(h + 1) * 4] = 10.0 * u
+        _last_row_needle(q, k, v, 40, g)
         qs.append(q[L - qlens[i]:])
         ks.append(k)
         vs.append(v)
