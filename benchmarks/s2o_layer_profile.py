@@ -4,7 +4,8 @@ prompt), beside dense attention of the same layer.
     python -m benchmarks.s2o_layer_profile --model DIR --length 32768 --variants v4,v5 --taus 1e-2 --out F.jsonl
 
 Per layer and setting (one JSON line each):
-  sdpa_ms          torch SDPA, causal (GQA by repeating K/V), the dense reference the testbed eval times
+  sdpa_ms          torch SDPA, causal, GQA by repeating K/V first (the testbed eval's dense method passes
+                   enable_gqa instead; the recorded results were taken with this form)
   s2o_dense_ms     S2O's kernel at tau 0 (its dense path)
   gpu_ms           a call of the variant as a server makes it: plan built once per batch, no host read inside the call
                    (CUDA events, median)
