@@ -102,7 +102,7 @@ RECENT = 0            # keys just before the segment ranked first; 0: measured b
 STOP_RULES = ("block", "remaining", "planned")
 SAMPLES = 32          # query rows per segment whose exact softmax plans the "planned" budget (x the group's heads)
 MASS_REDUCES = ("mean", "max")   # "planned": a key's estimate over the sampled rows
-MASS_BUCKETS_PER_OCTAVE = 8   # "planned" ranking: buckets of 2^(1/8) in estimated mass (32 octaves below the max)
+MASS_MANTISSA_BITS = 3   # "planned" ranking: buckets of ~2^(1/8) in estimated mass (exponent + 3 mantissa bits)
 FP8_KV = (torch.float8_e4m3fn, torch.float8_e5m2)   # K/V cache dtypes read with a scale (q in bf16 / fp16)
 TAIL_ESTIMATES = ("flat", "estimate")
 AUDIT_LAST = 128      # v5: the audit covers the tiles holding the sequence's last AUDIT_LAST positions
@@ -212,10 +212,11 @@ def _sort_buckets(bucket: torch.Tensor, seg_starts: torch.Tensor, first: int) ->
 
 
 def sampled_rows(lo: torch.Tensor, hi: torch.Tensor, n_sample: int) -> torch.Tensor:
-    """n_sample evenly strided rows of [lo, hi) per segment (row lo + (i + 1/2) (hi - lo) / n_sample, rounded
-    down): [n_seg, n_sample] int64 (rows repeat when a segment holds fewer)."""
-    frac = (torch.arange(n_sample, device=lo.device, dtype=torch.float64) + 0.5) / n_sample
-    return lo[:, None] + (frac[None, :] * (hi - lo)[:, None]).long()
+    """n_sample evenly strided rows of [lo, hi) per segment (row lo + floor((i + 1/2) (hi - lo) / n_sample), in
+    integer arithmetic so that every device and the kernels pick the same rows): [n_seg, n_sample] int64 (rows
+    repeat when a segment holds fewer)."""
+    odd = 2 * torch.arange(n_sample, device=lo.device, dtype=torch.int64) + 1
+    return lo[:, None] + torch.div(odd[None, :] * (hi - lo)[:, None], 2 * n_sample, rounding_mode="floor")
 
 
 def sampled_mass(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,
@@ -248,17 +249,22 @@ def sampled_mass(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scal
     return e
 
 
+def mass_octaves(e: torch.Tensor) -> torch.Tensor:
+    """About 8 log2(e) of e >= 0 (fp32) as an integer: the float's exponent and its top MASS_MANTISSA_BITS mantissa
+    bits (bits >> 20), steps of 2^0.09 to 2^0.17 in mass.  Integer arithmetic on the bits, so the reference,
+    the kernels and every device put a key in the same bucket."""
+    return e.contiguous().view(torch.int32) >> (23 - MASS_MANTISSA_BITS)
+
+
 def rank_by_mass(e: torch.Tensor, seg_starts: torch.Tensor, local_window: int = 0) -> torch.Tensor:
-    """Keys by estimated mass, largest first: stable sort by bucket floor(MASS_BUCKETS_PER_OCTAVE *
-    log2(e_max / e_j)) (0..254; 254 also for e_j = 0), the ``local_window`` keys before seg_start first.
+    """Keys by estimated mass, largest first: stable sort by bucket = mass_octaves(e_max) - mass_octaves(e_j)
+    (0..254; 254 also for e_j = 0: 32 octaves below the max), the ``local_window`` keys before seg_start first.
     The quantisation makes the order the same on any device.  e [n_seg, Hkv, L] -> rank int32."""
     L = e.shape[-1]
     pos = torch.arange(L, device=e.device)[None, None, :]
     valid = pos < seg_starts[:, None, None]
-    e = e.masked_fill(~valid, 0.0)
-    e_max = e.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    octaves = torch.log2(e_max / e.clamp(min=torch.finfo(torch.float32).tiny))
-    bucket = (octaves * MASS_BUCKETS_PER_OCTAVE).floor().clamp(0, NUM_BUCKETS - 2)
+    octaves = mass_octaves(e.float().masked_fill(~valid, 0.0))
+    bucket = (octaves.amax(-1, keepdim=True) - octaves).clamp(0, NUM_BUCKETS - 2)
     return _sort_buckets(bucket, seg_starts, local_window)
 
 
