@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .s2o_ref import (FP8_KV, SAMPLES, check_settings, estimate_scores, planned_budget, rank_by_mass,
-                      rank_from_scores, remaining_ratio, sampled_rows, segment_range, tau_per_head, value_means)
+from .s2o_ref import (FP8_KV, MASS_MANTISSA_BITS, NUM_BUCKETS, SAMPLES, check_settings, estimate_scores,
+                      rank_from_scores, remaining_ratio, segment_range, tau_per_head, value_means)
 
 LOG2E = 1.4426950408889634
 # kernel modes (constexpr MODE)
@@ -319,82 +319,135 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
 
 SAMPLE_ROWS = 128        # sampled (row, q head) pairs per program of the mass estimate (padded)
 MASS_BLOCKS = 16         # key blocks per program of ``_sampled_mass``
+LSE_PROGRAMS = 256       # the sampled rows' log-sum-exp is split over keys until about this many programs run
+LSE_MIN_KEYS = 1024      # (but no split holds fewer keys than this)
+INDEX_BLOCK = 1024       # entries per step of the ranking kernels
 
 
 @triton.jit
-def _sampled_lse(QS, K, POS, LSE, qk_scale, stride_qs, stride_qh, stride_kt, stride_kh,
-                 ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    """log2-sum-exp of every sampled row of segment ``program_id(0)``, KV head ``program_id(1)`` over its causal
-    keys [0, pos]: LSE[seg, hk, r] (log2 units, logits scaled by qk_scale)."""
+def _sample_pairs(seg, c0, prefix, L, first_seg, offs_r, N_SAMPLE: tl.constexpr, GROUP: tl.constexpr,
+                  SEGMENT: tl.constexpr):
+    """The chunk's sampled (row, q head) pairs c = c0 + r, q head major (c = g * N_SAMPLE + i, as in
+    ``s2o_ref.sampled_mass``): each row's position (``s2o_ref.sampled_rows``: integer arithmetic, the same rows),
+    its q head in the group, whether it is a real pair (padding pairs: position 0, q = 0), the segment start."""
+    c = c0 + offs_r
+    ok = c < N_SAMPLE * GROUP
+    i = c % N_SAMPLE
+    st = (first_seg + seg) * SEGMENT
+    lo = tl.maximum(st, prefix)
+    hi = tl.minimum(st + SEGMENT, L)
+    pos = tl.where(ok, lo + ((2 * i + 1) * (hi - lo)) // (2 * N_SAMPLE), 0)
+    return pos, tl.where(ok, c // N_SAMPLE, 0), ok, st
+
+
+@triton.jit
+def _sampled_q(Q, pos, g, ok, prefix, hk, stride_qt, stride_qh, offs_d, GROUP: tl.constexpr):
+    # the sampled rows of q, read in place ([ROWS, HEAD_DIM]; padding rows 0)
+    ptr = Q + (pos - prefix)[:, None].to(tl.int64) * stride_qt + (hk * GROUP + g)[:, None] * stride_qh
+    return tl.load(ptr + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _key_cols(K, KV_IDX, kv_beg, offs_n, n_ok, hk, stride_kt, stride_kh, offs_d, KV_CONTIG: tl.constexpr):
+    # keys offs_n of the sequence as columns [HEAD_DIM, BLOCK_N] (through kv_indices unless KV_CONTIG)
+    if KV_CONTIG:
+        slot = (kv_beg + offs_n).to(tl.int64)
+    else:
+        slot = tl.load(KV_IDX + kv_beg + offs_n, mask=n_ok, other=0).to(tl.int64)
+    return tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _sampled_lse(Q, K, KV_IDX, M_OUT, L_OUT, kv_beg, prefix, L, first_seg, c0, split_keys, qk_scale,
+                 stride_qt, stride_qh, stride_kt, stride_kh, N_SAMPLE: tl.constexpr, GROUP: tl.constexpr,
+                 SEGMENT: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IEEE: tl.constexpr, KV_CONTIG: tl.constexpr):
+    """Partial log2-sum-exp of the chunk's sampled rows of segment ``program_id(0)``, KV head ``program_id(1)``,
+    over the keys of split ``program_id(2)`` ([split * split_keys, +split_keys) and causal for the row): the
+    running maximum and sum (log2 units, logits scaled by qk_scale), combined by ``_sampled_mass``."""
     seg = tl.program_id(0)
     hk = tl.program_id(1)
+    split = tl.program_id(2)
     offs_r = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_b = tl.arange(0, BLOCK_N)
-    pos = tl.load(POS + seg * ROWS + offs_r)
-    q = tl.load(QS + seg * stride_qs + hk * stride_qh + offs_r[:, None] * HEAD_DIM + offs_d[None, :])
-    end = tl.max(pos, 0) + 1
+    pos, g, ok, st = _sample_pairs(seg, c0, prefix, L, first_seg, offs_r, N_SAMPLE, GROUP, SEGMENT)
+    q = _sampled_q(Q, pos, g, ok, prefix, hk, stride_qt, stride_qh, offs_d, GROUP)
+    lo = split * split_keys
+    end = tl.minimum(tl.max(pos, 0) + 1, lo + split_keys)
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
-    for start in tl.range(0, end, BLOCK_N, num_stages=2):
+    for start in tl.range(lo, end, BLOCK_N, num_stages=2):
         offs_n = start + offs_b
-        k = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kt + hk * stride_kh + offs_d[:, None],
-                    mask=(offs_n < end)[None, :], other=0.0)
-        if IEEE:
-            qk = tl.dot(q, k, input_precision="ieee")
-        else:
-            qk = tl.dot(q, k)
+        k = _key_cols(K, KV_IDX, kv_beg, offs_n, offs_n < end, hk, stride_kt, stride_kh, offs_d, KV_CONTIG)
+        qk = _scores(q, k, IEEE)
         qk = tl.where(offs_n[None, :] <= pos[:, None], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(qk, 1))     # finite: key 0 is causal for every row
-        l = l * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(qk - m_new[:, None]), 1)
+        m_new = tl.maximum(m, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)     # a row with no causal key in this split yet
+        l = l * tl.math.exp2(m - m_use) + tl.sum(tl.math.exp2(qk - m_use[:, None]), 1)
         m = m_new
-    tl.store(LSE + (seg * tl.num_programs(1) + hk) * ROWS + offs_r, m + tl.math.log2(l))
+    out = ((seg * tl.num_programs(1) + hk) * tl.num_programs(2) + split) * ROWS + offs_r
+    tl.store(M_OUT + out, m)
+    tl.store(L_OUT + out, l)
 
 
 @triton.jit
-def _sampled_mass(QS, K, LSE, W, SEG_START, E, qk_scale, stride_qs, stride_qh, stride_kt, stride_kh,
-                  stride_es, stride_eh, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCKS: tl.constexpr, IEEE: tl.constexpr, MAX: tl.constexpr):
-    """E[seg, hk, j] += sum_r W[r] * p_rj (MAX: E = max(E, max_r [W[r] > 0] p_rj)) for the earlier keys
-    j < seg_start of BLOCKS key blocks (p_rj = 2^(qk_scale * q_r . k_j - LSE[r]): the sampled row's exact
-    softmax)."""
+def _sampled_mass(Q, K, KV_IDX, M_IN, L_IN, E, kv_beg, prefix, L, first_seg, c0, n_split, weight, qk_scale,
+                  stride_qt, stride_qh, stride_kt, stride_kh, stride_es, stride_eh, N_SAMPLE: tl.constexpr,
+                  GROUP: tl.constexpr, SEGMENT: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, IEEE: tl.constexpr, KV_CONTIG: tl.constexpr,
+                  MAX: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """E[seg, hk, j] (+)= sum_r weight * p_rj (MAX: max_r over the real pairs) for the earlier keys j < seg_start
+    of BLOCKS key blocks, p_rj = 2^(qk_scale * q_r . k_j - lse_r) the sampled row's exact softmax, lse_r
+    combined from ``_sampled_lse``'s n_split partials.  ACCUMULATE: add to E (a later chunk of pairs)."""
     hk = tl.program_id(1)
     seg = tl.program_id(2)
-    st = tl.load(SEG_START + seg)
+    offs_r = tl.arange(0, ROWS)
+    pos, g, ok, st = _sample_pairs(seg, c0, prefix, L, first_seg, offs_r, N_SAMPLE, GROUP, SEGMENT)
     first = tl.program_id(0) * BLOCKS * BLOCK_N
     if first < st:
-        offs_r = tl.arange(0, ROWS)
         offs_d = tl.arange(0, HEAD_DIM)
         offs_b = tl.arange(0, BLOCK_N)
-        q = tl.load(QS + seg * stride_qs + hk * stride_qh + offs_r[:, None] * HEAD_DIM + offs_d[None, :])
-        lse = tl.load(LSE + (seg * tl.num_programs(1) + hk) * ROWS + offs_r)
-        w = tl.load(W + offs_r)
+        q = _sampled_q(Q, pos, g, ok, prefix, hk, stride_qt, stride_qh, offs_d, GROUP)
+        part = (seg * tl.num_programs(1) + hk) * n_split * ROWS + offs_r
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        l = tl.zeros([ROWS], tl.float32)
+        for sp in range(0, n_split):
+            ms = tl.load(M_IN + part + sp * ROWS)
+            m_new = tl.maximum(m, ms)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.math.exp2(m - m_use) + tl.load(L_IN + part + sp * ROWS) * tl.math.exp2(ms - m_use)
+            m = m_new
+        lse = m + tl.math.log2(l)                 # finite: key 0 is causal for every row
+        w = tl.where(ok, weight, 0.0)
         e_ptr = E + seg.to(tl.int64) * stride_es + hk * stride_eh
         for j in tl.range(0, BLOCKS, num_stages=2):
             offs_n = first + j * BLOCK_N + offs_b
-            ok = offs_n < st
-            k = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kt + hk * stride_kh + offs_d[:, None],
-                        mask=ok[None, :], other=0.0)
-            if IEEE:
-                qk = tl.dot(q, k, input_precision="ieee")
-            else:
-                qk = tl.dot(q, k)
-            p = tl.math.exp2(qk * qk_scale - lse[:, None])
-            e_old = tl.load(e_ptr + offs_n, mask=ok, other=0.0)
+            n_ok = offs_n < st
+            k = _key_cols(K, KV_IDX, kv_beg, offs_n, n_ok, hk, stride_kt, stride_kh, offs_d, KV_CONTIG)
+            p = tl.math.exp2(_scores(q, k, IEEE) * qk_scale - lse[:, None])
             if MAX:
-                e = tl.maximum(e_old, tl.max(tl.where(w[:, None] > 0, p, 0.0), 0))
+                e = tl.max(tl.where(w[:, None] > 0, p, 0.0), 0)
             else:
-                e = e_old + tl.sum(p * w[:, None], 0)
-            tl.store(e_ptr + offs_n, e, mask=ok)
+                e = tl.sum(p * w[:, None], 0)
+            if ACCUMULATE:
+                e_old = tl.load(e_ptr + offs_n, mask=n_ok, other=0.0)
+                e = tl.maximum(e_old, e) if MAX else e_old + e
+            tl.store(e_ptr + offs_n, e, mask=n_ok)
 
 
-def sampled_mass_triton(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,
-                        n_sample: int = SAMPLES, reduce: str = "mean") -> torch.Tensor:
-    """``s2o_ref.sampled_mass`` on the GPU (same rows, same definition): fp32 [n_seg, Hkv, L].  Two kernels
-    per chunk of SAMPLE_ROWS (row, q head) pairs: each row's log-sum-exp over its causal keys, then the
-    rows' weighted probabilities of every earlier key.  No host synchronisation (the sizes are host ints)."""
+def sampled_mass_triton(q: torch.Tensor, k_pool: torch.Tensor, *, segment_size: int, sm_scale: float,
+                        n_sample: int = SAMPLES, reduce: str = "mean", kv_indices: torch.Tensor | None = None,
+                        kv_beg: int = 0, kv_len: int | None = None, k_scale: float = 1.0) -> torch.Tensor:
+    """``s2o_ref.sampled_mass`` on the GPU (same rows, same definition): fp32 [n_seg, Hkv, L].  q [Tq, Hq, D] is
+    the sequence's last Tq positions; its L keys are k_pool's slots kv_indices[kv_beg:kv_beg + L] (or rows
+    kv_beg.. of k_pool when kv_indices is None), read in place (an fp8 pool through k_scale).  Two kernels per
+    chunk of SAMPLE_ROWS (row, q head) pairs: each row's log-sum-exp over its causal keys (split over keys when
+    the segments alone give few programs), then the rows' weighted probabilities of every earlier key.  No host
+    synchronisation (the sizes are host ints)."""
     Tq, Hq, D = q.shape
-    L, Hkv, _ = k.shape
+    Hkv = k_pool.shape[1]
+    L = kv_len if kv_len is not None else k_pool.shape[0] - kv_beg
     G = Hq // Hkv
     prefix = L - Tq
     segs = segment_range(L, Tq, segment_size)
@@ -404,32 +457,116 @@ def sampled_mass_triton(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, 
     max_start = (segs.stop - 1) * segment_size
     if n_seg == 0 or max_start == 0:
         return e
-    seg_start = torch.arange(segs.start, segs.stop, device=dev, dtype=torch.int64) * segment_size
-    lo = seg_start.clamp(min=prefix)
-    hi = (seg_start + segment_size).clamp(max=L)
-    pos = sampled_rows(lo, hi, n_sample)                                          # [n_seg, R]
-    # (row, q head) pairs, q head major as in the reference: [n_seg, Hkv, G * R, D] and positions [n_seg, G * R]
-    qs = q[pos - prefix].view(n_seg, n_sample, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(n_seg, Hkv, G * n_sample, D)
-    pos_all = pos.repeat(1, G)
-    rows = G * n_sample
     block_n = 64
+    n_split = max(1, min(-(-LSE_PROGRAMS // (n_seg * Hkv)), L // LSE_MIN_KEYS))
+    split_keys = -(-L // (n_split * block_n)) * block_n
+    n_split = -(-L // split_keys)
+    contig = kv_indices is None
+    idx = k_pool if contig else kv_indices                     # (not read when contiguous)
+    qk_scale = sm_scale * LOG2E * k_scale
     ieee = q.dtype == torch.float32
-    for c0 in range(0, rows, SAMPLE_ROWS):
-        c1 = min(rows, c0 + SAMPLE_ROWS)
-        pad = SAMPLE_ROWS - (c1 - c0)
-        qc = torch.nn.functional.pad(qs[:, :, c0:c1], (0, 0, 0, pad)).contiguous()   # padding rows: q = 0
-        pc = torch.nn.functional.pad(pos_all[:, c0:c1], (0, pad), value=0).to(torch.int32).contiguous()
-        w = torch.zeros(SAMPLE_ROWS, dtype=torch.float32, device=dev)
-        w[:c1 - c0] = 1.0 / rows
-        lse = torch.empty(n_seg, Hkv, SAMPLE_ROWS, dtype=torch.float32, device=dev)
-        _sampled_lse[(n_seg, Hkv)](qc, k, pc, lse, sm_scale * LOG2E, qc.stride(0), qc.stride(1), k.stride(0),
-                                   k.stride(1), ROWS=SAMPLE_ROWS, HEAD_DIM=D, BLOCK_N=block_n, IEEE=ieee,
-                                   num_warps=8)
+    common = dict(N_SAMPLE=n_sample, GROUP=G, SEGMENT=segment_size, ROWS=SAMPLE_ROWS, HEAD_DIM=D, BLOCK_N=block_n,
+                  IEEE=ieee, KV_CONTIG=contig, num_warps=8)
+    m_part = torch.empty(n_seg, Hkv, n_split, SAMPLE_ROWS, dtype=torch.float32, device=dev)
+    l_part = torch.empty_like(m_part)
+    for c0 in range(0, G * n_sample, SAMPLE_ROWS):
+        _sampled_lse[(n_seg, Hkv, n_split)](q, k_pool, idx, m_part, l_part, kv_beg, prefix, L, segs.start, c0,
+                                            split_keys, qk_scale, q.stride(0), q.stride(1), k_pool.stride(0),
+                                            k_pool.stride(1), **common)
         grid = (triton.cdiv(max_start, MASS_BLOCKS * block_n), Hkv, n_seg)
-        _sampled_mass[grid](qc, k, lse, w, seg_start, e, sm_scale * LOG2E, qc.stride(0), qc.stride(1),
-                            k.stride(0), k.stride(1), e.stride(0), e.stride(1), ROWS=SAMPLE_ROWS, HEAD_DIM=D,
-                            BLOCK_N=block_n, BLOCKS=MASS_BLOCKS, IEEE=ieee, MAX=reduce == "max", num_warps=8)
+        _sampled_mass[grid](q, k_pool, idx, m_part, l_part, e, kv_beg, prefix, L, segs.start, c0, n_split,
+                            1.0 / (G * n_sample), qk_scale, q.stride(0), q.stride(1), k_pool.stride(0),
+                            k_pool.stride(1), e.stride(0), e.stride(1), BLOCKS=MASS_BLOCKS, MAX=reduce == "max",
+                            ACCUMULATE=c0 > 0, **common)
     return e
+
+
+@triton.jit
+def _mass_keys(E_BITS, KEYS, L, first_seg, n_kv_heads, WINDOW, SEGMENT: tl.constexpr, NB: tl.constexpr,
+               SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    """Sort keys of rank row ``program_id(0)`` (= segment x n_kv_heads + KV head) of the estimate e [rows, L]
+    (read as its fp32 bits): row * NB + bucket, bucket = (octaves of the row's largest e) - (octaves of e_j)
+    clamped to NB - 2 (``s2o_ref.rank_by_mass``), 0 for the WINDOW keys just before the segment, NB - 1 at or
+    after the segment start (``s2o_ref._sort_buckets``)."""
+    r = tl.program_id(0)
+    st = (first_seg + r // n_kv_heads) * SEGMENT
+    offs = tl.arange(0, BLOCK)
+    row = E_BITS + r.to(tl.int64) * L
+    top = tl.zeros([BLOCK], tl.int32)
+    for start in tl.range(0, st, BLOCK):
+        j = start + offs
+        top = tl.maximum(top, tl.load(row + j, mask=j < st, other=0) >> SHIFT)
+    top_all = tl.max(top, 0)
+    for start in tl.range(0, L, BLOCK):
+        j = start + offs
+        bucket = tl.minimum(tl.maximum(top_all - (tl.load(row + j, mask=j < L, other=0) >> SHIFT), 0), NB - 2)
+        bucket = tl.where(j >= st - WINDOW, 0, bucket)
+        bucket = tl.where(j >= st, NB - 1, bucket)
+        tl.store(KEYS + r.to(tl.int64) * L + j, r * NB + bucket, mask=j < L)
+
+
+@triton.jit
+def _mass_budget(E, ORDER, TAU, RANK, RANK_LEN, L, first_seg, n_kv_heads, WINDOW, SEGMENT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
+    """Rank row ``program_id(0)`` from the sorted keys' order (flat indices into [rows, L]) and its planned budget
+    (``s2o_ref.planned_budget``): the count of rank entries whose suffix sum of e (the mass left out from there
+    on) exceeds tau, at least WINDOW, rounded up to whole blocks, at most seg_start; seg_start where tau is 0."""
+    r = tl.program_id(0)
+    hk = r % n_kv_heads
+    st = (first_seg + r // n_kv_heads) * SEGMENT
+    base = r.to(tl.int64) * L
+    offs = tl.arange(0, BLOCK)
+    for start in tl.range(st, L, BLOCK):          # entries at or after seg_start: the later keys, in order
+        j = start + offs
+        tl.store(RANK + base + j, j, mask=j < L)
+    tau = tl.load(TAU + hk)
+    carry = 0.0
+    count = 0
+    n_blk = tl.cdiv(st, BLOCK)
+    for t in tl.range(0, n_blk):                  # the ranked earlier keys, last block first (suffix sums)
+        i = (n_blk - 1 - t) * BLOCK + offs
+        ok = i < st
+        pos = (tl.load(ORDER + base + i, mask=ok, other=base) - base).to(tl.int32)
+        tl.store(RANK + base + i, pos, mask=ok)
+        er = tl.load(E + base + pos, mask=ok, other=0.0)
+        after = carry + tl.cumsum(er, 0, reverse=True)
+        count += tl.sum(((after > tau) & ok).to(tl.int32), 0)
+        carry += tl.sum(er, 0)
+    n = tl.maximum(count, WINDOW)
+    n = tl.minimum(tl.cdiv(n, BLOCK_N) * BLOCK_N, st)
+    tl.store(RANK_LEN + r, tl.where(tau > 0, n, st))
+
+
+def plan_by_mass(q: torch.Tensor, k_pool: torch.Tensor, *, kv_indices: torch.Tensor | None, kv_beg: int,
+                 kv_len: int, segment_size: int, sm_scale: float, tau_kv: torch.Tensor, block_size: int,
+                 local_window: int, samples: int = SAMPLES, mass_reduce: str = "mean", k_scale: float = 1.0):
+    """The planned rule's index of one sequence (``s2o_ref``: ``sampled_mass``, ``rank_by_mass``,
+    ``planned_budget``) in a handful of launches and no host synchronisation: rank [n_seg, Hkv, L] int32
+    (positions) and rank_len [n_seg, Hkv] int32.  tau_kv: [Hkv] fp32 on the device."""
+    e = sampled_mass_triton(q, k_pool, segment_size=segment_size, sm_scale=sm_scale, n_sample=samples,
+                            reduce=mass_reduce, kv_indices=kv_indices, kv_beg=kv_beg, kv_len=kv_len,
+                            k_scale=k_scale)
+    return rank_and_budget(e, first_seg=(kv_len - q.shape[0]) // segment_size, segment_size=segment_size,
+                           tau_kv=tau_kv, block_size=block_size, local_window=local_window)
+
+
+def rank_and_budget(e: torch.Tensor, *, first_seg: int, segment_size: int, tau_kv: torch.Tensor, block_size: int,
+                    local_window: int):
+    """``s2o_ref.rank_by_mass`` and ``s2o_ref.planned_budget`` of the estimate e [n_seg, Hkv, L] (fp32, segment
+    i starting at (first_seg + i) * segment_size): a sort-key kernel, one flat stable sort, a rank-and-budget
+    kernel.  Returns rank [n_seg, Hkv, L] int32, rank_len [n_seg, Hkv] int32."""
+    n_seg, Hkv, L = e.shape
+    e = e.contiguous()
+    keys = torch.empty(n_seg, Hkv, L, dtype=torch.int32, device=e.device)
+    common = dict(SEGMENT=segment_size, BLOCK=INDEX_BLOCK, num_warps=4)
+    _mass_keys[(n_seg * Hkv,)](e.view(torch.int32), keys, L, first_seg, Hkv, local_window, NB=NUM_BUCKETS,
+                               SHIFT=23 - MASS_MANTISSA_BITS, **common)
+    order = torch.sort(keys.view(-1), stable=True).indices
+    rank = torch.empty_like(keys)
+    rank_len = torch.empty(n_seg, Hkv, dtype=torch.int32, device=e.device)
+    _mass_budget[(n_seg * Hkv,)](e, order, tau_kv, rank, rank_len, L, first_seg, Hkv, local_window,
+                                 BLOCK_N=block_size, **common)
+    return rank, rank_len
 
 
 def plan_tiles(qo_indptr: list[int], kv_indptr: list[int], *, q_tile: int, segment_size: int):
@@ -505,11 +642,11 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
                 sm_scale: float, n_rows: int, block_size: int = 128, n_sample: int = 0, local_window: int = 0,
                 group_reduce: str = "max", ratio: bool = False, compensate: bool = False,
                 k_scale: float = 1.0, planned_tau: torch.Tensor | None = None, samples: int = SAMPLES,
-                mass_reduce: str = "mean") -> dict:
+                mass_reduce: str = "mean", kv_contiguous: bool = False) -> dict:
     """Per-(sequence, segment) index data in ``plan_tiles`` row order (torch ops on the GPU):
     rank [n_rows, Hkv, Lmax] int32 (the ``local_window`` keys before each segment first), and when asked,
     with ``planned_tau`` ([Hkv] on the device: the "planned" rule) the rank by sampled mass and its budget
-    rank_len [n_rows, Hkv] int32 (``s2o_ref.planned_budget``),
+    rank_len [n_rows, Hkv] int32 (``plan_by_mass``: K read in place, through kv_indices unless kv_contiguous),
     ratio [n_rows, Hkv, ceil(Lmax / block_size)] fp32 (``s2o_ref.remaining_ratio``) and
     vbar [n_rows, Hkv, D] fp32 (``s2o_ref.value_means``, needs v_pool).  An fp8 K cache is ranked on its
     dequantised keys (k * k_scale in q's dtype); vbar stays in the V cache's units (the kernel scales the output)."""
@@ -518,31 +655,32 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
     Lmax = max(kv_indptr[b + 1] - kv_indptr[b] for b in range(len(kv_indptr) - 1))
     parts: dict[str, list] = {"rank": [], "rank_len": [], "ratio": [], "vbar": []}
     for b in seqs:
-        slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]].long()
-        k = k_pool[slots]                                               # [L, Hkv, D] (ranking only)
         qb = q[qo_indptr[b]:qo_indptr[b + 1]]
-        if k.dtype != q.dtype:
-            k = k.to(q.dtype) * k_scale
-        L = k.shape[0]
-        first = (L - qb.shape[0]) // segment_size
-        n_seg = len(segment_range(L, qb.shape[0], segment_size))
-        seg_starts = (first + torch.arange(n_seg, device=q.device)) * segment_size
+        L = kv_indptr[b + 1] - kv_indptr[b]
         if planned_tau is not None:
-            e = sampled_mass_triton(qb, k, segment_size=segment_size, sm_scale=sm_scale, n_sample=samples,
-                                    reduce=mass_reduce)
-            rb = rank_by_mass(e, seg_starts, local_window)
-            parts["rank_len"].append(planned_budget(e, rb, seg_starts, planned_tau, block_size, local_window))
+            rb, n = plan_by_mass(qb, k_pool, kv_indices=None if kv_contiguous else kv_indices, kv_beg=kv_indptr[b],
+                                 kv_len=L, segment_size=segment_size, sm_scale=sm_scale, tau_kv=planned_tau,
+                                 block_size=block_size, local_window=local_window, samples=samples,
+                                 mass_reduce=mass_reduce, k_scale=k_scale)
+            parts["rank_len"].append(n)
         else:
+            slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]].long()
+            k = k_pool[slots]                                           # [L, Hkv, D] (ranking only)
+            if k.dtype != q.dtype:
+                k = k.to(q.dtype) * k_scale
+            first = (L - qb.shape[0]) // segment_size
+            n_seg = len(segment_range(L, qb.shape[0], segment_size))
+            seg_starts = (first + torch.arange(n_seg, device=q.device)) * segment_size
             e = estimate_scores(qb, k, segment_size=segment_size, sm_scale=sm_scale, group_reduce=group_reduce,
                                 n_sample=n_sample)
             rb = rank_from_scores(e, seg_starts, local_window)
-        parts["rank"].append(torch.nn.functional.pad(rb, (0, Lmax - L)))
-        if ratio:
-            rr = remaining_ratio(e, rb, seg_starts, block_size)
-            parts["ratio"].append(torch.nn.functional.pad(rr, (0, -(-Lmax // block_size) - rr.shape[-1])))
-        if compensate:
-            parts["vbar"].append(value_means(v_pool[slots].to(q.dtype), seg_starts, chunk=segment_size))
-    out = {name: torch.cat(xs) for name, xs in parts.items() if xs}
+            if ratio:
+                rr = remaining_ratio(e, rb, seg_starts, block_size)
+                parts["ratio"].append(torch.nn.functional.pad(rr, (0, -(-Lmax // block_size) - rr.shape[-1])))
+            if compensate:
+                parts["vbar"].append(value_means(v_pool[slots].to(q.dtype), seg_starts, chunk=segment_size))
+        parts["rank"].append(rb if L == Lmax else torch.nn.functional.pad(rb, (0, Lmax - L)))
+    out = {name: xs[0] if len(xs) == 1 else torch.cat(xs) for name, xs in parts.items() if xs}
     if out["rank"].shape[0] != n_rows and n_rows:
         raise ValueError(f"index has {out['rank'].shape[0]} rows, the launch plans {n_rows}")
     return out
@@ -659,7 +797,7 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
         index = build_index(q, k_pool, qo_indptr=qo, kv_indptr=kvp, kv_indices=kv_indices,
                             segment_size=segment_size, sm_scale=sm_scale, n_rows=len(rows), block_size=block_size,
                             local_window=local_window, k_scale=k_scale, planned_tau=taus, samples=samples,
-                            mass_reduce=mass_reduce)
+                            mass_reduce=mass_reduce, kv_contiguous=kv_contiguous)
         rank, rank_len = index["rank"], index["rank_len"]
         if not audit:
             taus = torch.zeros_like(taus)         # (the audit reads tau; nothing else does in this mode)
@@ -689,9 +827,10 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     n_tiles = plan.n_tiles
     meta = plan.meta
     visited = torch.empty(n_tiles, Hq, dtype=torch.int32, device=dev)
-    rl = rank_len if rank_len is not None else rank.new_zeros(1, 1)
-    ratio = ratio if ratio is not None else taus.new_zeros(1, 1, 1)
-    vbar = vbar if vbar is not None else taus.new_zeros(1, 1, 1)
+    unread = taus.view(1, 1, -1)                     # what the kernel takes for a table it does not read
+    rl = rank_len if rank_len is not None else unread[0]
+    ratio = ratio if ratio is not None else unread
+    vbar = vbar if vbar is not None else unread
     nw, ns, ch = default_config(q.dtype, D, q_tile, block_size)
     num_warps = num_warps or nw
     num_stages = num_stages or ns

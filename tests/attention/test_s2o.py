@@ -418,6 +418,113 @@ def test_kernel_planned_matches_reference_chunked_gqa():
     assert _density(cnt) < 1.0, "the case must leave blocks out"
 
 
+def test_sampled_mass_kernel_reads_a_shuffled_pool_in_place():
+    """The planned rule's estimate on the kernels (interpreter, fp32): a chunked prefill (prefix 1100 of 4100) whose
+    keys sit at shuffled slots of a larger pool, a GQA group of 7 (two chunks of sampled pairs, the second added to
+    the first) and the log-sum-exp split over keys (4 splits here), against ``s2o_ref.sampled_mass`` on the
+    gathered keys.  Both sum fp32 products (the kernels' dots are IEEE here) in different orders: 1e-5 of the row's
+    largest estimate is far above that rounding and far below any real difference."""
+    from sgl_slim.attention import s2o_triton
+    from sgl_slim.attention.s2o_ref import sampled_mass
+    L, Tq, Hq, Hkv, D = 4100, 3000, 7, 1, 32
+    q, k, _ = make_qkv(L, Hq, Hkv, D, seed=31, dtype=torch.float32)
+    q = q[L - Tq:]
+    pool = torch.randn(L + 500, Hkv, D)
+    slots = torch.randperm(L + 500)[:L].int()
+    pool[slots.long()] = k
+    idx = torch.cat([torch.randint(0, L + 500, (77,), dtype=torch.int32), slots])     # the sequence at offset 77
+    for reduce in ["mean", "max"]:
+        want = sampled_mass(q, k, segment_size=1024, sm_scale=D ** -0.5, n_sample=20, reduce=reduce)
+        got = s2o_triton.sampled_mass_triton(q, pool, segment_size=1024, sm_scale=D ** -0.5, n_sample=20,
+                                             reduce=reduce, kv_indices=idx, kv_beg=77, kv_len=L)
+        scale = want.amax(-1, keepdim=True).clamp(min=1e-30)
+        err = ((got - want).abs() / scale).max().item()
+        assert err < 1e-5, f"{reduce}: max error {err:.3g} of the row's largest estimate"
+        assert want[1:].amax() > 0, "the case must hold earlier keys"
+
+
+@pytest.mark.parametrize("window", [0, 100])
+def test_rank_and_budget_kernels_equal_the_reference(window):
+    """The ranking (sort keys from the estimate's float bits, one stable sort) and the budget (suffix sums of the
+    ranked estimate) on the kernels give the reference's rank exactly and its budget on every row: the buckets are
+    integers from the same bits on both sides, and the budgets' suffix sums differ by rounding only (fp32, orders
+    of 1e-7 relative), which moves no count across a block boundary on these inputs.  Rows with zero estimates,
+    exact ties and a budget of whole rows included; tau per KV head."""
+    from sgl_slim.attention import s2o_triton
+    from sgl_slim.attention.s2o_ref import planned_budget, rank_by_mass
+    gen = torch.Generator().manual_seed(3)
+    n_seg, Hkv, L, S = 4, 2, 2300, 512
+    e = torch.rand(n_seg, Hkv, L, generator=gen) ** 6 / 300
+    e[..., ::7] = 0.0
+    e[..., 5::11] = e[..., 5:6]                           # ties: the stable sort keeps them in position order
+    first = 1
+    seg_starts = (first + torch.arange(n_seg)) * S
+    e = e.masked_fill(torch.arange(L)[None, None, :] >= seg_starts[:, None, None], 0.0)
+    want_rank = rank_by_mass(e, seg_starts, window)
+    budgets = []
+    for tau in [torch.tensor([0.05, 0.2]), torch.tensor([1e-3, 0.0])]:
+        want_len = planned_budget(e, want_rank, seg_starts, tau, 64, window)
+        rank, n = s2o_triton.rank_and_budget(e, first_seg=first, segment_size=S, tau_kv=tau, block_size=64,
+                                             local_window=window)
+        assert torch.equal(rank, want_rank), "rank differs from rank_by_mass"
+        assert torch.equal(n, want_len), f"budget {n.tolist()} != {want_len.tolist()}"
+        budgets.append(n)
+    whole = torch.stack(budgets) == seg_starts[None, :, None]
+    assert whole.any() and not whole.all(), "the case must hold partial and whole-row budgets"
+
+
+def test_planned_index_is_a_handful_of_launches():
+    """The planned index of one sequence runs as a few kernels (no chain of small torch ops: each is a launch and
+    tens of microseconds of host time on a GPU): the sampled-mass kernels, the ranking kernels, one sort and the
+    tensors they fill.  Counted on the CPU: torch ops that compute, and Triton launches.  Fails with the
+    torch-op index this replaced (over 60 ops)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from sgl_slim.attention import s2o_triton
+
+    no_launch = {"view", "slice", "select", "as_strided", "_unsafe_view", "alias", "detach", "empty",
+                 "empty_strided", "expand", "t", "transpose", "permute", "unsqueeze", "squeeze", "lift_fresh"}
+
+    class Count(TorchDispatchMode):
+        ops: list = []
+        in_kernel = False              # the interpreter's own tensor work inside a launch is not counted
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in no_launch and not Count.in_kernel:
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    launches = []
+    kernel_cls = type(s2o_triton._sampled_lse)
+    real_getitem = kernel_cls.__getitem__
+
+    def counted(self, grid):
+        launch = real_getitem(self, grid)
+
+        def run(*args, **kwargs):
+            launches.append(self.fn.__name__)
+            Count.in_kernel = True
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                Count.in_kernel = False
+        return run
+
+    L, Tq = 2600, 2600
+    q, k, _ = make_qkv(L, 4, 1, 32, seed=2, dtype=torch.float32)
+    tau, idx = torch.tensor([0.01]), torch.arange(L, dtype=torch.int32)
+    kernel_cls.__getitem__ = counted
+    try:
+        with Count():
+            s2o_triton.plan_by_mass(q[L - Tq:], k, kv_indices=idx, kv_beg=0, kv_len=L, segment_size=512,
+                                    sm_scale=32 ** -0.5, tau_kv=tau, block_size=64, local_window=64)
+    finally:
+        kernel_cls.__getitem__ = real_getitem
+    total = len(Count.ops) + len(launches)
+    assert len(launches) == 4, f"expected 2 sampled-mass + 2 ranking kernels, got {launches}"
+    assert total <= 8, f"{total} launches: torch ops {Count.ops}, kernels {launches}"
+
+
 # ----------------------------------------------------------------------------------- audit (v4)
 def _planted_needles(L, Hq, Hkv, D, seed):
     """make_qkv plus, per KV head, 6 needle keys that one query row each reads strongly (and no other row):

@@ -174,3 +174,38 @@ def test_sampled_mass_kernel_matches_reference_at_real_shape(reduce):
         scale = want.amax(-1, keepdim=True).clamp(min=1e-30)
         err = ((got - want).abs() / scale).max().item()
         assert err < 1e-3, f"L={L} Tq={Tq} {reduce}: max error {err:.3g} of the row's largest estimate"
+
+
+def test_planned_index_kernels_match_the_reference_at_real_shape():
+    """The planned index on the kernels at the Llama-3.1-8B attention shape (32K, a prefill after a 4K prefix, keys
+    at shuffled slots of a larger pool): the estimate within the sampled-mass test's 1e-3, then, on that same
+    estimate, the rank equal to ``rank_by_mass`` and the budget to ``planned_budget``.  The budgets' fp32 suffix
+    sums run in different orders (a GPU scan against the kernel's blocks), so a row may differ by one block where
+    the ref's dropped mass at the boundary is within 1e-4 of tau (rounding of sums of ~1e4 terms: ~1e-6)."""
+    from sgl_slim.attention import s2o_triton
+    from sgl_slim.attention.s2o_ref import planned_budget, rank_by_mass, sampled_mass
+    L, Tq, S = 32768, 28672, 2048
+    q, k, _ = make_qkv(L, 32, 8, 128, seed=12, dtype=torch.bfloat16, device="cuda")
+    q = q[L - Tq:]
+    pool = torch.randn(L + 1000, 8, 128, device="cuda", dtype=torch.bfloat16)
+    slots = torch.randperm(L + 1000, device="cuda")[:L]
+    pool[slots] = k
+    want = sampled_mass(q, k, segment_size=S, sm_scale=128 ** -0.5)
+    got = s2o_triton.sampled_mass_triton(q, pool, segment_size=S, sm_scale=128 ** -0.5,
+                                         kv_indices=slots.int(), kv_beg=0, kv_len=L)
+    err = ((got - want).abs() / want.amax(-1, keepdim=True).clamp(min=1e-30)).max().item()
+    assert err < 1e-3, f"estimate through the pool: max error {err:.3g} of the row's largest estimate"
+    first = (L - Tq) // S
+    seg_starts = (first + torch.arange(got.shape[0], device="cuda")) * S
+    tau = torch.tensor([1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.0, 1e-2, 1e-2], device="cuda")
+    rank, n = s2o_triton.rank_and_budget(got, first_seg=first, segment_size=S, tau_kv=tau, block_size=128,
+                                         local_window=1024)
+    want_rank = rank_by_mass(got, seg_starts, 1024)
+    assert torch.equal(rank, want_rank), "rank differs from rank_by_mass on the same estimate"
+    want_n = planned_budget(got, want_rank, seg_starts, tau, 128, 1024)
+    for s, h in (n != want_n).nonzero().tolist():
+        lo = int(min(n[s, h], want_n[s, h]))
+        dropped = got[s, h][want_rank[s, h, lo:int(seg_starts[s])].long()].sum().item()
+        assert abs(int(n[s, h]) - int(want_n[s, h])) == 128 and abs(dropped - tau[h].item()) < 1e-4 * tau[h].item(), \
+            f"segment {s} head {h}: budget {int(n[s, h])} vs {int(want_n[s, h])}, dropped {dropped:.6g}"
+    assert (want_n < seg_starts[:, None]).float().mean() > 0.5, "the case must leave keys out"
