@@ -11,7 +11,9 @@ Paths timed (planted inputs, Llama-3.1-8B attention shape, bf16, block 128 / seg
   * ``v3``: the planned budget at ``--taus`` (index building included), for the time per visited block at
     lower density;
   * ``v4``: the same plus the audit of the blocks it leaves out (``--audit-stages``: its loop's depths to try;
-    ``--audit-fp8``: with the audit's fp8 pre-filter too).
+    ``--audit-fp8``: with the audit's fp8 pre-filter too);
+  * ``v5``: v3 with v4's audit for the tiles of the last 128 rows only.
+``--paths REGEX`` keeps the paths whose name matches; ``--breakdown`` times the planned index's parts alone.
 ``us_per_block`` = time / visited score blocks (128 x 128, summed over heads), ``vs_cudnn`` = cuDNN's time per
 causal block / ours (1.0: cuDNN's speed per block).  ``--compare MODULE`` (a module with ``s2o_paged``, e.g. a
 copy of a previous kernel) runs every path with it too, side by side, and records the largest output difference.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 
 import torch
 
@@ -60,7 +63,9 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
     paths += [("v3", tau, {"kv_contiguous": True, "stop": "planned", "local_window": 1024}) for tau in args.taus]
     paths += [("v4", tau, {"kv_contiguous": True, "stop": "planned", "local_window": 1024, "audit": True})
               for tau in args.taus]
-    for name, tau, kw in paths:
+    paths += [("v5", tau, {"kv_contiguous": True, "stop": "planned", "local_window": 1024, "audit": True,
+                           "audit_last": 128}) for tau in args.taus]
+    for name, tau, kw in (p for p in paths if re.search(args.paths, p[0])):
         outs = {}
         for impl, (mod, extra) in impls.items():
             if ("audit_stages" in extra or "audit_fp8" in extra) and not kw.get("audit"):
@@ -94,7 +99,9 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
 
 
 def _index_breakdown(q, k, idx, taus, base, rows_out, log, iters) -> None:
-    """The planned index's parts, timed one by one: sampled-row softmax, ranking, budget."""
+    """The planned index's parts, timed one by one: the sampled-row softmax, the ranking and budget (kernels),
+    the same ranking and budget as torch ops (``s2o_ref``: the form before the kernels, same result), and the
+    whole index of one call."""
     from sgl_slim.attention.s2o_ref import planned_budget, rank_by_mass  # noqa: PLC0415
     L = k.shape[0]
     scale = 1.0 / math.sqrt(D)
@@ -104,14 +111,21 @@ def _index_breakdown(q, k, idx, taus, base, rows_out, log, iters) -> None:
     tau_kv = torch.full((k.shape[1],), taus[0], device="cuda")
     parts = {
         "sampled_mass": lambda: s2o_triton.sampled_mass_triton(q, k, segment_size=SEGMENT, sm_scale=scale),
-        "rank_by_mass": lambda: rank_by_mass(e, seg_starts, 1024),
-        "planned_budget": lambda: planned_budget(e, rank, seg_starts, tau_kv, BLOCK, 1024),
+        "rank_and_budget": lambda: s2o_triton.rank_and_budget(e, first_seg=0, segment_size=SEGMENT, tau_kv=tau_kv,
+                                                              block_size=BLOCK, local_window=1024),
+        "rank_by_mass_torch": lambda: rank_by_mass(e, seg_starts, 1024),
+        "planned_budget_torch": lambda: planned_budget(e, rank, seg_starts, tau_kv, BLOCK, 1024),
         "build_index": lambda: s2o_triton.build_index(
             q, k, qo_indptr=[0, L], kv_indptr=[0, L], kv_indices=idx, segment_size=SEGMENT, sm_scale=scale,
             n_rows=0, block_size=BLOCK, local_window=1024, planned_tau=tau_kv),
     }
+    got = s2o_triton.rank_and_budget(e, first_seg=0, segment_size=SEGMENT, tau_kv=tau_kv, block_size=BLOCK,
+                                     local_window=1024)
+    same = {"rank_equal": bool(torch.equal(got[0], rank)),
+            "budget_equal": bool(torch.equal(got[1], planned_budget(e, rank, seg_starts, tau_kv, BLOCK, 1024)))}
     for name, fn in parts.items():
-        rows_out.append({**base, "method": "index_part", "part": name, "ms": time_ms(fn, warmup=1, iters=iters)})
+        rows_out.append({**base, "method": "index_part", "part": name, "ms": time_ms(fn, warmup=1, iters=iters),
+                         **(same if name == "rank_and_budget" else {})})
         log(rows_out[-1])
 
 
@@ -126,6 +140,7 @@ def main():
     ap.add_argument("--audit-stages", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                     help="pipelining depths of the v4 audit loop to time too")
     ap.add_argument("--audit-fp8", action="store_true", help="time v4 with the audit's fp8 pre-filter too")
+    ap.add_argument("--paths", default=".", help="regular expression: the paths to time")
     sweep(ap.parse_args(), run_length, "s2o_kernel_speed")
 
 

@@ -1,24 +1,28 @@
 """Where one S2O layer call's time goes on a trained model's real q/k/v (the testbed model, one long key-value
 prompt), beside dense attention of the same layer.
 
-    python -m benchmarks.s2o_layer_profile --model DIR --length 32768 --variants v4,v5 --taus 1e-2 --out F.jsonl
+    python -m benchmarks.s2o_layer_profile --model DIR --length 32768 --variants v4,v5 --taus 1e-2 --out F.jsonl \
+        [--compare MODULE]
 
 Per layer and setting (one JSON line each):
-  sdpa_ms          torch SDPA, causal, GQA by repeating K/V first (the testbed eval's dense method passes
-                   enable_gqa instead; the recorded results were taken with this form)
+  sdpa_ms          torch SDPA, causal, GQA through enable_gqa (the testbed eval's dense method; results before
+                   2026-12-05 repeated K/V first instead, which is slower)
   s2o_dense_ms     S2O's kernel at tau 0 (its dense path)
   gpu_ms           a call of the variant as a server makes it: plan built once per batch, no host read inside the call
                    (CUDA events, median)
   host_ms          the same call's time on the host (Python + launches, no synchronisation): when it is larger
                    than gpu_ms the GPU waits on the host
   kernels          GPU time per kernel family of one call (torch.profiler): the attention kernel, the sampled
-                   mass kernels, sorting, everything else
+                   mass kernels, the ranking kernels, sorting, everything else; "count": kernels launched
+  impl             "current", or "compare": the same call through MODULE's ``s2o_paged`` (e.g. a copy of a
+                   previous kernel module), side by side in the same run
   density          visited / causal score blocks of the call
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import statistics
@@ -30,13 +34,8 @@ import torch
 from benchmarks.harness import env_info, time_ms
 from sgl_slim.testbed import append_jsonl
 
-FAMILIES = (("_s2o_fwd", "attention"), ("_sampled", "sampled_mass"), ("sort", "sort"), ("Sort", "sort"))
-
-
-def _sdpa(q, k, v, scale):
-    g = q.shape[1] // k.shape[1]
-    qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)))
-    return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+FAMILIES = (("_s2o_fwd", "attention"), ("_sampled", "sampled_mass"), ("_mass_", "ranking"), ("sort", "sort"),
+            ("Sort", "sort"))
 
 
 def host_ms(fn, iters: int = 20) -> float:
@@ -78,10 +77,13 @@ def main(argv=None):
     ap.add_argument("--taus", default="1e-2,3e-2")
     ap.add_argument("--variants", default="v4")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compare", default="", help="module with s2o_paged to time beside the current one")
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer  # noqa: PLC0415
 
     from sgl_slim.attention import plan_paged, s2o_attention_paged  # noqa: PLC0415
+    from sgl_slim.attention.s2o_ref import VARIANTS  # noqa: PLC0415
+    from sgl_slim.testbed.attn import _dense  # noqa: PLC0415
     from sgl_slim.testbed.dump import capture_qkv, long_prompt  # noqa: PLC0415
     from sgl_slim.testbed.model import load_model  # noqa: PLC0415
 
@@ -93,6 +95,11 @@ def main(argv=None):
     indptr = torch.tensor([0, L], dtype=torch.int32, device="cuda")
     idx = torch.arange(L, dtype=torch.int32, device="cuda")
     plan = plan_paged([0, L], [0, L], device="cuda")
+    impls = {"current": lambda tau, variant: call(tau, variant)}
+    if args.compare:
+        other = importlib.import_module(args.compare)
+        other_plan = other.plan_paged([0, L], [0, L], block_size=128, segment_size=2048, q_tile=128, device="cuda")
+        impls["compare"] = lambda tau, variant: call_other(tau, variant)
     for layer in sorted(qkv):
         q, k, v = (x.cuda().to(torch.bfloat16).contiguous() for x in qkv[layer])
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -102,18 +109,28 @@ def main(argv=None):
             return s2o_attention_paged(q, k, v, qo_indptr=indptr, kv_indptr=indptr, kv_indices=idx, tau=tau,
                                        variant=variant, plan=plan, return_counts=True)
 
-        row = dict(base, sdpa_ms=time_ms(lambda: _sdpa(q, k, v, scale)), s2o_dense_ms=time_ms(lambda: call(0.0)))
+        def call_other(tau, variant="v4"):
+            out, _, computed, causal = other.s2o_paged(
+                q, k, v, qo_indptr=indptr, kv_indptr=indptr, kv_indices=idx, tau=tau, block_size=128,
+                segment_size=2048, q_tile=128, sm_scale=scale, plan=other_plan, **VARIANTS[variant])
+            return out, (computed, causal)
+
+        row = dict(base, sdpa_ms=time_ms(lambda: _dense(q, k, v, scale)), s2o_dense_ms=time_ms(lambda: call(0.0)))
         rows.append(row)
         print(json.dumps(row), flush=True)
         for variant in args.variants.split(","):
             for tau in (float(t) for t in args.taus.split(",")):
-                _, (computed, causal) = call(tau, variant)
-                row = dict(base, variant=variant, tau=tau,
-                           density=round(float(computed.sum()) / max(1, int(causal.sum())), 4),
-                           gpu_ms=time_ms(lambda: call(tau, variant)), host_ms=host_ms(lambda: call(tau, variant)),
-                           kernels=kernel_families(lambda: call(tau, variant)))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                for impl, fn in impls.items():
+                    out, (computed, causal) = fn(tau, variant)
+                    row = dict(base, impl=impl, variant=variant, tau=tau,
+                               density=round(float(computed.sum()) / max(1, int(causal.sum())), 4),
+                               gpu_ms=time_ms(lambda: fn(tau, variant)), host_ms=host_ms(lambda: fn(tau, variant)),
+                               kernels=kernel_families(lambda: fn(tau, variant)))
+                    if impl != "current":
+                        ref = call(tau, variant)[0].float()
+                        row["rel_l2_vs_current"] = round(((out.float() - ref).norm() / ref.norm()).item(), 6)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     if args.out:
         append_jsonl(args.out, rows)
 
