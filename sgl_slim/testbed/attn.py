@@ -89,9 +89,16 @@ class Run:
     _events: list = field(default_factory=list)
     _cpu_ms: float = 0.0
     captured: dict = field(default_factory=dict)   # layer -> (q, k, v) for "capture"
+    _pending: list = field(default_factory=list)   # (computed, causal) block counts on the GPU, work of the call
+    _plans: dict = field(default_factory=dict)     # sequence length -> S2O plan (built once, as a server does)
 
     @property
     def density(self) -> float:
+        if self._pending:             # one host read for every call since the last one
+            counts = torch.stack([torch.stack([c.sum(), k.sum()]) for c, k, _ in self._pending]).double().cpu()
+            for (comp, caus), (_, _, work) in zip(counts.tolist(), self._pending):
+                self.computed += comp / max(caus, 1.0) * work
+            self._pending.clear()
         return self.computed / self.causal if self.causal else 1.0
 
     @property
@@ -144,10 +151,32 @@ def _baseline(q, k, v, *, name, gamma, block_size, segment_size, scale):
     return out.to(q.dtype), {"density": float(cnt["computed"].sum()) / max(float(cnt["causal"].sum()), 1.0)}
 
 
-def attend(method: Method, q, k, v, *, layer: int, scale: float):
-    """One sequence's causal attention by ``method``: q [T, Hq, D], k/v [T, Hkv, D] -> (out, density)."""
+def _s2o_served(run: Run, q, k, v, *, scale):
+    """S2O as a server calls it: through the paged API, on the GPU with the plan built once per sequence length
+    and reused by every layer, the block counts left on the device (no host read inside the forward; the Run
+    reads them all at once).  -> (out, (computed, causal))."""
+    from sgl_slim.attention import plan_paged, s2o_attention_paged  # noqa: PLC0415
+
+    m, T = run.method, q.shape[0]
+    if T not in run._plans:
+        ind = torch.tensor([0, T], dtype=torch.int32, device=q.device)
+        plan = plan_paged([0, T], [0, T], block_size=m.block_size, segment_size=m.segment_size,
+                          device=q.device) if q.is_cuda else None
+        run._plans[T] = (ind, torch.arange(T, dtype=torch.int32, device=q.device), plan)
+    ind, idx, plan = run._plans[T]
+    out, counts = s2o_attention_paged(q, k, v, qo_indptr=ind, kv_indptr=ind, kv_indices=idx, tau=m.knob,
+                                      block_size=m.block_size, segment_size=m.segment_size, sm_scale=scale,
+                                      variant=m.variant, plan=plan, return_counts=True)
+    return out, counts
+
+
+def attend(method: Method, q, k, v, *, layer: int, scale: float, run: Run | None = None):
+    """One sequence's causal attention by ``method``: q [T, Hq, D], k/v [T, Hkv, D] -> (out, density), the
+    density as a float, or for S2O inside a ``Run`` as (computed, causal) block counts on q's device."""
     if method.kind in ("dense", "capture"):
         return _dense(q, k, v, scale), 1.0
+    if method.kind == "s2o" and run is not None:
+        return _s2o_served(run, q, k, v, scale=scale)
     if method.kind == "s2o":
         out, st = _s2o(q, k, v, tau=method.knob, variant=method.variant, block_size=method.block_size,
                        segment_size=method.segment_size, scale=scale)
@@ -192,15 +221,18 @@ def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropo
         if q.is_cuda:
             ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             ev[0].record()
-            o, dens = attend(run.method, q, k, v, layer=layer, scale=scale)
+            o, dens = attend(run.method, q, k, v, layer=layer, scale=scale, run=run)
             ev[1].record()
             run._events.append(ev)
         else:
             t0 = time.perf_counter()
-            o, dens = attend(run.method, q, k, v, layer=layer, scale=scale)
+            o, dens = attend(run.method, q, k, v, layer=layer, scale=scale, run=run)
             run._cpu_ms += (time.perf_counter() - t0) * 1e3
         work = q.shape[0] * (q.shape[0] + 1) / 2
-        run.computed += dens * work
+        if isinstance(dens, tuple):
+            run._pending.append((*dens, work))
+        else:
+            run.computed += dens * work
         run.causal += work
         run.calls += 1
         outs.append(o.to(query.dtype))

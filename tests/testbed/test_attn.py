@@ -34,6 +34,26 @@ def test_s2o_at_tau_zero_is_dense_and_a_large_tau_skips_work(tiny_model, ids):
     assert run.density < 0.9 and run.attn_ms > 0
 
 
+def test_s2o_counts_are_read_once_and_equal_the_per_call_densities(tiny_model, ids, monkeypatch):
+    """Inside a Run, S2O leaves its block counts on the device and the Run reads them all at once; the density
+    that gives equals the mean of the per-call densities (host-read stats) of the same calls (equal lengths:
+    equal work)."""
+    from sgl_slim.testbed import attn
+    per_call, real_attend = [], attn.attend
+
+    def both(method, q, k, v, *, layer, scale, run=None):
+        per_call.append(real_attend(method, q, k, v, layer=layer, scale=scale)[1])
+        return real_attend(method, q, k, v, layer=layer, scale=scale, run=run)
+
+    monkeypatch.setattr(attn, "attend", both)
+    with use_method(tiny_model, parse_method("s2o:v1:0.5", block_size=32, segment_size=64)) as run:
+        _logits(tiny_model, ids)
+    assert len(run._pending) == tiny_model.config.num_hidden_layers, "counts must wait until read"
+    served = run.density
+    assert not run._pending
+    assert served == pytest.approx(sum(per_call) / len(per_call), rel=1e-12) and served < 0.9
+
+
 def test_baseline_runs_on_the_kernel_path(tiny_model, ids):
     ids = ids[:, :256]
     ref = _logits(tiny_model, ids)
