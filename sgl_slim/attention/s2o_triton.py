@@ -506,11 +506,24 @@ def _mass_keys(E_BITS, KEYS, L, first_seg, n_kv_heads, WINDOW, SEGMENT: tl.const
 
 
 @triton.jit
-def _mass_budget(E, ORDER, TAU, RANK, RANK_LEN, L, first_seg, n_kv_heads, WINDOW, SEGMENT: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
+def _slot_of(KV_IDX, kv_beg, pos, ok, SLOTS: tl.constexpr, KV_CONTIG: tl.constexpr):
+    # what a rank entry holds for key position pos: the position, or its token slot
+    if not SLOTS:
+        return pos
+    if KV_CONTIG:
+        return kv_beg + pos
+    return tl.load(KV_IDX + kv_beg + pos, mask=ok, other=0)
+
+
+@triton.jit
+def _mass_budget(E, ORDER, TAU, RANK, RANK_LEN, KV_IDX, kv_beg, L, first_seg, n_kv_heads, WINDOW,
+                 SEGMENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr,
+                 KV_CONTIG: tl.constexpr):
     """Rank row ``program_id(0)`` from the sorted keys' order (flat indices into [rows, L]) and its planned budget
     (``s2o_ref.planned_budget``): the count of rank entries whose suffix sum of e (the mass left out from there
-    on) exceeds tau, at least WINDOW, rounded up to whole blocks, at most seg_start; seg_start where tau is 0."""
+    on) exceeds tau, at least WINDOW, rounded up to whole blocks, at most seg_start; seg_start where tau is 0.
+    SLOTS: the rank holds each key's token slot (kv_indices[kv_beg + position], or kv_beg + position when
+    KV_CONTIG), what the attention kernel reads, instead of its position."""
     r = tl.program_id(0)
     hk = r % n_kv_heads
     st = (first_seg + r // n_kv_heads) * SEGMENT
@@ -518,7 +531,7 @@ def _mass_budget(E, ORDER, TAU, RANK, RANK_LEN, L, first_seg, n_kv_heads, WINDOW
     offs = tl.arange(0, BLOCK)
     for start in tl.range(st, L, BLOCK):          # entries at or after seg_start: the later keys, in order
         j = start + offs
-        tl.store(RANK + base + j, j, mask=j < L)
+        tl.store(RANK + base + j, _slot_of(KV_IDX, kv_beg, j, j < L, SLOTS, KV_CONTIG), mask=j < L)
     tau = tl.load(TAU + hk)
     carry = 0.0
     count = 0
@@ -527,7 +540,7 @@ def _mass_budget(E, ORDER, TAU, RANK, RANK_LEN, L, first_seg, n_kv_heads, WINDOW
         i = (n_blk - 1 - t) * BLOCK + offs
         ok = i < st
         pos = (tl.load(ORDER + base + i, mask=ok, other=base) - base).to(tl.int32)
-        tl.store(RANK + base + i, pos, mask=ok)
+        tl.store(RANK + base + i, _slot_of(KV_IDX, kv_beg, pos, ok, SLOTS, KV_CONTIG), mask=ok)
         er = tl.load(E + base + pos, mask=ok, other=0.0)
         after = carry + tl.cumsum(er, 0, reverse=True)
         count += tl.sum(((after > tau) & ok).to(tl.int32), 0)
@@ -539,22 +552,26 @@ def _mass_budget(E, ORDER, TAU, RANK, RANK_LEN, L, first_seg, n_kv_heads, WINDOW
 
 def plan_by_mass(q: torch.Tensor, k_pool: torch.Tensor, *, kv_indices: torch.Tensor | None, kv_beg: int,
                  kv_len: int, segment_size: int, sm_scale: float, tau_kv: torch.Tensor, block_size: int,
-                 local_window: int, samples: int = SAMPLES, mass_reduce: str = "mean", k_scale: float = 1.0):
+                 local_window: int, samples: int = SAMPLES, mass_reduce: str = "mean", k_scale: float = 1.0,
+                 slots: bool = False):
     """The planned rule's index of one sequence (``s2o_ref``: ``sampled_mass``, ``rank_by_mass``,
     ``planned_budget``) in a handful of launches and no host synchronisation: rank [n_seg, Hkv, L] int32
-    (positions) and rank_len [n_seg, Hkv] int32.  tau_kv: [Hkv] fp32 on the device."""
+    (positions, or with ``slots`` the keys' token slots) and rank_len [n_seg, Hkv] int32.  tau_kv: [Hkv] fp32
+    on the device."""
     e = sampled_mass_triton(q, k_pool, segment_size=segment_size, sm_scale=sm_scale, n_sample=samples,
                             reduce=mass_reduce, kv_indices=kv_indices, kv_beg=kv_beg, kv_len=kv_len,
                             k_scale=k_scale)
     return rank_and_budget(e, first_seg=(kv_len - q.shape[0]) // segment_size, segment_size=segment_size,
-                           tau_kv=tau_kv, block_size=block_size, local_window=local_window)
+                           tau_kv=tau_kv, block_size=block_size, local_window=local_window,
+                           slots=(kv_indices, kv_beg) if slots else None)
 
 
 def rank_and_budget(e: torch.Tensor, *, first_seg: int, segment_size: int, tau_kv: torch.Tensor, block_size: int,
-                    local_window: int):
+                    local_window: int, slots: tuple | None = None):
     """``s2o_ref.rank_by_mass`` and ``s2o_ref.planned_budget`` of the estimate e [n_seg, Hkv, L] (fp32, segment
     i starting at (first_seg + i) * segment_size): a sort-key kernel, one flat stable sort, a rank-and-budget
-    kernel.  Returns rank [n_seg, Hkv, L] int32, rank_len [n_seg, Hkv] int32."""
+    kernel.  Returns rank [n_seg, Hkv, L] int32, rank_len [n_seg, Hkv] int32.  slots = (kv_indices or None for
+    contiguous keys, kv_beg): the rank holds token slots instead of positions."""
     n_seg, Hkv, L = e.shape
     e = e.contiguous()
     keys = torch.empty(n_seg, Hkv, L, dtype=torch.int32, device=e.device)
@@ -564,8 +581,10 @@ def rank_and_budget(e: torch.Tensor, *, first_seg: int, segment_size: int, tau_k
     order = torch.sort(keys.view(-1), stable=True).indices
     rank = torch.empty_like(keys)
     rank_len = torch.empty(n_seg, Hkv, dtype=torch.int32, device=e.device)
-    _mass_budget[(n_seg * Hkv,)](e, order, tau_kv, rank, rank_len, L, first_seg, Hkv, local_window,
-                                 BLOCK_N=block_size, **common)
+    idx, kv_beg = slots if slots is not None else (None, 0)
+    _mass_budget[(n_seg * Hkv,)](e, order, tau_kv, rank, rank_len, rank if idx is None else idx, kv_beg, L,
+                                 first_seg, Hkv, local_window, BLOCK_N=block_size, SLOTS=slots is not None,
+                                 KV_CONTIG=idx is None, **common)
     return rank, rank_len
 
 
@@ -642,11 +661,12 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
                 sm_scale: float, n_rows: int, block_size: int = 128, n_sample: int = 0, local_window: int = 0,
                 group_reduce: str = "max", ratio: bool = False, compensate: bool = False,
                 k_scale: float = 1.0, planned_tau: torch.Tensor | None = None, samples: int = SAMPLES,
-                mass_reduce: str = "mean", kv_contiguous: bool = False) -> dict:
+                mass_reduce: str = "mean", kv_contiguous: bool = False, slots: bool = False) -> dict:
     """Per-(sequence, segment) index data in ``plan_tiles`` row order (torch ops on the GPU):
     rank [n_rows, Hkv, Lmax] int32 (the ``local_window`` keys before each segment first), and when asked,
     with ``planned_tau`` ([Hkv] on the device: the "planned" rule) the rank by sampled mass and its budget
-    rank_len [n_rows, Hkv] int32 (``plan_by_mass``: K read in place, through kv_indices unless kv_contiguous),
+    rank_len [n_rows, Hkv] int32 (``plan_by_mass``: K read in place, through kv_indices unless kv_contiguous;
+    with ``slots`` the rank holds the keys' token slots, as the kernel reads them),
     ratio [n_rows, Hkv, ceil(Lmax / block_size)] fp32 (``s2o_ref.remaining_ratio``) and
     vbar [n_rows, Hkv, D] fp32 (``s2o_ref.value_means``, needs v_pool).  An fp8 K cache is ranked on its
     dequantised keys (k * k_scale in q's dtype); vbar stays in the V cache's units (the kernel scales the output)."""
@@ -661,7 +681,7 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
             rb, n = plan_by_mass(qb, k_pool, kv_indices=None if kv_contiguous else kv_indices, kv_beg=kv_indptr[b],
                                  kv_len=L, segment_size=segment_size, sm_scale=sm_scale, tau_kv=planned_tau,
                                  block_size=block_size, local_window=local_window, samples=samples,
-                                 mass_reduce=mass_reduce, k_scale=k_scale)
+                                 mass_reduce=mass_reduce, k_scale=k_scale, slots=slots)
             parts["rank_len"].append(n)
         else:
             slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]].long()
@@ -791,14 +811,16 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     taus_host = tau_per_head(tau.cpu() if torch.is_tensor(tau) else tau, Hkv, "cpu")
     taus = _to_device(taus_host, dev)
     planned = stop == "planned" and float(taus_host.max()) > 0
+    rank_slots = False                # the planned index composes the slots itself
     if planned:
         # the budget is planned before the launch; the kernel visits it whole (no test inside the scan), then
         # audits the rest with ``audit``
         index = build_index(q, k_pool, qo_indptr=qo, kv_indptr=kvp, kv_indices=kv_indices,
                             segment_size=segment_size, sm_scale=sm_scale, n_rows=len(rows), block_size=block_size,
                             local_window=local_window, k_scale=k_scale, planned_tau=taus, samples=samples,
-                            mass_reduce=mass_reduce, kv_contiguous=kv_contiguous)
+                            mass_reduce=mass_reduce, kv_contiguous=kv_contiguous, slots=True)
         rank, rank_len = index["rank"], index["rank_len"]
+        rank_slots = True
         if not audit:
             taus = torch.zeros_like(taus)         # (the audit reads tau; nothing else does in this mode)
         taus_host = torch.zeros_like(taus_host)
@@ -822,7 +844,7 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     forced = -(-local_window // block_size) if rank_len is None else 0
     if rank is None:
         rank = torch.zeros(1, 1, 1, dtype=torch.int32, device=dev)
-    else:
+    elif not rank_slots:
         rank = _compose_rank(rank, plan, kv_indices, kv_contiguous)
     n_tiles = plan.n_tiles
     meta = plan.meta

@@ -469,6 +469,13 @@ def test_rank_and_budget_kernels_equal_the_reference(window):
         assert torch.equal(rank, want_rank), "rank differs from rank_by_mass"
         assert torch.equal(n, want_len), f"budget {n.tolist()} != {want_len.tolist()}"
         budgets.append(n)
+    idx = torch.randperm(L + 40).int()                    # the rank as token slots: kv_indices[40 + position]
+    slot_rank, _ = s2o_triton.rank_and_budget(e, first_seg=first, segment_size=S, tau_kv=tau, block_size=64,
+                                              local_window=window, slots=(idx, 40))
+    assert torch.equal(slot_rank, idx[40 + want_rank.long()]), "slots differ from kv_indices[kv_beg + rank]"
+    contig, _ = s2o_triton.rank_and_budget(e, first_seg=first, segment_size=S, tau_kv=tau, block_size=64,
+                                           local_window=window, slots=(None, 40))
+    assert torch.equal(contig, 40 + want_rank)
     whole = torch.stack(budgets) == seg_starts[None, :, None]
     assert whole.any() and not whole.all(), "the case must hold partial and whole-row budgets"
 
