@@ -34,14 +34,15 @@ from sgl_slim.bench.runner import LaunchedServer, running
 SERVERS = {"dense": [], "s2o": ["--s2o"], "s2o_tau0": ["--s2o", "--s2o-tau", "0"]}
 
 
-def server_args(model: str, length: int, name: str, min_length: int, gpu: bool, servers: int) -> list[str]:
+def server_args(model: str, length: int, name: str, min_length: int, gpu: bool, servers: int,
+                s2o_flags: list[str] = ()) -> list[str]:
     """A CPU server in float32, or a GPU server in bf16 on SGLang's Triton attention (its fastest backend that
-    needs no compiled library) sharing the GPU with the other servers."""
+    needs no compiled library) sharing the GPU with the other servers; ``s2o_flags`` go to the ``--s2o`` server."""
     args = ["--model-path", model, "--disable-radix-cache", "--context-length", str(2 * length),
             "--max-total-tokens", str(3 * length), "--skip-server-warmup"]
     args += (["--dtype", "bfloat16", "--attention-backend", "triton", "--mem-fraction-static",
               f"{int(80 / servers) / 100:.2f}"] if gpu else ["--dtype", "float32"])
-    flags = SERVERS[name]
+    flags = SERVERS[name] + (list(s2o_flags) if name == "s2o" else [])
     return args + (flags + ["--s2o-min-length", str(min_length)] if flags else [])
 
 
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=32600)
     ap.add_argument("--gpu", action="store_true", help="serve on the GPU (bf16, Triton attention)")
     ap.add_argument("--tau0", action="store_true", help="a third server with --s2o --s2o-tau 0")
+    ap.add_argument("--s2o-flags", default="", help="more flags for the --s2o server, e.g. '--s2o-variant v5'")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     logs.mkdir(exist_ok=True)
     names = ("dense", "s2o", "s2o_tau0") if args.tau0 else ("dense", "s2o")
     servers = {name: LaunchedServer(server_args(args.model, args.length, name, args.min_length, args.gpu,
-                                                len(names)),
+                                                len(names), args.s2o_flags.split()),
                                     port=args.port + i, log_path=logs / f"{name}.log")
                for i, name in enumerate(names)}
     rows = []
