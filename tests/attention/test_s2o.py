@@ -484,7 +484,7 @@ def test_planned_index_is_a_handful_of_launches():
     """The planned index of one sequence runs as a few kernels (no chain of small torch ops: each is a launch and
     tens of microseconds of host time on a GPU): the sampled-mass kernels, the ranking kernels, one sort and the
     tensors they fill.  Counted on the CPU: torch ops that compute, and Triton launches.  Fails with the
-    torch-op index this replaced (over 60 ops)."""
+    torch-op ranking and budget these kernels replaced."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from sgl_slim.attention import s2o_triton
 
