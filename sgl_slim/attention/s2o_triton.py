@@ -662,7 +662,7 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
                 group_reduce: str = "max", ratio: bool = False, compensate: bool = False,
                 k_scale: float = 1.0, planned_tau: torch.Tensor | None = None, samples: int = SAMPLES,
                 mass_reduce: str = "mean", kv_contiguous: bool = False, slots: bool = False) -> dict:
-    """Per-(sequence, segment) index data in ``plan_tiles`` row order (torch ops on the GPU):
+    """Per-(sequence, segment) index data in ``plan_tiles`` row order (on q's device, no host synchronisation):
     rank [n_rows, Hkv, Lmax] int32 (the ``local_window`` keys before each segment first), and when asked,
     with ``planned_tau`` ([Hkv] on the device: the "planned" rule) the rank by sampled mass and its budget
     rank_len [n_rows, Hkv] int32 (``plan_by_mass``: K read in place, through kv_indices unless kv_contiguous;
@@ -684,8 +684,8 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
                                  mass_reduce=mass_reduce, k_scale=k_scale, slots=slots)
             parts["rank_len"].append(n)
         else:
-            slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]].long()
-            k = k_pool[slots]                                           # [L, Hkv, D] (ranking only)
+            seq_slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]].long()
+            k = k_pool[seq_slots]                                       # [L, Hkv, D] (ranking only)
             if k.dtype != q.dtype:
                 k = k.to(q.dtype) * k_scale
             first = (L - qb.shape[0]) // segment_size
@@ -698,7 +698,7 @@ def build_index(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | No
                 rr = remaining_ratio(e, rb, seg_starts, block_size)
                 parts["ratio"].append(torch.nn.functional.pad(rr, (0, -(-Lmax // block_size) - rr.shape[-1])))
             if compensate:
-                parts["vbar"].append(value_means(v_pool[slots].to(q.dtype), seg_starts, chunk=segment_size))
+                parts["vbar"].append(value_means(v_pool[seq_slots].to(q.dtype), seg_starts, chunk=segment_size))
         parts["rank"].append(rb if L == Lmax else torch.nn.functional.pad(rb, (0, Lmax - L)))
     out = {name: xs[0] if len(xs) == 1 else torch.cat(xs) for name, xs in parts.items() if xs}
     if out["rank"].shape[0] != n_rows and n_rows:
