@@ -87,12 +87,14 @@ def _softmax_update(qk, v, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
 def _kv_block(K, V, slot, ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d, MASKED: tl.constexpr = True):
     # gathered K columns [HEAD_DIM, BLOCK_N] and V rows [BLOCK_N, HEAD_DIM]; each row is HEAD_DIM contiguous
     # elements (one 128/256-byte line), so a row gather costs the same memory transactions as a block load.
+    # K is gathered as rows like V and transposed on chip (H200: the paged dense path 8-10% faster than gathering
+    # it as columns, the sparse paths 1-3%, outputs bit-identical; benchmarks/s2o.md).
     # MASKED = False: every slot is valid (ok is ignored)
-    k_ptr = K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None]
+    k_ptr = K + slot[:, None] * stride_kt + hk * stride_kh + offs_d[None, :]
     v_ptr = V + slot[:, None] * stride_vt + hk * stride_vh + offs_d[None, :]
     if MASKED:
-        return tl.load(k_ptr, mask=ok[None, :], other=0.0), tl.load(v_ptr, mask=ok[:, None], other=0.0)
-    return tl.load(k_ptr), tl.load(v_ptr)
+        return tl.trans(tl.load(k_ptr, mask=ok[:, None], other=0.0)), tl.load(v_ptr, mask=ok[:, None], other=0.0)
+    return tl.trans(tl.load(k_ptr)), tl.load(v_ptr)
 
 
 @triton.jit
