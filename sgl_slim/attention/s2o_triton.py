@@ -350,12 +350,19 @@ def _sampled_q(Q, pos, g, ok, prefix, hk, stride_qt, stride_qh, offs_d, GROUP: t
 
 
 @triton.jit
+def _slot_of(KV_IDX, kv_beg, pos, ok, SLOTS: tl.constexpr, KV_CONTIG: tl.constexpr):
+    # key position pos -> its token slot (through kv_indices unless KV_CONTIG); SLOTS false: the position itself
+    if not SLOTS:
+        return pos
+    if KV_CONTIG:
+        return kv_beg + pos
+    return tl.load(KV_IDX + kv_beg + pos, mask=ok, other=0)
+
+
+@triton.jit
 def _key_cols(K, KV_IDX, kv_beg, offs_n, n_ok, hk, stride_kt, stride_kh, offs_d, KV_CONTIG: tl.constexpr):
     # keys offs_n of the sequence as columns [HEAD_DIM, BLOCK_N] (through kv_indices unless KV_CONTIG)
-    if KV_CONTIG:
-        slot = (kv_beg + offs_n).to(tl.int64)
-    else:
-        slot = tl.load(KV_IDX + kv_beg + offs_n, mask=n_ok, other=0).to(tl.int64)
+    slot = _slot_of(KV_IDX, kv_beg, offs_n, n_ok, True, KV_CONTIG).to(tl.int64)
     return tl.load(K + slot[None, :] * stride_kt + hk * stride_kh + offs_d[:, None], mask=n_ok[None, :], other=0.0)
 
 
@@ -505,16 +512,6 @@ def _mass_keys(E_BITS, KEYS, L, first_seg, n_kv_heads, WINDOW, SEGMENT: tl.const
         bucket = tl.where(j >= st - WINDOW, 0, bucket)
         bucket = tl.where(j >= st, NB - 1, bucket)
         tl.store(KEYS + r.to(tl.int64) * L + j, r * NB + bucket, mask=j < L)
-
-
-@triton.jit
-def _slot_of(KV_IDX, kv_beg, pos, ok, SLOTS: tl.constexpr, KV_CONTIG: tl.constexpr):
-    # what a rank entry holds for key position pos: the position, or its token slot
-    if not SLOTS:
-        return pos
-    if KV_CONTIG:
-        return kv_beg + pos
-    return tl.load(KV_IDX + kv_beg + pos, mask=ok, other=0)
 
 
 @triton.jit
