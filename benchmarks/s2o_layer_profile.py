@@ -95,11 +95,9 @@ def main(argv=None):
     indptr = torch.tensor([0, L], dtype=torch.int32, device="cuda")
     idx = torch.arange(L, dtype=torch.int32, device="cuda")
     plan = plan_paged([0, L], [0, L], device="cuda")
-    impls = {"current": lambda tau, variant: call(tau, variant)}
     if args.compare:
         other = importlib.import_module(args.compare)
         other_plan = other.plan_paged([0, L], [0, L], block_size=128, segment_size=2048, q_tile=128, device="cuda")
-        impls["compare"] = lambda tau, variant: call_other(tau, variant)
     for layer in sorted(qkv):
         q, k, v = (x.cuda().to(torch.bfloat16).contiguous() for x in qkv[layer])
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -115,6 +113,7 @@ def main(argv=None):
                 segment_size=2048, q_tile=128, sm_scale=scale, plan=other_plan, **VARIANTS[variant])
             return out, (computed, causal)
 
+        impls = {"current": call, **({"compare": call_other} if args.compare else {})}
         row = dict(base, sdpa_ms=time_ms(lambda: _dense(q, k, v, scale)), s2o_dense_ms=time_ms(lambda: call(0.0)))
         rows.append(row)
         print(json.dumps(row), flush=True)
