@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from sgl_slim.attention import dense_attention_ref, s2o_attention, s2o_attention_paged, s2o_attention_ref
+from sgl_slim.attention import VARIANTS, dense_attention_ref, s2o_attention, s2o_attention_paged, s2o_attention_ref
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KINDS = ("normal", "zeros", "identical", "one_huge_q", "one_huge_k", "one_huge_v", "tiny")
@@ -63,9 +63,8 @@ def test_s2o_attention_shape_finite_and_dense_at_tau0(case):
 
 
 @SETTINGS
-@given(cases(), st.sampled_from(["v1", "v2", "v3", "v4", "v5"]))
+@given(cases(), st.sampled_from(sorted(VARIANTS)))
 def test_reference_shape_finite_and_dense_at_tau0(case, variant):
-    from sgl_slim.attention import VARIANTS
     q, k, v, tau, segment = case
     settings_ = {**VARIANTS[variant], "local_window": min(VARIANTS[variant]["local_window"], BLOCK)}
     out, lse, counts = s2o_attention_ref(q, k, v, tau=tau, block_size=BLOCK, segment_size=segment, q_tile=segment,
@@ -99,10 +98,10 @@ def test_paged_batch_of_two_equals_each_alone(a, b):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cases(head_dims=(64,)), st.sampled_from(["v1", "v2", "v3", "v4", "v5"]))
+@given(cases(head_dims=(64,)), st.sampled_from(sorted(VARIANTS)))
 def test_kernel_under_the_interpreter_shape_finite_counts(case, variant):
     """The Triton kernel (interpreter, fp32) on the same degenerate inputs, with either variant's settings."""
-    from sgl_slim.attention import VARIANTS, s2o_triton
+    from sgl_slim.attention import s2o_triton
     q, k, v, tau, segment = case
     n = q.shape[0]
     ind = torch.tensor([0, n], dtype=torch.int32)
