@@ -352,11 +352,15 @@ def _sampled_q(Q, pos, g, ok, prefix, hk, stride_qt, stride_qh, offs_d, GROUP: t
 @triton.jit
 def _slot_of(KV_IDX, kv_beg, pos, ok, SLOTS: tl.constexpr, KV_CONTIG: tl.constexpr):
     # key position pos -> its token slot (through kv_indices unless KV_CONTIG); SLOTS false: the position itself
+    # (one return: Triton types every return statement, even one after a constexpr branch has returned, and
+    # KV_IDX is a stand-in of another dtype where it is not read)
     if not SLOTS:
-        return pos
-    if KV_CONTIG:
-        return kv_beg + pos
-    return tl.load(KV_IDX + kv_beg + pos, mask=ok, other=0)
+        slot = pos
+    elif KV_CONTIG:
+        slot = kv_beg + pos
+    else:
+        slot = tl.load(KV_IDX + kv_beg + pos, mask=ok, other=0)
+    return slot
 
 
 @triton.jit
