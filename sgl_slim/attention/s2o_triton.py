@@ -55,6 +55,17 @@ def _attend_block(q, k, v, m_i, l_i, acc, qk_mask, qk_scale, IEEE: tl.constexpr,
 
 
 @triton.jit
+def _to_fp16(q, qk_scale):
+    # q (bf16) as fp16 for the products with an fp8 cache's K/V: e4m3 and e5m2 widen to fp16 with one conversion
+    # per pair of values (to bf16 they take several), and fp16 holds every value of both exactly.  A tile whose
+    # largest |q| exceeds 2^14 is first scaled by a power of two 2^-e (exact), with 2^e moved into qk_scale, so no
+    # product or element overflows fp16's range; below it q only gains mantissa bits (10 against bf16's 7)
+    big = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0)
+    e = tl.maximum(tl.ceil(tl.math.log2(big * (1.0 / 16384.0))), 0.0)
+    return (q.to(tl.float32) * tl.math.exp2(-e)).to(tl.float16), qk_scale * tl.math.exp2(e)
+
+
+@triton.jit
 def _bit_or(a, b):
     return a | b
 
@@ -109,7 +120,7 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
              IEEE: tl.constexpr, KV_CONTIG: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
              STAGES: tl.constexpr, STOP: tl.constexpr, HAS_RATIO: tl.constexpr, COMPENSATE: tl.constexpr,
              AUDIT: tl.constexpr = False, AUDIT_STAGES: tl.constexpr = 5, AUDIT_FP8: tl.constexpr = False,
-             AUDIT_LAST: tl.constexpr = 0):
+             AUDIT_LAST: tl.constexpr = 0, Q_FP16: tl.constexpr = False):
     """MODE_EARLY_STOP: ranked pass with early stop (tau > 0), checked after every block, run in chunks of
     CHUNK blocks whose inner loop is software-pipelined (blocks after the stop inside a chunk are masked out,
     so the result and the visited count are exactly those of a check-and-break loop).  STOP picks the rule
@@ -127,7 +138,7 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     MODE_DENSE: tau = 0 without a rank: the earlier keys in position order (dense attention).
     RANK holds token SLOTS (the rank composed with kv_indices on the host); KV_CONTIG: slot = kv_beg + pos.
     An fp8 K/V cache: qk_scale carries k_scale, v_scale multiplies the output (1.0 otherwise); VBAR is then
-    in the cache's units, like acc."""
+    in the cache's units, like acc.  Q_FP16 (an fp8 cache with bf16 q): the products run in fp16 (``_to_fp16``)."""
     h = tl.program_id(0)              # query head (fastest: the heads of one tile share K/V in L2)
     tile = tl.program_id(1)
     n_heads = tl.num_programs(0)
@@ -149,6 +160,9 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     # q stays on chip for both passes
     q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
+    qk_scale_in = qk_scale            # for the fp8 audit, whose q8 stands for q as loaded
+    if Q_FP16:
+        q, qk_scale = _to_fp16(q, qk_scale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -229,8 +243,8 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
                 # and the threshold lowered by the row's rounding margin
                 q8 = tl.load(Q8 + q_rows[:, None] * stride_q8t + h * stride_q8h + offs_d[None, :],
                              mask=row_ok[:, None], other=0.0)
-                qs = tl.load(QS + q_rows * stride_qst + h, mask=row_ok, other=0.0) * tl.load(K8S + hk) * qk_scale
-                thr8 = thr - tl.load(MARG + q_rows * stride_qst + h, mask=row_ok, other=0.0) * qk_scale
+                qs = tl.load(QS + q_rows * stride_qst + h, mask=row_ok, other=0.0) * tl.load(K8S + hk) * qk_scale_in
+                thr8 = thr - tl.load(MARG + q_rows * stride_qst + h, mask=row_ok, other=0.0) * qk_scale_in
             # 32 blocks at a time: each row keeps its own hit bits (no exchange between warps inside the loop),
             # then one OR over the rows gives the 32 verdicts, appended to the hit list without a branch
             for w0 in range(n_blk, n_all, 32):
@@ -781,7 +795,8 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     the kernel computes slots instead of loading them.  tau = 0 without a rank skips the ranking (dense
     attention in position order; the same result up to summation order).  plan: this batch's ``plan_paged``
     (else built here from a host copy of the offsets, which synchronises with the device).  An fp8 K/V cache
-    (``FP8_KV``) holds K / k_scale and V / v_scale (host floats) and is read as such, with q in bf16 or fp16."""
+    (``FP8_KV``) holds K / k_scale and V / v_scale (host floats) and is read as such, with q in bf16 or fp16;
+    with bf16 q the kernel's products then run in fp16 (``_to_fp16``)."""
     Tq, Hq, D = q.shape
     Hkv = k_pool.shape[1]
     if D not in (64, 128):
@@ -887,6 +902,7 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
             _s2o_fwd[(Hq, n_tiles)](*args, **kw, KV_CONTIG=kv_contiguous, MODE=mode, CHUNK=chunk, STAGES=num_stages,
                                     AUDIT=audit, AUDIT_STAGES=audit_stages, AUDIT_FP8=audit_fp8,
                                     AUDIT_LAST=audit_last if audit else 0,
+                                    Q_FP16=fp8 and q.dtype == torch.bfloat16,
                                     num_warps=num_warps, num_stages=num_stages)
             break
         except triton.runtime.errors.OutOfResources:

@@ -231,6 +231,36 @@ def test_kernel_matches_reference(L, Hq, Hkv, tau):
     assert caus.sum(0).tolist() == cnt["causal"].tolist()
 
 
+@pytest.mark.parametrize("q_mult", [1.0, 2.0 ** 17])
+@pytest.mark.parametrize("variant", ["dense", "v2"])
+def test_kernel_reads_an_fp8_pool_with_fp16_products(q_mult, variant):
+    # an fp8 cache with bf16 q: the kernel's products run in fp16, where the cache's values are exact and so is q
+    # while |q| < 2^14.  q_mult 2^17 (the logits kept equal through sm_scale) puts q beyond fp16's range: the tile
+    # is scaled by a power of two first (else inf logits, NaN).  The interpreter computes fp16 products in numpy's
+    # fp16 (not fp32-accumulated as on the GPU, whose test holds the precision), so this checks the semantics:
+    # scales, the range guard, the visited blocks, at 1e-2 rel-L2 (a wrong scale or a lost block gives > 10%) and
+    # 5e-2 in lse (numpy's fp16 sum of a logit near 150 steps by 0.125: 0.016 nats after the 1/8 scale).  (v2: its
+    # index is torch ops; the planned index's kernels take bf16 products, which the interpreter does not emulate)
+    from sgl_slim.attention import VARIANTS, s2o_triton
+    L, Hq, Hkv, D = 700, 4, 2, 64
+    q, k, v = make_qkv(L, Hq, Hkv, D, seed=8, dtype=torch.float32)
+    q = (q * q_mult).bfloat16()
+    k8, v8, kd, vd = _fp8_cache(k, v, 0.25, 2.0)
+    settings = {} if variant == "dense" else {**VARIANTS[variant], "local_window": 64, "samples": 4}
+    tau, scale = (0.0 if variant == "dense" else 0.02), D ** -0.5 / q_mult
+    out, lse, comp, _ = s2o_triton.s2o_paged(
+        q, k8, v8, qo_indptr=torch.tensor([0, L]), kv_indptr=torch.tensor([0, L]),
+        kv_indices=torch.arange(L, dtype=torch.int32), tau=tau, block_size=64, segment_size=128, q_tile=64,
+        sm_scale=scale, return_lse=True, k_scale=0.25, v_scale=2.0, **settings)
+    ref, ref_lse, cnt = s2o_attention_ref(q.float(), kd, vd, tau=tau, block_size=64, segment_size=128, q_tile=64,
+                                          sm_scale=scale, **settings)
+    assert torch.isfinite(out).all(), "fp16 overflow"
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, f"rel-L2 {err:.3g} against the reference on the cache's values"
+    assert (lse - ref_lse).abs().max() < 5e-2
+    assert comp.sum(0).tolist() == cnt["computed"].tolist(), "visited blocks differ from the reference"
+
+
 def test_kernel_varlen_prefix_pool():
     torch.manual_seed(1)
     Hq, Hkv, D = 4, 1, 64

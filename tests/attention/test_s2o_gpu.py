@@ -142,7 +142,10 @@ def test_fp8_audit_visits_the_exact_audits_blocks(fp8_cache):
 @pytest.mark.parametrize("tau", [0.0, 1e-3])
 def test_fp8_kv_kernel_equals_its_dequantised_values(tau):
     # fp8 K/V with power-of-two scales: the kernel folds k_scale into the logit scale and v_scale into the
-    # output; the bf16 pool holding the dequantised values is the same computation, up to summation order only
+    # output, and runs its products in fp16 (every e4m3 value and this bf16 q are exact there, and fp16 rounds
+    # the probabilities 4x finer than bf16); the bf16 pool holding the dequantised values runs them in bf16.
+    # Same blocks, and against exact fp32 attention of those values the fp8 pool's error is at most the bf16
+    # pool's (+5% for summation order)
     L, Hq, Hkv, D = 8192, 32, 8, 128
     q, k, v = make_qkv(L, Hq, Hkv, D, seed=9, dtype=torch.bfloat16, device="cuda")
     k8, v8 = (k.float() / 0.5).to(torch.float8_e4m3fn), (v.float() / 0.25).to(torch.float8_e4m3fn)
@@ -153,8 +156,11 @@ def test_fp8_kv_kernel_equals_its_dequantised_values(tau):
     o8, s8 = s2o_attention_paged(q, k8, v8, k_scale=0.5, v_scale=0.25, **kw)
     ob, sb = s2o_attention_paged(q, kd, vd, **kw)
     assert s8["density_per_head"] == sb["density_per_head"], "fp8 and dequantised pools visit different blocks"
-    err = ((o8.float() - ob.float()).norm() / ob.float().norm()).item()
-    assert err < 1e-3, f"tau {tau}: fp8 kernel vs its dequantised values rel-L2 {err:.3g}"
+    exact, _ = dense_attention_ref(q, kd, vd)
+    e8, eb = (((o.float() - exact).norm() / exact.norm()).item() for o in (o8, ob))
+    assert e8 <= 1.05 * eb, f"tau {tau}: fp8 pool rel-L2 {e8:.3g} vs the bf16 pool's {eb:.3g}"
+    if tau == 0.0:
+        assert e8 < 3e-3, f"fp8 pool dense rel-L2 {e8:.3g}: beyond bf16 output rounding"
 
 
 @pytest.mark.parametrize("reduce", ["mean", "max"])
