@@ -6,6 +6,8 @@ equal the dense server's).
     python -m benchmarks.testbed_serve --model ~/.cache/sgl_slim/models/testbed/model \\
         --out benchmarks/results/testbed_serve.jsonl                    # CPU, float32
     python -m benchmarks.testbed_serve --model DIR --gpu --length 32768 --per-depth 6 --tau0 --out F   # a GPU
+    python -m benchmarks.testbed_serve --model DIR --gpu --length 131072 --rope-scale 4 --per-depth 5 \
+        --depths 0,0.25,0.5,0.75,1 --seed 2 [--s2o-flags '--s2o-variant v5'] --out F           # 128K
 
 Each prompt is a held-out retrieval sample (``sgl_slim.testbed.data.eval_samples``: the same tasks, depths and
 seeds as the in-process evaluation) cut before its answer, sent as token ids to ``/generate`` with greedy
@@ -71,6 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", action="store_true", help="serve on the GPU (bf16, Triton attention)")
     ap.add_argument("--tau0", action="store_true", help="a third server with --s2o --s2o-tau 0")
     ap.add_argument("--s2o-flags", default="", help="more flags for the --s2o server, e.g. '--s2o-variant v5'")
+    ap.add_argument("--rope-scale", type=float, default=0.0,
+                    help="serve the checkpoint with Llama-3.1 RoPE scaling by this factor from 32K (every server; "
+                         "the model is trained at 32K: 4 for 128K)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -79,6 +84,10 @@ def main(argv=None) -> int:
 
     from sgl_slim.testbed.data import Pieces, corpus_stream, eval_samples
 
+    if args.rope_scale:
+        from sgl_slim.testbed.model import with_rope_scaling  # noqa: PLC0415
+        args.model = str(with_rope_scaling(args.model, Path("/tmp/sgl_slim_testbed_serve") / f"rope{args.rope_scale:g}",
+                                           args.rope_scale))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     stream = corpus_stream(tokenizer, "eval", args.length * 6 + 200_000)
     pieces = Pieces(tokenizer)
@@ -96,8 +105,12 @@ def main(argv=None) -> int:
     rows = []
     with running(servers):
         (start, end), = samples[0][1].answers
-        for server in servers.values():            # warm-up: kernels compile on first use, out of the timing
-            ask(server.base_url, samples[0][1].ids[:start], samples[0][1].ids[start:end])
+        for name, server in servers.items():       # warm-up: kernels compile on first use, out of the timing
+            got = ask(server.base_url, samples[0][1].ids[:start], samples[0][1].ids[start:end])
+            if name != "s2o_tau0" and (got["density"] is None) != (name == "dense"):
+                # (once a server left over from an earlier run answered on a port: the comparison would be void)
+                raise RuntimeError(f"the {name} server at {server.base_url} answered "
+                                   f"{'with' if got['density'] is not None else 'without'} S2O")
         for i, (task, sample) in enumerate(samples):
             (start, end), = sample.answers
             order = list(servers) if i % 2 == 0 else list(reversed(servers))

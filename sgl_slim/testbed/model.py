@@ -97,5 +97,28 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype=None, attn_i
     return model.to(device).eval()
 
 
+def llama3_rope(factor: float, original: int = 32768) -> dict:
+    """Llama-3.1's RoPE scaling by ``factor`` from ``original`` positions (low / high frequency factors 1 / 4): how
+    the model, trained at 32K, is evaluated and served beyond that (benchmarks/testbed.md, extrapolation)."""
+    return {"rope_type": "llama3", "rope_theta": ROPE_THETA, "factor": float(factor), "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": int(original)}
+
+
+def with_rope_scaling(model_dir: str | Path, out_dir: str | Path, factor: float, original: int = 32768) -> Path:
+    """A checkpoint directory serving ``model_dir``'s weights with ``llama3_rope(factor, original)``: its files
+    linked, its config rewritten with the scaling (as ``rope_parameters``, transformers 5's name, and
+    ``rope_scaling``, the name other loaders read) and room for 2 x factor x original positions."""
+    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "config.json" and f.is_file() and not (out_dir / f.name).exists():
+            (out_dir / f.name).symlink_to(f)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["rope_parameters"] = cfg["rope_scaling"] = llama3_rope(factor, original)
+    cfg["max_position_embeddings"] = int(2 * factor * original)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
 def spec_dict(spec: ModelSpec) -> dict:
     return asdict(spec)

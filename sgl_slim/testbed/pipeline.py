@@ -109,7 +109,7 @@ def main(argv=None):
 
     from sgl_slim.testbed import eval as ev  # noqa: PLC0415
     from sgl_slim.testbed.data import corpus_stream  # noqa: PLC0415
-    from sgl_slim.testbed.model import load_model  # noqa: PLC0415
+    from sgl_slim.testbed.model import llama3_rope, load_model  # noqa: PLC0415
 
     model = load_model(model_dir, device=device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -183,9 +183,7 @@ def main(argv=None):
                     m = LlamaForCausalLM.from_pretrained(
                         str(model_dir), dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                         attn_implementation="sdpa",
-                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 4.0,
-                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                         "original_max_position_embeddings": 32768}).to(device).eval()
+                        rope_parameters=llama3_rope(4.0)).to(device).eval()
                     log({"bench": "testbed_rope", "rope_parameters": m.config.rope_parameters})
                 rows = ev.evaluate(m, tokenizer, ["dense"], lengths=[L], per_depth=10, loss_windows=2,
                                    time_budget=left() - 20, stream=stream, device=device, **sizes,

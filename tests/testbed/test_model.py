@@ -30,6 +30,26 @@ def test_checkpoint_roundtrip_is_a_standard_llama_dir(tiny_model_dir, tokenizer)
     assert len(AutoTokenizer.from_pretrained(str(tiny_model_dir))) == len(tokenizer)
 
 
+def test_rope_scaled_copy_serves_the_same_weights_with_llama3_scaling(tiny_model_dir, tmp_path):
+    # the copy that serves the 32K-trained model at 128K: the same weights (linked, not copied), Llama-3.1 RoPE
+    # scaling x4 from 32K in the config, and so different rotary frequencies (the low ones slowed 4x) and logits
+    from sgl_slim.testbed.model import with_rope_scaling
+    before = (tiny_model_dir / "config.json").read_text()
+    out = with_rope_scaling(tiny_model_dir, tmp_path / "x4", 4.0, original=4096)
+    assert (tiny_model_dir / "config.json").read_text() == before, "the original checkpoint must not change"
+    assert (out / "model.safetensors").is_symlink() and (out / "tokenizer.json").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_parameters"] == cfg["rope_scaling"]
+    assert cfg["rope_parameters"]["rope_type"] == "llama3" and cfg["rope_parameters"]["factor"] == 4.0
+    assert cfg["max_position_embeddings"] == 2 * 4 * 4096
+    plain, scaled = load_model(tiny_model_dir), load_model(out)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), scaled.state_dict().values()))
+    f0, f1 = plain.model.rotary_emb.inv_freq, scaled.model.rotary_emb.inv_freq
+    assert torch.equal(f0[:4], f1[:4]) and torch.allclose(f1[-4:], f0[-4:] / 4), (f0, f1)
+    ids = torch.randint(0, 100, (1, 300))
+    assert not torch.allclose(plain(ids).logits, scaled(ids).logits)
+
+
 def test_loss_falls_in_a_few_steps(tokenizer, stream):
     from sgl_slim.testbed.data import Pieces, training_batch
     model = build_model(TINY, tokenizer, seed=0)
