@@ -80,8 +80,9 @@ def _s2o_launches() -> None:
                                                                        tail_estimate="estimate")]
         for kw in runs:
             s2o_triton.s2o_paged(q, k, v, kv_indices=idx, kv_contiguous=contiguous, return_lse=True, **base, **kw)
-        s2o_triton.s2o_paged(q, fp8_k, fp8_v, kv_indices=idx, kv_contiguous=contiguous, tau=0.01, k_scale=0.5,
-                             v_scale=0.5, **base, **VARIANTS["v4"])
+        for audit_fp8 in (False, True):
+            s2o_triton.s2o_paged(q, fp8_k, fp8_v, kv_indices=idx, kv_contiguous=contiguous, tau=0.01, k_scale=0.5,
+                                 v_scale=0.5, audit_fp8=audit_fp8, **base, **VARIANTS["v4"])
 
 
 def _selection_launches() -> None:
