@@ -184,10 +184,7 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     for start_n in tl.range(full_end, last, BLOCK_N, num_stages=STAGES):
         offs_n = start_n + offs_b
         n_ok = offs_n < last
-        if KV_CONTIG:
-            slot = (kv_beg + offs_n).to(tl.int64)
-        else:
-            slot = tl.load(KV_IDX + kv_beg + offs_n, mask=n_ok, other=0).to(tl.int64)
+        slot = _slot_of(KV_IDX, kv_beg, offs_n, n_ok, True, KV_CONTIG).to(tl.int64)
         k, v = _kv_block(K, V, slot, n_ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d)
         mask = (offs_m[:, None] >= offs_n[None, :]) & n_ok[None, :]
         m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, mask, qk_scale, IEEE)
