@@ -19,25 +19,10 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+from triton.runtime.jit import JITFunction, mangle_type
 
 TARGET = GPUTarget("cuda", 90, 32)
-DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-          torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-          torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 SEEN: dict = {}
-
-
-def _type_of(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + DTYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
 def compile_only(self: JITFunction, *args, grid, warmup, **kwargs):
@@ -49,7 +34,7 @@ def compile_only(self: JITFunction, *args, grid, warmup, **kwargs):
         if param.is_constexpr or value is None:
             signature[name], constexprs[name] = "constexpr", value
         else:
-            signature[name] = _type_of(value)
+            signature[name] = mangle_type(value)      # Triton's own name for the argument's type
     key = (self.fn.__name__, tuple(signature.items()), tuple(constexprs.items()), tuple(options.items()))
     if key in SEEN:
         return None
