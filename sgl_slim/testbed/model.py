@@ -107,11 +107,15 @@ def llama3_rope(factor: float, original: int = 32768) -> dict:
 def with_rope_scaling(model_dir: str | Path, out_dir: str | Path, factor: float, original: int = 32768) -> Path:
     """A checkpoint directory serving ``model_dir``'s weights with ``llama3_rope(factor, original)``: its files
     linked, its config rewritten with the scaling (as ``rope_parameters``, transformers 5's name, and
-    ``rope_scaling``, the name other loaders read) and room for 2 x factor x original positions."""
+    ``rope_scaling``, the name other loaders read) and room for 2 x factor x original positions.  Links already
+    in ``out_dir`` (from an earlier call, maybe for another checkpoint) are replaced."""
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.iterdir():
+        if old.is_symlink():
+            old.unlink()
     for f in model_dir.iterdir():
-        if f.name != "config.json" and f.is_file() and not (out_dir / f.name).exists():
+        if f.name != "config.json" and f.is_file():
             (out_dir / f.name).symlink_to(f)
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg["rope_parameters"] = cfg["rope_scaling"] = llama3_rope(factor, original)

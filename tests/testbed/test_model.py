@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import torch
 
@@ -48,6 +49,12 @@ def test_rope_scaled_copy_serves_the_same_weights_with_llama3_scaling(tiny_model
     assert torch.equal(f0[:4], f1[:4]) and torch.allclose(f1[-4:], f0[-4:] / 4), (f0, f1)
     ids = torch.randint(0, 100, (1, 300))
     assert not torch.allclose(plain(ids).logits, scaled(ids).logits)
+    # the same directory made again for another checkpoint serves that one's files, not the first's
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    with_rope_scaling(other, out, 2.0, original=4096)
+    assert (out / "model.safetensors").resolve() == (other / "model.safetensors").resolve()
+    assert json.loads((out / "config.json").read_text())["rope_parameters"]["factor"] == 2.0
 
 
 def test_loss_falls_in_a_few_steps(tokenizer, stream):
