@@ -5,8 +5,8 @@ prompt), beside dense attention of the same layer.
         [--compare MODULE]
 
 Per layer and setting (one JSON line each):
-  sdpa_ms          torch SDPA, causal, GQA through enable_gqa (the testbed eval's dense method; results before
-                   2026-12-05 repeated K/V first instead, which is slower)
+  sdpa_ms          torch SDPA, causal, GQA through enable_gqa (the testbed eval's dense method; the first results,
+                   results/s2o_layer_profile_v4.jsonl and _v5.jsonl, repeated K/V first instead, which is slower)
   s2o_dense_ms     S2O's kernel at tau 0 (its dense path)
   gpu_ms           a call of the variant as a server makes it: plan built once per batch, no host read inside the call
                    (CUDA events, median)
@@ -119,14 +119,15 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
         for variant in args.variants.split(","):
             for tau in (float(t) for t in args.taus.split(",")):
-                for impl, fn in impls.items():
+                for impl, fn in impls.items():           # "current" first: the compare row's reference
                     out, (computed, causal) = fn(tau, variant)
                     row = dict(base, impl=impl, variant=variant, tau=tau,
                                density=round(float(computed.sum()) / max(1, int(causal.sum())), 4),
                                gpu_ms=time_ms(lambda: fn(tau, variant)), host_ms=host_ms(lambda: fn(tau, variant)),
                                kernels=kernel_families(lambda: fn(tau, variant)))
-                    if impl != "current":
-                        ref = call(tau, variant)[0].float()
+                    if impl == "current":
+                        ref = out.float()
+                    else:
                         row["rel_l2_vs_current"] = round(((out.float() - ref).norm() / ref.norm()).item(), 6)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
