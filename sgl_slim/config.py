@@ -46,6 +46,7 @@ class S2OConfig:
     block_size: int = 128        # keys per virtual block (a run of the importance order)
     segment_size: int = 2048     # queries that share one ranking
     min_length: int = 4096       # shorter prefills run dense attention
+    audit_last: int | None = None  # v5: the audit covers the sequence's last this many positions (None: 128)
     calibration: str | None = None  # JSON file of per-layer, per-KV-head taus (sgl_slim.attention.calibration)
 
     def validate(self) -> None:
@@ -61,8 +62,14 @@ class S2OConfig:
                               f"got {self.segment_size}")
         if self.min_length < 0:
             raise ConfigError("--s2o-min-length", f"must be >= 0, got {self.min_length}")
-        if self.calibration is not None:
-            self.load_calibration()
+        cal = self.load_calibration()
+        if self.audit_last is not None:
+            if self.audit_last < 1:
+                raise ConfigError("--s2o-audit-last", f"must be >= 1, got {self.audit_last}")
+            variant = self.variant if cal is None else cal.variant
+            if variant != "v5":
+                raise ConfigError("--s2o-audit-last", f"applies to S2O variant v5 only; this server runs "
+                                  f"{variant}" + ("" if cal is None else f" (the variant of {self.calibration})"))
 
     def load_calibration(self):
         """The ``--s2o-calibration`` file, read and checked against the block / segment size flags (they must
@@ -220,6 +227,9 @@ FEATURES: tuple[Feature, ...] = (
         Flag("--s2o-segment-size", "segment_size", int, "queries sharing one ranking; a multiple of the block size"),
         Flag("--s2o-min-length", "min_length", int,
              "sequences shorter than this (tokens) get exact dense attention, >= 0"),
+        Flag("--s2o-audit-last", "audit_last", int,
+             "v5: audit the tiles of each prompt's last N positions (default 128: the rows the next token reads; "
+             "widen it when more rows' outputs are read, e.g. prompt logprobs), >= 1"),
         Flag("--s2o-calibration", "calibration", str,
              "JSON file of per-layer, per-KV-head taus (replaces --s2o-tau; block/segment size must match the file)"),
     )),

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
     (["--eagle-steps", "0"], "--eagle-steps"),
     (["--idpruner-keep-ratio", "abc"], "--idpruner-keep-ratio"),
     (["--s2o-variant", "v9"], "--s2o-variant"),
+    (["--s2o", "--s2o-audit-last", "256"], "--s2o-audit-last"),          # the default variant, v4, audits all
+    (["--s2o", "--s2o-variant", "v5", "--s2o-audit-last", "0"], "--s2o-audit-last"),
 ])
 def test_invalid_values_exit_2_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -127,3 +129,9 @@ def test_cpu_thread_binding_rejects_nonsense():
 
     with pytest.raises(ValueError, match="at least one rank"):
         cpu_thread_binding(0, [0, 1])
+
+
+def test_audit_last_reaches_the_config():
+    cfg, _, _ = parse_slim_args(["--s2o", "--s2o-variant", "v5", "--s2o-audit-last", "2048"])
+    assert cfg.s2o.audit_last == 2048 and cfg.s2o.variant == "v5"
+    assert parse_slim_args(["--s2o", "--s2o-variant", "v5"])[0].s2o.audit_last is None

@@ -2,9 +2,10 @@
 
 Public API:
     s2o_attention(q, k, v, *, tau, block_size=128, segment_size=2048, sm_scale=None, return_stats=False,
-                  variant="v4")
+                  variant="v4", audit_last=None)
     s2o_attention_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size=128,
-                        segment_size=2048, sm_scale=None, return_lse=False, return_stats=False, variant="v4")
+                        segment_size=2048, sm_scale=None, return_lse=False, return_stats=False, variant="v4",
+                        audit_last=None)
 
 ``tau`` is a float or a tensor [Hkv] (one threshold per KV head).  ``variant`` names a setting of the early
 stop (``s2o_ref.VARIANTS``): "v2" stops when the predicted unvisited mass falls below tau times the mass so far
@@ -12,8 +13,8 @@ and keeps that prediction in the softmax; "v1" is the original per-block rule; "
 before the scan: the fewest ranked blocks whose mass, estimated from the exact softmax of sampled query rows,
 leaves out at most tau; "v4" (default) is v3 followed by an audit of every block the budget leaves out (its
 scores only): a block joins the softmax if one of its keys holds more than tau of some row's mass so far; "v5"
-runs that audit only for the tiles of the sequence's last 128 positions (the rows the next token is read from),
-at about v3's cost.  v4 is
+runs that audit only for the tiles of the sequence's last 128 positions (the rows the next token is read from;
+``audit_last=N`` widens it to the last N), at about v3's cost.  v4 is
 the default because its error follows tau on every input measured (H200, benchmarks/s2o.md, "Defaults": tau
 1e-2 -> rel-L2 0.9-1.5%, 3e-3 -> 0.3-0.6% at 32K-128K) where v2's error falls slowly with tau (mixed 128K: 3.5%
 at 3e-3, 2.8% at 1e-3), and it keeps the trained testbed model's retrieval at a third of the blocks.
@@ -42,9 +43,22 @@ def _q_tile(segment_size: int) -> int:
     return Q_TILE if segment_size % Q_TILE == 0 else segment_size
 
 
-def _validate(q, k_pool, v_pool, tau, block_size, segment_size, variant):
+def _settings(variant: str, audit_last: int | None) -> dict:
+    """The variant's early-stop settings (``s2o_ref.VARIANTS``), with v5's audited rows set by ``audit_last``."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    settings = dict(VARIANTS[variant])
+    if audit_last is not None:
+        if not settings.get("audit_last"):
+            raise ValueError(f"audit_last applies to the variants that audit the last rows only (v5), "
+                             f"not {variant!r}")
+        if isinstance(audit_last, bool) or not isinstance(audit_last, int) or audit_last < 1:
+            raise ValueError(f"audit_last must be an int >= 1, got {audit_last!r}")
+        settings["audit_last"] = audit_last
+    return settings
+
+
+def _validate(q, k_pool, v_pool, tau, block_size, segment_size):
     tau_per_head(tau, k_pool.shape[1] if k_pool.dim() == 3 else 1, "cpu")   # finite, >= 0, one per KV head
     if block_size not in (16, 32, 64, 128):
         raise ValueError(f"block_size must be one of 16, 32, 64, 128, got {block_size}")
@@ -74,7 +88,7 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
                         tau, block_size: int = 128, segment_size: int = 2048,
                         sm_scale: float | None = None, return_lse: bool = False, return_stats: bool = False,
                         variant: str = DEFAULT_VARIANT, plan=None, return_counts: bool = False,
-                        k_scale: float = 1.0, v_scale: float = 1.0):
+                        k_scale: float = 1.0, v_scale: float = 1.0, audit_last: int | None = None):
     """S2O prefill for a batch of sequences whose K/V live in a token-slot pool (page size 1).
 
     q:          [Tq, Hq, D]   queries of all sequences, packed (sequence b owns rows
@@ -86,7 +100,8 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     kv_indices: [total_kv] int token slots of sequence b in position order
                               (kv_len_b = kv_indptr[b+1] - kv_indptr[b], prefix_b = kv_len_b - q_len_b).
     tau:        early-stop threshold (0 = dense): a float or a HOST tensor [Hkv] (one per KV head).
-    variant:    "v2" (default) or "v1", see the module doc.
+    variant:    a key of ``VARIANTS`` (default "v4"), see the module doc.
+    audit_last: v5 only: audit the tiles of the sequence's last ``audit_last`` positions (None: 128).
     plan:       this batch's ``plan_paged(...)`` (built once, reused by every layer): then the call reads
                 nothing back from the GPU (no host synchronisation).  Without it the offsets are read here.
     k_scale,
@@ -102,7 +117,7 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     return _paged(q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
                   block_size=block_size, segment_size=segment_size, sm_scale=sm_scale, return_lse=return_lse,
                   return_stats=return_stats, kv_contiguous=False, variant=variant, plan=plan,
-                  return_counts=return_counts, k_scale=k_scale, v_scale=v_scale)
+                  return_counts=return_counts, k_scale=k_scale, v_scale=v_scale, audit_last=audit_last)
 
 
 def plan_paged(qo_indptr, kv_indptr, *, block_size: int = 128, segment_size: int = 2048, device="cuda"):
@@ -116,16 +131,16 @@ def plan_paged(qo_indptr, kv_indptr, *, block_size: int = 128, segment_size: int
 
 def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, sm_scale,
            return_lse, return_stats, kv_contiguous, variant, plan=None, return_counts=False, k_scale=1.0,
-           v_scale=1.0):
+           v_scale=1.0, audit_last=None):
     # kv_contiguous: kv_indices == arange (one sequence stored in order): the kernel computes the slots
-    _validate(q, k_pool, v_pool, tau, block_size, segment_size, variant)
+    settings = _settings(variant, audit_last)
+    _validate(q, k_pool, v_pool, tau, block_size, segment_size)
     fp8 = k_pool.dtype in FP8_KV
     if not fp8:
         k_scale = v_scale = 1.0
     elif not (math.isfinite(k_scale) and math.isfinite(v_scale) and k_scale > 0 and v_scale > 0):
         raise ValueError(f"k_scale and v_scale must be finite and > 0, got {k_scale}, {v_scale}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[2])
-    settings = VARIANTS[variant]
     dense = float(torch.as_tensor(tau).max()) == 0
     if q.is_cuda:
         from . import s2o_triton  # noqa: PLC0415 (lazy: Triton only where a GPU runs it)
@@ -203,7 +218,7 @@ def _dense_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 def s2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau, block_size: int = 128,
                   segment_size: int = 2048, sm_scale: float | None = None, return_stats: bool = False,
-                  variant: str = DEFAULT_VARIANT):
+                  variant: str = DEFAULT_VARIANT, audit_last: int | None = None):
     """S2O causal attention of ONE sequence.  q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D].
 
     With return_stats, also a dict: density (computed score blocks / causal score blocks),
@@ -218,7 +233,7 @@ def s2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau, blo
     res = _paged(q, k, v, qo_indptr=indptr, kv_indptr=indptr,
                  kv_indices=torch.arange(T, dtype=torch.int32, device=dev), tau=tau,
                  block_size=block_size, segment_size=segment_size, sm_scale=sm_scale, return_lse=False,
-                 return_stats=return_stats, kv_contiguous=True, variant=variant)
+                 return_stats=return_stats, kv_contiguous=True, variant=variant, audit_last=audit_last)
     if not return_stats:
         return res
     out, stats = res

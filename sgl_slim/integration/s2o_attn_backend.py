@@ -56,8 +56,10 @@ class S2OAttnBackend(AttentionBackend):
         self._sparse_sum = None               # [B] fp64 on the device: sum over S2O layers of each density
         self._layers_seen = 0
         self._checked_layers: set[int] = set()
-        logger.info("S2O prefill backend: %s block_size=%d segment_size=%d min_length=%d (%s); dense batches "
-                    "on %s", taus.describe(), cfg.block_size, cfg.segment_size, cfg.min_length,
+        logger.info("S2O prefill backend: variant=%s%s %s block_size=%d segment_size=%d min_length=%d (%s); "
+                    "dense batches on %s", taus.variant or "default",
+                    "" if cfg.audit_last is None else f" audit_last={cfg.audit_last}", taus.describe(),
+                    cfg.block_size, cfg.segment_size, cfg.min_length,
                     "fp32 reference on CPU" if self.cpu else "Triton kernel", type(stock).__name__)
 
     @classmethod
@@ -128,7 +130,8 @@ class S2OAttnBackend(AttentionBackend):
             plan, q.reshape(-1, hq, d), self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id), tau=tau, block_size=self.cfg.block_size,
             segment_size=self.cfg.segment_size, sm_scale=layer.scaling, variant=self.taus.variant,
-            k_scale=layer.k_scale_float or 1.0, v_scale=layer.v_scale_float or 1.0)
+            k_scale=layer.k_scale_float or 1.0, v_scale=layer.v_scale_float or 1.0,
+            audit_last=self.cfg.audit_last)
         self._count_layer(densities)
         return out.reshape(q.shape[0], hq * layer.v_head_dim)
 

@@ -653,6 +653,27 @@ def test_v5_audits_the_last_rows_only():
         s2o_attention_ref(q, k, v, audit_last=64, **kw)
 
 
+def test_v5_audit_last_sets_the_audited_rows_through_the_api():
+    # the public API's audit_last: v5's audit covers the tiles of the last N positions (default 128): with N the
+    # whole sequence it is v4, with N = 512 the last 512 rows are v4's and the others v3's (the needle test above)
+    from sgl_slim.attention import s2o_attention
+    L, Hq, Hkv, D = 3072, 4, 1, 64
+    q, k, v = _planted_needles(L, Hq, Hkv, D, seed=23)
+    kw = dict(tau=0.05, block_size=64, segment_size=256)
+    o3, s3 = s2o_attention(q, k, v, variant="v3", return_stats=True, **kw)
+    o4, s4 = s2o_attention(q, k, v, variant="v4", return_stats=True, **kw)
+    o5, s5 = s2o_attention(q, k, v, variant="v5", return_stats=True, **kw)
+    o512, s512 = s2o_attention(q, k, v, variant="v5", audit_last=512, return_stats=True, **kw)
+    oall = s2o_attention(q, k, v, variant="v5", audit_last=L, **kw)
+    assert torch.equal(oall, o4)
+    assert torch.equal(o512[-512:], o4[-512:]) and torch.equal(o512[:-512], o3[:-512])
+    assert torch.equal(o5[-128:], o4[-128:]) and torch.equal(o5[:-128], o3[:-128])
+    assert s3["density"] < s5["density"] < s512["density"] < s4["density"], (s3, s5, s512, s4)
+    for variant, last, match in (("v4", 512, "v5"), ("v5", 0, ">= 1"), ("v5", 1.5, ">= 1"), ("v5", True, ">= 1")):
+        with pytest.raises(ValueError, match=match):
+            s2o_attention(q, k, v, variant=variant, audit_last=last, **kw)
+
+
 @pytest.mark.parametrize("block,fp8,last", [(64, False, 0), (16, False, 0), (64, True, 0), (16, True, 0),
                                             (64, False, 100), (16, True, 100)])
 def test_kernel_audit_matches_reference_chunked_gqa(block, fp8, last):

@@ -463,6 +463,16 @@ def test_calibrated_taus_per_layer_and_dense_layers_on_the_stock_backend(backend
     assert "density=0.7500" in line and "tau=calibrated (0..0.002)" in line      # mean of 0.5 and 1.0
 
 
+def test_audit_last_reaches_the_attention_call(backend_cls, monkeypatch):
+    cfg = S2OConfig(enabled=True, tau=0.5, variant="v5", audit_last=64, block_size=16, segment_size=32, min_length=0)
+    backend, fb, pool, r2t, q, k, v = _batch_and_backend(backend_cls, monkeypatch, cfg, [96], [96])
+    calls = []
+    monkeypatch.setattr(sb, "run_s2o_layer", lambda plan, *a, **kw: calls.append(kw) or
+                        (torch.zeros(q.shape[0], 4, 16), torch.tensor([0.5], dtype=torch.float64)))
+    backend.forward_extend(q, k, v, _layer(), fb)
+    assert calls[0]["variant"] == "v5" and calls[0]["audit_last"] == 64
+
+
 def test_a_calibration_for_another_model_fails_at_startup(backend_cls, monkeypatch, tmp_path):
     path = _write_calibration(tmp_path / "c.json", head_dim=128)
     cfg = S2OConfig(enabled=True, block_size=16, segment_size=32, calibration=path)
