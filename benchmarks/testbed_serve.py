@@ -1,13 +1,14 @@
 """S2O judged end to end through SGLang: the long-context testbed model (sgl_slim.testbed, trained here) answers
-passkey and key-value retrieval prompts served by servers side by side, one with ``--s2o`` (its defaults), one
-without (SGLang's own dense attention) and, with ``--tau0``, one with ``--s2o --s2o-tau 0`` (whose outputs must
+passkey and key-value retrieval prompts served by servers side by side: one without ``--s2o`` (SGLang's own dense
+attention), one with ``--s2o`` per ``--s2o-flags`` value (its defaults without one; several values: several S2O
+servers, each beside the same dense one) and, with ``--tau0``, one with ``--s2o --s2o-tau 0`` (whose outputs must
 equal the dense server's).
 
     python -m benchmarks.testbed_serve --model ~/.cache/sgl_slim/models/testbed/model \\
         --out benchmarks/results/testbed_serve.jsonl                    # CPU, float32
     python -m benchmarks.testbed_serve --model DIR --gpu --length 32768 --per-depth 6 --tau0 --out F   # a GPU
     python -m benchmarks.testbed_serve --model DIR --gpu --length 131072 --rope-scale 4 --per-depth 5 \
-        --depths 0,0.25,0.5,0.75,1 --seed 2 [--s2o-flags '--s2o-variant v5'] --out F           # 128K
+        --depths 0,0.25,0.5,0.75,1 --seed 2 --s2o-flags '' --s2o-flags '--s2o-variant v5' --out F   # 128K
 
 Each prompt is a held-out retrieval sample (``sgl_slim.testbed.data.eval_samples``: the same tasks, depths and
 seeds as the in-process evaluation) cut before its answer, sent as token ids to ``/generate`` with greedy
@@ -15,7 +16,8 @@ decoding for as many tokens as the answer has; correct = the generated ids equal
 up at once and each prompt goes to each (the order alternating), radix cache off, one warm-up request each.
 Per request: correct, latency (prefill plus the answer's few greedy tokens), the generated ids and the S2O
 density the server reports (``meta_info["sgl_slim"]``); per server, the share of requests whose ids equal the
-dense server's.
+dense server's, and the prompts it answers wrongly where dense is right (lost) and rightly where dense is wrong
+(gained): a paired count, which resolves a difference between methods better than two accuracies.
 """
 
 from __future__ import annotations
@@ -33,19 +35,28 @@ from benchmarks.harness import env_info, markdown_table, record, write_results
 from sgl_slim.bench.runner import LaunchedServer, running
 
 
-SERVERS = {"dense": [], "s2o": ["--s2o"], "s2o_tau0": ["--s2o", "--s2o-tau", "0"]}
+TAU0 = "s2o_tau0"
 
 
-def server_args(model: str, length: int, name: str, min_length: int, gpu: bool, servers: int,
-                s2o_flags: list[str] = ()) -> list[str]:
+def server_specs(s2o_flags: list[str], tau0: bool) -> dict[str, list[str]]:
+    """Server name -> its sgl_slim flags: "dense" (none), one S2O server per ``s2o_flags`` value (named "s2o",
+    or "s2o " + its flags), and with ``tau0`` one with ``--s2o --s2o-tau 0``."""
+    specs = {"dense": []}
+    for flags in s2o_flags or [""]:
+        specs[f"s2o {flags}".strip()] = ["--s2o", *flags.split()]
+    if tau0:
+        specs[TAU0] = ["--s2o", "--s2o-tau", "0"]
+    return specs
+
+
+def server_args(model: str, length: int, flags: list[str], min_length: int, gpu: bool, servers: int) -> list[str]:
     """A CPU server in float32, or a GPU server in bf16 on SGLang's Triton attention (its fastest backend that
-    needs no compiled library) sharing the GPU with the other servers; ``s2o_flags`` go to the ``--s2o`` server."""
+    needs no compiled library) sharing the GPU with the other servers; ``flags``: its sgl_slim flags."""
     args = ["--model-path", model, "--disable-radix-cache", "--context-length", str(2 * length),
             "--max-total-tokens", str(3 * length), "--skip-server-warmup"]
     args += (["--dtype", "bfloat16", "--attention-backend", "triton", "--mem-fraction-static",
               f"{int(80 / servers) / 100:.2f}"] if gpu else ["--dtype", "float32"])
-    flags = SERVERS[name] + (list(s2o_flags) if name == "s2o" else [])
-    return args + (flags + ["--s2o-min-length", str(min_length)] if flags else [])
+    return args + (list(flags) + ["--s2o-min-length", str(min_length)] if flags else [])
 
 
 def ask(base_url: str, ids: list[int], answer: list[int]) -> dict:
@@ -72,7 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=32600)
     ap.add_argument("--gpu", action="store_true", help="serve on the GPU (bf16, Triton attention)")
     ap.add_argument("--tau0", action="store_true", help="a third server with --s2o --s2o-tau 0")
-    ap.add_argument("--s2o-flags", default="", help="more flags for the --s2o server, e.g. '--s2o-variant v5'")
+    ap.add_argument("--s2o-flags", action="append", default=[],
+                    help="flags of one --s2o server, e.g. '--s2o-variant v5' ('' = its defaults); repeat for several")
     ap.add_argument("--rope-scale", type=float, default=0.0,
                     help="serve the checkpoint with Llama-3.1 RoPE scaling by this factor from 32K (every server; "
                          "the model is trained at 32K: 4 for 128K)")
@@ -97,17 +109,17 @@ def main(argv=None) -> int:
                                      per_depth=args.per_depth, seed=args.seed)]
     logs = Path("/tmp/sgl_slim_testbed_serve")
     logs.mkdir(exist_ok=True)
-    names = ("dense", "s2o", "s2o_tau0") if args.tau0 else ("dense", "s2o")
-    servers = {name: LaunchedServer(server_args(args.model, args.length, name, args.min_length, args.gpu,
-                                                len(names), args.s2o_flags.split()),
-                                    port=args.port + i, log_path=logs / f"{name}.log")
-               for i, name in enumerate(names)}
+    specs = server_specs(args.s2o_flags, args.tau0)
+    servers = {name: LaunchedServer(server_args(args.model, args.length, flags, args.min_length, args.gpu,
+                                                len(specs)),
+                                    port=args.port + i, log_path=logs / f"server{i}.log")
+               for i, (name, flags) in enumerate(specs.items())}
     rows = []
     with running(servers):
         (start, end), = samples[0][1].answers
         for name, server in servers.items():       # warm-up: kernels compile on first use, out of the timing
             got = ask(server.base_url, samples[0][1].ids[:start], samples[0][1].ids[start:end])
-            if name != "s2o_tau0" and (got["density"] is None) != (name == "dense"):
+            if name != TAU0 and (got["density"] is None) != (name == "dense"):
                 # (once a server left over from an earlier run answered on a port: the comparison would be void)
                 raise RuntimeError(f"the {name} server at {server.base_url} answered "
                                    f"{'with' if got['density'] is not None else 'without'} S2O")
@@ -129,12 +141,15 @@ def main(argv=None) -> int:
             row[f"{task}_accuracy"] = sum(hits) / len(hits)
         dense = [r for r in rows if r["server"] == "dense"]
         row["equal_to_dense"] = sum(a["output_ids"] == b["output_ids"] for a, b in zip(mine, dense)) / len(mine)
+        row["lost_vs_dense"] = sum(b["correct"] and not a["correct"] for a, b in zip(mine, dense))
+        row["gained_vs_dense"] = sum(a["correct"] and not b["correct"] for a, b in zip(mine, dense))
         densities = [r["density"] for r in mine if r["density"] is not None]
         row["s2o_density"] = statistics.mean(densities) if densities else None
         summary.append(row)
     write_results(args.out, rows + summary, env=env_info())
     print(markdown_table(summary, ["server", "length", "samples", *[f"{t}_accuracy" for t in args.tasks.split(",")],
-                                   "s2o_density", "equal_to_dense", "latency_s"]))
+                                   "s2o_density", "equal_to_dense", "lost_vs_dense", "gained_vs_dense",
+                                   "latency_s"]))
     return 0
 
 

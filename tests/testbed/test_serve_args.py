@@ -1,4 +1,4 @@
-from benchmarks.testbed_serve import server_args
+from benchmarks.testbed_serve import server_args, server_specs
 
 
 def _flag(args, name):
@@ -6,15 +6,25 @@ def _flag(args, name):
 
 
 def test_cpu_servers_run_float32_and_only_the_s2o_ones_carry_s2o_flags():
-    dense = server_args("M", 8192, "dense", 1024, gpu=False, servers=2)
-    s2o = server_args("M", 8192, "s2o", 1024, gpu=False, servers=2)
+    specs = server_specs([], tau0=False)
+    assert list(specs) == ["dense", "s2o"]
+    dense = server_args("M", 8192, specs["dense"], 1024, gpu=False, servers=2)
+    s2o = server_args("M", 8192, specs["s2o"], 1024, gpu=False, servers=2)
     assert _flag(dense, "--dtype") == "float32" and "--s2o" not in dense and "--attention-backend" not in dense
     assert s2o[s2o.index("--s2o"):] == ["--s2o", "--s2o-min-length", "1024"]
     assert _flag(s2o, "--context-length") == "16384" and _flag(s2o, "--max-total-tokens") == "24576"
 
 
+def test_one_s2o_server_per_flag_set_beside_one_dense():
+    specs = server_specs(["", "--s2o-variant v5", "--s2o-variant v5 --s2o-audit-last 2048"], tau0=True)
+    assert specs == {"dense": [], "s2o": ["--s2o"], "s2o --s2o-variant v5": ["--s2o", "--s2o-variant", "v5"],
+                     "s2o --s2o-variant v5 --s2o-audit-last 2048": ["--s2o", "--s2o-variant", "v5",
+                                                                     "--s2o-audit-last", "2048"],
+                     "s2o_tau0": ["--s2o", "--s2o-tau", "0"]}
+
+
 def test_gpu_servers_share_the_gpu_on_triton_attention_and_tau0_means_tau_0():
-    args = server_args("M", 32768, "s2o_tau0", 1024, gpu=True, servers=3)
+    args = server_args("M", 32768, server_specs([], tau0=True)["s2o_tau0"], 1024, gpu=True, servers=3)
     assert _flag(args, "--dtype") == "bfloat16" and _flag(args, "--attention-backend") == "triton"
     assert 3 * float(_flag(args, "--mem-fraction-static")) <= 0.8
     assert _flag(args, "--s2o-tau") == "0" and "--s2o" in args
