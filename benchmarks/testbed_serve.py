@@ -1,8 +1,8 @@
 """S2O judged end to end through SGLang: the long-context testbed model (sgl_slim.testbed, trained here) answers
 passkey and key-value retrieval prompts served by servers side by side: one without ``--s2o`` (SGLang's own dense
 attention), one with ``--s2o`` per ``--s2o-flags`` value (its defaults without one; several values: several S2O
-servers, each beside the same dense one) and, with ``--tau0``, one with ``--s2o --s2o-tau 0`` (whose outputs must
-equal the dense server's).
+servers, each beside the same dense one), one more dense server per ``--dense-flags`` value (e.g. another chunked
+prefill size) and, with ``--tau0``, one with ``--s2o --s2o-tau 0`` (whose outputs must equal the dense server's).
 
     python -m benchmarks.testbed_serve --model ~/.cache/sgl_slim/models/testbed/model \\
         --out benchmarks/results/testbed_serve.jsonl                    # CPU, float32
@@ -38,10 +38,13 @@ from sgl_slim.bench.runner import LaunchedServer, running
 TAU0 = "s2o_tau0"
 
 
-def server_specs(s2o_flags: list[str], tau0: bool) -> dict[str, list[str]]:
-    """Server name -> its sgl_slim flags: "dense" (none), one S2O server per ``s2o_flags`` value (named "s2o",
-    or "s2o " + its flags), and with ``tau0`` one with ``--s2o --s2o-tau 0``."""
+def server_specs(s2o_flags: list[str], tau0: bool, dense_flags: list[str] = ()) -> dict[str, list[str]]:
+    """Server name -> its flags: "dense" (none), one more dense server per ``dense_flags`` value ("dense " + its
+    flags), one S2O server per ``s2o_flags`` value (named "s2o", or "s2o " + its flags), and with ``tau0`` one
+    with ``--s2o --s2o-tau 0``."""
     specs = {"dense": []}
+    for flags in dense_flags:
+        specs[f"dense {flags}".strip()] = flags.split()
     for flags in s2o_flags or [""]:
         specs[f"s2o {flags}".strip()] = ["--s2o", *flags.split()]
     if tau0:
@@ -51,12 +54,13 @@ def server_specs(s2o_flags: list[str], tau0: bool) -> dict[str, list[str]]:
 
 def server_args(model: str, length: int, flags: list[str], min_length: int, gpu: bool, servers: int) -> list[str]:
     """A CPU server in float32, or a GPU server in bf16 on SGLang's Triton attention (its fastest backend that
-    needs no compiled library) sharing the GPU with the other servers; ``flags``: its sgl_slim flags."""
+    needs no compiled library) sharing the GPU with the other servers; ``flags``: its own flags (an S2O server
+    also gets ``--s2o-min-length``)."""
     args = ["--model-path", model, "--disable-radix-cache", "--context-length", str(2 * length),
             "--max-total-tokens", str(3 * length), "--skip-server-warmup"]
     args += (["--dtype", "bfloat16", "--attention-backend", "triton", "--mem-fraction-static",
               f"{int(80 / servers) / 100:.2f}"] if gpu else ["--dtype", "float32"])
-    return args + (list(flags) + ["--s2o-min-length", str(min_length)] if flags else [])
+    return args + list(flags) + (["--s2o-min-length", str(min_length)] if "--s2o" in flags else [])
 
 
 def ask(base_url: str, ids: list[int], answer: list[int]) -> dict:
@@ -83,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=32600)
     ap.add_argument("--gpu", action="store_true", help="serve on the GPU (bf16, Triton attention)")
     ap.add_argument("--tau0", action="store_true", help="a third server with --s2o --s2o-tau 0")
+    ap.add_argument("--dense-flags", action="append", default=[],
+                    help="flags of one more dense server, e.g. '--chunked-prefill-size 32768'; repeat for several")
     ap.add_argument("--s2o-flags", action="append", default=[],
                     help="flags of one --s2o server, e.g. '--s2o-variant v5' ('' = its defaults); repeat for several")
     ap.add_argument("--rope-scale", type=float, default=0.0,
@@ -109,7 +115,7 @@ def main(argv=None) -> int:
                                      per_depth=args.per_depth, seed=args.seed)]
     logs = Path("/tmp/sgl_slim_testbed_serve")
     logs.mkdir(exist_ok=True)
-    specs = server_specs(args.s2o_flags, args.tau0)
+    specs = server_specs(args.s2o_flags, args.tau0, args.dense_flags)
     servers = {name: LaunchedServer(server_args(args.model, args.length, flags, args.min_length, args.gpu,
                                                 len(specs)),
                                     port=args.port + i, log_path=logs / f"server{i}.log")
@@ -119,7 +125,7 @@ def main(argv=None) -> int:
         (start, end), = samples[0][1].answers
         for name, server in servers.items():       # warm-up: kernels compile on first use, out of the timing
             got = ask(server.base_url, samples[0][1].ids[:start], samples[0][1].ids[start:end])
-            if name != TAU0 and (got["density"] is None) != (name == "dense"):
+            if name != TAU0 and (got["density"] is None) != name.startswith("dense"):
                 # (once a server left over from an earlier run answered on a port: the comparison would be void)
                 raise RuntimeError(f"the {name} server at {server.base_url} answered "
                                    f"{'with' if got['density'] is not None else 'without'} S2O")

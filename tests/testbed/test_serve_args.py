@@ -21,6 +21,10 @@ def test_one_s2o_server_per_flag_set_beside_one_dense():
                      "s2o --s2o-variant v5 --s2o-audit-last 2048": ["--s2o", "--s2o-variant", "v5",
                                                                      "--s2o-audit-last", "2048"],
                      "s2o_tau0": ["--s2o", "--s2o-tau", "0"]}
+    more = server_specs([""], tau0=False, dense_flags=["--chunked-prefill-size 32768"])
+    assert list(more) == ["dense", "dense --chunked-prefill-size 32768", "s2o"]
+    args = server_args("M", 8192, more["dense --chunked-prefill-size 32768"], 1024, gpu=True, servers=3)
+    assert _flag(args, "--chunked-prefill-size") == "32768" and "--s2o-min-length" not in args
 
 
 def test_gpu_servers_share_the_gpu_on_triton_attention_and_tau0_means_tau_0():
