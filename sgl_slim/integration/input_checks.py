@@ -27,12 +27,27 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
    pixels, a damaged stream) became a 500. AROUND hook on ``qwen_vl.preprocess_video``: such an error becomes a
    ``ValueError`` naming the video; running out of memory stays a server fault. A video with fewer frames than
    one temporal patch is refused there first, saying so (stock: "nframes should in interval [2, 1]").
+7. Token-level fields of ``/generate`` (and ``/v1/completions``) that the scheduler uses unchecked, where stock
+   SGLang answers nothing and the server dies: a token id outside the vocabulary in ``input_ids`` (the
+   embedding lookup fails), an empty prompt inside a batch (``input_ids: [[]]``; the single empty list is
+   already refused), ``top_logprobs_num`` above the vocabulary size (``topk`` fails) and ``logprob_start_len``
+   below -1 (an assertion on the input logprobs). BEFORE hook on ``TokenizerManager._validate_one_request``,
+   which sees each prompt of a batch on its own with its token ids.
+8. Per-prompt fields of ``/generate`` whose shape does not match the prompts. SGLang indexes each prompt's
+   entry of such a list without checking its length (a batch with a shorter ``sampling_params`` or
+   ``return_logprob`` list: IndexError, 500) and takes a list sent with a single prompt as the value (a
+   one-element ``top_logprobs_num`` list: the scheduler compares a list with 0 and the server dies). AROUND hook
+   on ``GenerateReqInput.normalize_batch_and_arguments``. Before it runs, what it (or the sampling parameters'
+   own normalization) would fail on with a 500 is refused: an empty ``sampling_params`` list, ``n`` null or
+   below 1, a ``stop_regex`` that does not compile. After it, a single prompt's per-prompt fields must be single
+   values and a batch's lists must have an entry for each prompt.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from urllib.parse import quote, unquote, urlparse
 
@@ -45,6 +60,8 @@ _MM_LIMITS = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_m
 _CHAT_VALIDATE = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request"
 _PREPROCESS_VIDEO = "sglang.srt.multimodal.processors.qwen_vl.preprocess_video"
 _FRAME_FACTOR = "sglang.srt.multimodal.processors.qwen_vl.FRAME_FACTOR"      # frames per temporal patch
+_VALIDATE_ONE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+_NORMALIZE = "sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_arguments"
 
 HOOKED_SYMBOLS: list[str] = [
     _LOAD,
@@ -52,6 +69,9 @@ HOOKED_SYMBOLS: list[str] = [
     _CHAT_VALIDATE,
     _PREPROCESS_VIDEO,
     _FRAME_FACTOR,
+    _VALIDATE_ONE,
+    _NORMALIZE,
+    "sglang.srt.managers.io_struct.GenerateReqInput.__getitem__",   # indexes the per-prompt lists checked here
     "sglang.srt.utils.video_decoder.VideoDecoderWrapper",
     "sglang.srt.multimodal.processors.base_processor.MultimodalSpecialTokens",
     "sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor._is_preprocessed_input",
@@ -80,6 +100,8 @@ def install(cfg: SlimConfig) -> None:
     HookRegistry.register(_MM_LIMITS, _validate_mm_limits_before, HookType.BEFORE)
     HookRegistry.register(_CHAT_VALIDATE, _validate_request_after, HookType.AFTER)
     HookRegistry.register(_PREPROCESS_VIDEO, _preprocess_video_around, HookType.AROUND)
+    HookRegistry.register(_VALIDATE_ONE, _validate_one_request_before, HookType.BEFORE)
+    HookRegistry.register(_NORMALIZE, _normalize_around, HookType.AROUND)
     _REGISTERED = True
 
 
@@ -256,3 +278,99 @@ async def _preprocess_video_around(original, *args, **kwargs):
         if error is None:
             raise
         raise error from exc
+
+
+def token_fields_error(obj, input_ids, vocab_size: int) -> str | None:
+    """The error for one prompt's token-level fields that would stop the scheduler, or None. ``input_ids`` are
+    the prompt's token ids as the tokenizer manager validates them; only ids the client sent are range-checked
+    (the tokenizer's and the multimodal processor's own are the model's)."""
+    if input_ids is not None and len(input_ids) == 0:
+        return "the prompt is empty: send at least one token (input_ids) or some text"
+    if getattr(obj, "input_ids", None) is not None and input_ids is not None:
+        low, high = min(input_ids), max(input_ids)
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            return f"input_ids contains token id {bad}, outside this model's vocabulary [0, {vocab_size})"
+    top = getattr(obj, "top_logprobs_num", None)
+    if isinstance(top, int) and not 0 <= top <= vocab_size:
+        return f"top_logprobs_num must be between 0 and the vocabulary size {vocab_size}, got {top}"
+    start = getattr(obj, "logprob_start_len", None)
+    if isinstance(start, int) and start < -1:
+        return f"logprob_start_len must be -1 (no prompt logprobs) or a prompt position >= 0, got {start}"
+    return None
+
+
+def _validate_one_request_before(self, obj, input_ids=None, *args, **kwargs):
+    from sglang.srt.managers.io_struct import GenerateReqInput  # noqa: PLC0415
+
+    if not isinstance(obj, GenerateReqInput):
+        return
+    message = token_fields_error(obj, input_ids, self.model_config.vocab_size)
+    if message is not None:
+        raise ValueError(message)
+
+
+# Per-prompt fields of a GenerateReqInput that SGLang indexes by prompt in a batch; the first five are single
+# values for a single prompt (the media, token_ids_logprob, lora_path and custom_logit_processor may be lists there).
+SCALAR_PER_PROMPT = ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_sampling_mask",
+                     "sampling_logprobs_mode")
+LIST_PER_PROMPT = ("sampling_params", *SCALAR_PER_PROMPT, "token_ids_logprob", "image_data", "video_data",
+                   "audio_data", "lora_path", "custom_logit_processor", "modalities", "bootstrap_host",
+                   "bootstrap_port", "bootstrap_room", "bootstrap_pair_key", "decode_tp_size")
+
+
+def sampling_params_error(obj) -> str | None:
+    """The error for ``sampling_params`` that SGLang fails on with a 500 before checking them (checked before
+    normalizing): an empty list or one holding a non-object (no sample count to read), an ``n`` that is not a
+    whole number >= 1 (null: TypeError), a ``stop_regex`` that does not compile (``re.error``)."""
+    params = getattr(obj, "sampling_params", None)
+    if isinstance(params, list) and (not params or not all(isinstance(p, dict) for p in params)):
+        return "sampling_params must be an object, or a non-empty list of objects with one per prompt of a batch"
+    for sp in (params if isinstance(params, list) else [params]):
+        if not isinstance(sp, dict):
+            continue
+        n = sp.get("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            return f"sampling_params.n must be a whole number >= 1 (samples per prompt), got {n!r}"
+        stop_regex = sp.get("stop_regex")
+        for pattern in (stop_regex if isinstance(stop_regex, list) else [stop_regex]):
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    return f"sampling_params.stop_regex {pattern[:100]!r} is not a valid regular expression: {exc}"
+    return None
+
+
+def per_prompt_shape_error(obj) -> str | None:
+    """The error for per-prompt fields that do not match the prompts of a normalized GenerateReqInput, or None."""
+    if obj.is_single:
+        if not isinstance(obj.sampling_params, dict):
+            return ("sampling_params must be one object for a single prompt (a list is for a batch: text or "
+                    "input_ids as a list of prompts)")
+        for name in SCALAR_PER_PROMPT:
+            if isinstance(getattr(obj, name, None), list):
+                return (f"{name} must be a single value for a single prompt (a list is for a batch: text or "
+                        f"input_ids as a list of prompts)")
+        return None
+    # Lists are expanded for parallel sampling by now. Only a short list fails (SGLang ignores extra entries, and
+    # a single prompt's several videos or clips with n > 1 arrive as a longer list).
+    entries = obj.batch_size * obj.parallel_sample_num
+    for name in LIST_PER_PROMPT:
+        value = getattr(obj, name, None)
+        if name == "modalities" and not value:      # SGLang reads an empty list as none
+            continue
+        if isinstance(value, list) and len(value) < entries:
+            return f"{name}: a list needs one entry per prompt of the batch ({obj.batch_size} prompts)"
+    return None
+
+
+def _normalize_around(original, self, *args, **kwargs):
+    message = sampling_params_error(self)
+    if message is not None:
+        raise ValueError(message)
+    result = original(self, *args, **kwargs)
+    message = per_prompt_shape_error(self)
+    if message is not None:
+        raise ValueError(message)
+    return result

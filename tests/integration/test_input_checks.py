@@ -3,6 +3,7 @@ client mistakes it names to a 400-style error and leaves everything else alone."
 
 import collections
 import io
+import re
 
 import pytest
 
@@ -109,11 +110,13 @@ def test_an_earlier_validation_error_wins():
 def test_hooks_apply_to_sglangs_classes(monkeypatch):
     """Registered through SGLang's HookRegistry, the checks wrap the real methods (classmethod kept)."""
     from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
+    from sglang.srt.managers.io_struct import GenerateReqInput
     from sglang.srt.managers.tokenizer_manager import TokenizerManager
     from sglang.srt.multimodal.processors.base_processor import BaseMultimodalProcessor
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    saved = {c: dict(c.__dict__) for c in (OpenAIServingChat, TokenizerManager, BaseMultimodalProcessor)}
+    saved = {c: dict(c.__dict__) for c in (OpenAIServingChat, TokenizerManager, BaseMultimodalProcessor,
+                                           GenerateReqInput)}
     monkeypatch.setattr(ic, "_REGISTERED", False)
     monkeypatch.setattr(HookRegistry, "_hooks", collections.defaultdict(list))
     monkeypatch.setattr(HookRegistry, "_patched", set(), raising=False)
@@ -131,9 +134,14 @@ def test_hooks_apply_to_sglangs_classes(monkeypatch):
             BaseMultimodalProcessor._load_single_item("file:///nonexistent/sgl_slim.png", _image_modality())
         with pytest.raises(ValueError, match="does not accept image"):
             TokenizerManager._validate_mm_limits(_TMWith(MultimodalSpecialTokens(audio_token="<a>")), _Req(image=["a"]))
+        with pytest.raises(ValueError, match="top_logprobs_num must be a single value"):
+            GenerateReqInput(text="hi", top_logprobs_num=[5]).normalize_batch_and_arguments()
+        with pytest.raises(ValueError, match="input_ids contains token id 100"):
+            TokenizerManager._validate_one_request(_TMVocab(), GenerateReqInput(input_ids=[100]), [100])
     finally:
         for cls, attrs in saved.items():
-            for name in ("_load_single_item", "_validate_mm_limits", "_validate_request"):
+            for name in ("_load_single_item", "_validate_mm_limits", "_validate_request", "_validate_one_request",
+                         "normalize_batch_and_arguments"):
                 if name in attrs:
                     setattr(cls, name, attrs[name])
 
@@ -290,3 +298,72 @@ def test_a_video_shorter_than_one_temporal_patch_is_refused_by_name(frames, refu
             assert reached == [frames]
     finally:
         decoder._BACKEND = old
+
+
+# --- /generate fields the scheduler would die on, per-prompt fields that do not match the prompts ---------------
+
+def _gen(**fields):
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    return GenerateReqInput(**{"text": "hi", "sampling_params": {"max_new_tokens": 2}, **fields})
+
+
+class _TMVocab:
+    model_config = type("C", (), {"vocab_size": 100})()
+
+
+@pytest.mark.parametrize("fields, ids, words", [
+    ({"input_ids": [1, 100]}, [1, 100], "token id 100, outside this model's vocabulary [0, 100)"),
+    ({"input_ids": [-1, 5]}, [-1, 5], "token id -1"),
+    ({}, [], "the prompt is empty"),
+    ({"top_logprobs_num": 101}, [1], "top_logprobs_num must be between 0 and the vocabulary size 100, got 101"),
+    ({"top_logprobs_num": -1}, [1], "top_logprobs_num"),
+    ({"logprob_start_len": -2}, [1], "logprob_start_len must be -1"),
+])
+def test_token_fields_the_scheduler_would_die_on_are_refused(fields, ids, words):
+    obj = _gen(**fields)
+    obj.normalize_batch_and_arguments()
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ic._validate_one_request_before(_TMVocab(), obj, ids)
+
+
+def test_token_fields_within_range_pass():
+    obj = _gen(input_ids=[0, 99], top_logprobs_num=100, logprob_start_len=-1)
+    obj.normalize_batch_and_arguments()
+    assert ic._validate_one_request_before(_TMVocab(), obj, [0, 99]) is None
+    # ids the tokenizer or the multimodal processor made are the model's own: only the client's are checked
+    assert ic.token_fields_error(_gen(), [5000], 100) is None
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"sampling_params": []}, "non-empty list"),
+    ({"sampling_params": {"n": None}}, "n must be a whole number >= 1"),
+    ({"sampling_params": {"n": 0}}, "n must be"),
+    ({"sampling_params": {"stop_regex": ["ok", "(a"]}}, "stop_regex '(a' is not a valid regular expression"),
+    ({"sampling_params": [{}, {}]}, "sampling_params must be one object for a single prompt"),
+    ({"top_logprobs_num": [5]}, "top_logprobs_num must be a single value for a single prompt"),
+    ({"text": ["a", "b"], "sampling_params": [{}]}, "sampling_params: a list needs one entry per prompt"),
+    ({"text": ["a", "b"], "return_logprob": [True]}, "return_logprob: a list needs one entry per prompt"),
+    ({"text": ["a", "b"], "audio_data": [None]}, "audio_data: a list needs one entry"),
+    ({"text": ["a", "b"], "modalities": ["image"]}, "modalities: a list needs one entry"),
+])
+def test_per_prompt_fields_that_do_not_match_the_prompts_are_refused(fields, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ic._normalize_around(lambda self: self.normalize_batch_and_arguments(), _gen(**fields))
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"sampling_params": {"n": 3, "temperature": 1}}, {"text": ["a", "b"], "sampling_params": [{}, {"n": 1}]},
+    {"text": ["a", "b"], "sampling_params": [{"n": 2}, {"n": 2}]},
+    {"text": ["a", "b"], "return_logprob": [True, False]},
+    {"text": ["a", "b"], "modalities": []}, {"input_ids": [[1], [2]], "top_logprobs_num": 3},
+    {"audio_data": ["a.wav", "b.wav"], "sampling_params": {"n": 2}},     # one prompt's two clips, two samples
+    {"sampling_params": {"stop_regex": "a+b"}},
+])
+def test_well_formed_requests_normalize_as_before(fields):
+    obj = _gen(**fields)
+    ic._normalize_around(lambda self: self.normalize_batch_and_arguments(), obj)
+    if obj.is_single:
+        assert isinstance(obj.sampling_params, dict)
+    else:                                  # every prompt's entry is there (SGLang indexes them so)
+        assert [obj[i].rid for i in range(len(obj.rid))] == obj.rid

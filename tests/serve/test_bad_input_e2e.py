@@ -191,6 +191,47 @@ def test_prompt_longer_than_the_context_is_4xx(vl_server, audio_server):
     _assert_4xx_then_serves(vl_server, status, text, _image_body(png_data_url(seed=1)))
 
 
+# Token-level and per-prompt fields of /generate and /v1/completions. Stock SGLang 0.5.23 (measured 2026-12-04)
+# lets the first seven reach the scheduler, which raises and takes the whole server down; the others are 500s.
+# sgl_slim.integration.input_checks answers each with a 400 naming the field.
+_PROMPT = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
+_SP = {"max_new_tokens": 2, "temperature": 0}
+_LOGPROBS = {"text": _PROMPT, "sampling_params": _SP, "return_logprob": True}
+_BATCH = {"text": [_PROMPT, _PROMPT], "sampling_params": _SP}
+GENERATE = {  # case: (body, a word the 400 must contain)
+    "input id outside the vocabulary": ({"input_ids": [1, 2, 10 ** 6], "sampling_params": _SP}, "vocabulary"),
+    "negative input id": ({"input_ids": [1, -5], "sampling_params": _SP}, "vocabulary"),
+    "empty text": ({"text": "", "sampling_params": _SP}, "empty"),
+    "empty prompt in a batch": ({"input_ids": [[]], "sampling_params": _SP}, "empty"),
+    "top_logprobs_num above the vocabulary": ({**_LOGPROBS, "top_logprobs_num": 10 ** 6}, "top_logprobs_num"),
+    "logprob_start_len=-5": ({**_LOGPROBS, "logprob_start_len": -5}, "logprob_start_len"),
+    "top_logprobs_num list for one prompt": ({**_LOGPROBS, "top_logprobs_num": [5]}, "top_logprobs_num"),
+    "sampling_params list shorter than the batch": ({**_BATCH, "sampling_params": [_SP]}, "sampling_params"),
+    "return_logprob list shorter than the batch": ({**_BATCH, "return_logprob": [True]}, "return_logprob"),
+    "sampling_params list for one prompt": ({"text": _PROMPT, "sampling_params": [_SP, _SP]}, "sampling_params"),
+    "empty sampling_params list": ({**_BATCH, "sampling_params": []}, "sampling_params"),
+    "n=null": ({"text": _PROMPT, "sampling_params": {**_SP, "n": None}}, "n must be"),
+    "stop_regex that does not compile": ({"text": _PROMPT, "sampling_params": {**_SP, "stop_regex": "(a"}},
+                                         "stop_regex"),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERATE))
+def test_bad_generate_fields_are_400_and_server_keeps_serving(vl_server, case):
+    body, word = GENERATE[case]
+    r = requests.post(f"{vl_server.base_url}/generate", json=body, timeout=TIMEOUT_S)
+    assert r.status_code == 400 and word in r.text, f"{r.status_code}: {r.text[:500]}"
+    _assert_4xx_then_serves(vl_server, r.status_code, r.text[:500], _text_body())
+
+
+def test_completions_logprobs_above_the_vocabulary_is_400(vl_server):
+    """/v1/completions' ``logprobs`` becomes top_logprobs_num: stock SGLang's server dies on 10**6."""
+    r = requests.post(f"{vl_server.base_url}/v1/completions", timeout=TIMEOUT_S,
+                      json={"model": "default", "prompt": "Say hello.", "max_tokens": 2, "logprobs": 10 ** 6})
+    assert r.status_code == 400 and "top_logprobs_num" in r.text, r.text[:500]
+    _assert_4xx_then_serves(vl_server, r.status_code, r.text[:500], _text_body())
+
+
 MALFORMED = {
     "not-json": (b"{this is not json", {"Content-Type": "application/json"}),
     "text/plain body": (b'{"model": "default", "messages": []}', {"Content-Type": "text/plain"}),
