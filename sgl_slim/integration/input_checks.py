@@ -41,6 +41,12 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
    own normalization) would fail on with a 500 is refused: an empty ``sampling_params`` list, ``n`` null or
    below 1, a ``stop_regex`` that does not compile. After it, a single prompt's per-prompt fields must be single
    values and a batch's lists must have an entry for each prompt.
+9. One prompt with several images, videos or audio clips and ``n`` > 1 (OpenAI chat ``n``). SGLang turns the
+   prompt into a batch of one for parallel sampling but leaves its media lists flat, so they read as one item per
+   prompt: a 400 that contradicts the request ("Prompt has 2 audio placeholders but 1 audio inputs were
+   provided", "The length of image_data should be equal to the batch size."). AROUND hook on
+   ``GenerateReqInput._handle_parallel_sampling``: when it turned a single prompt into a batch, the prompt's media
+   lists are wrapped as that one prompt's items, as its text is.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ _PREPROCESS_VIDEO = "sglang.srt.multimodal.processors.qwen_vl.preprocess_video"
 _FRAME_FACTOR = "sglang.srt.multimodal.processors.qwen_vl.FRAME_FACTOR"      # frames per temporal patch
 _VALIDATE_ONE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 _NORMALIZE = "sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_arguments"
+_PARALLEL = "sglang.srt.managers.io_struct.GenerateReqInput._handle_parallel_sampling"
 
 HOOKED_SYMBOLS: list[str] = [
     _LOAD,
@@ -71,6 +78,7 @@ HOOKED_SYMBOLS: list[str] = [
     _FRAME_FACTOR,
     _VALIDATE_ONE,
     _NORMALIZE,
+    _PARALLEL,
     "sglang.srt.managers.io_struct.GenerateReqInput.__getitem__",   # indexes the per-prompt lists checked here
     "sglang.srt.utils.video_decoder.VideoDecoderWrapper",
     "sglang.srt.multimodal.processors.base_processor.MultimodalSpecialTokens",
@@ -102,6 +110,7 @@ def install(cfg: SlimConfig) -> None:
     HookRegistry.register(_PREPROCESS_VIDEO, _preprocess_video_around, HookType.AROUND)
     HookRegistry.register(_VALIDATE_ONE, _validate_one_request_before, HookType.BEFORE)
     HookRegistry.register(_NORMALIZE, _normalize_around, HookType.AROUND)
+    HookRegistry.register(_PARALLEL, _handle_parallel_sampling_around, HookType.AROUND)
     _REGISTERED = True
 
 
@@ -373,4 +382,15 @@ def _normalize_around(original, self, *args, **kwargs):
     message = per_prompt_shape_error(self)
     if message is not None:
         raise ValueError(message)
+    return result
+
+
+def _handle_parallel_sampling_around(original, self, *args, **kwargs):
+    was_single = getattr(self, "is_single", None)
+    result = original(self, *args, **kwargs)
+    if was_single and not self.is_single:            # one prompt made a batch of one for its n samples
+        for name in MODALITIES:
+            items = getattr(self, f"{name}_data", None)
+            if isinstance(items, list):
+                setattr(self, f"{name}_data", [items])
     return result

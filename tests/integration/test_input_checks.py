@@ -141,7 +141,7 @@ def test_hooks_apply_to_sglangs_classes(monkeypatch):
     finally:
         for cls, attrs in saved.items():
             for name in ("_load_single_item", "_validate_mm_limits", "_validate_request", "_validate_one_request",
-                         "normalize_batch_and_arguments"):
+                         "normalize_batch_and_arguments", "_handle_parallel_sampling"):
                 if name in attrs:
                     setattr(cls, name, attrs[name])
 
@@ -367,3 +367,20 @@ def test_well_formed_requests_normalize_as_before(fields):
         assert isinstance(obj.sampling_params, dict)
     else:                                  # every prompt's entry is there (SGLang indexes them so)
         assert [obj[i].rid for i in range(len(obj.rid))] == obj.rid
+
+
+@pytest.mark.parametrize("modality", ic.MODALITIES)
+def test_one_prompts_media_stay_together_when_n_makes_it_a_batch(modality):
+    """n > 1 turns one prompt into a batch of one: its media list is that prompt's items, not one per prompt."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    obj = _gen(sampling_params={"n": 2}, **{f"{modality}_data": ["a", "b"]})
+    obj._determine_batch_size()
+    ic._handle_parallel_sampling_around(GenerateReqInput._handle_parallel_sampling, obj)
+    assert getattr(obj, f"{modality}_data") == [["a", "b"]]
+    obj._normalize_batch_inputs()
+    assert [getattr(obj[i], f"{modality}_data") for i in range(2)] == [["a", "b"], ["a", "b"]]
+    batch = _gen(text=["x", "y"], sampling_params={"n": 2}, **{f"{modality}_data": ["a", "b"]})
+    batch._determine_batch_size()
+    ic._handle_parallel_sampling_around(GenerateReqInput._handle_parallel_sampling, batch)
+    assert getattr(batch, f"{modality}_data") == ["a", "b"]            # a batch's list is one item per prompt

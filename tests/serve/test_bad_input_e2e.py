@@ -35,6 +35,7 @@ def _png_bytes(width: int, height: int, mode: str = "RGB") -> bytes:
 
 
 PNG = base64.b64decode(png_data_url().split(",", 1)[1])
+WAV_URL = wav_data_url(seconds=1.0, seed=1)
 WAV = base64.b64decode(wav_data_url(seconds=1.0).split(",", 1)[1])
 CLOSED = _closed_port()
 
@@ -230,6 +231,22 @@ def test_completions_logprobs_above_the_vocabulary_is_400(vl_server):
                       json={"model": "default", "prompt": "Say hello.", "max_tokens": 2, "logprobs": 10 ** 6})
     assert r.status_code == 400 and "top_logprobs_num" in r.text, r.text[:500]
     _assert_4xx_then_serves(vl_server, r.status_code, r.text[:500], _text_body())
+
+
+def test_one_prompt_with_several_media_and_n_samples_is_served(vl_server, audio_server):
+    """Stock SGLang 0.5.23 answers n > 1 on a prompt with two images or clips with a 400 that contradicts the
+    request (its media read as one per sample); each sample must see all of them, as with n = 1."""
+    for srv, body in [(vl_server, _image_body(png_data_url(seed=1))), (audio_server, _audio_body(WAV_URL))]:
+        part = body["messages"][0]["content"][0]
+        body["messages"][0]["content"].insert(0, part)           # the same item twice
+        one = requests.post(f"{srv.base_url}/v1/chat/completions", timeout=TIMEOUT_S,
+                            json={"model": "default", "max_tokens": 2, "temperature": 0, **body})
+        two = requests.post(f"{srv.base_url}/v1/chat/completions", timeout=TIMEOUT_S,
+                            json={"model": "default", "max_tokens": 2, "temperature": 0, "n": 2, **body})
+        assert one.status_code == 200 and two.status_code == 200, f"{one.text[:300]} / {two.text[:300]}"
+        assert two.json()["usage"]["prompt_tokens"] == one.json()["usage"]["prompt_tokens"]
+        texts = [c["message"]["content"] for c in two.json()["choices"]]
+        assert texts == [one.json()["choices"][0]["message"]["content"]] * 2
 
 
 MALFORMED = {
