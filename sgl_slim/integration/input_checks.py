@@ -29,18 +29,19 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
    one temporal patch is refused there first, saying so (stock: "nframes should in interval [2, 1]").
 7. Token-level fields of ``/generate`` (and ``/v1/completions``) that the scheduler uses unchecked, where stock
    SGLang answers nothing and the server dies: a token id outside the vocabulary in ``input_ids`` (the
-   embedding lookup fails), an empty prompt inside a batch (``input_ids: [[]]``; the single empty list is
-   already refused), ``top_logprobs_num`` above the vocabulary size (``topk`` fails) and ``logprob_start_len``
-   below -1 (an assertion on the input logprobs). BEFORE hook on ``TokenizerManager._validate_one_request``,
+   embedding lookup fails), an empty prompt (``text: ""`` or ``input_ids: [[]]``; a single empty ``input_ids``
+   list is already refused), ``top_logprobs_num`` above the vocabulary size (``topk`` fails), ``logprob_start_len``
+   below -1 (an assertion on the input logprobs) and a JSON ``positional_embed_overrides`` (it takes tensors;
+   the scheduler calls a method on it). BEFORE hook on ``TokenizerManager._validate_one_request``,
    which sees each prompt of a batch on its own with its token ids.
 8. Per-prompt fields of ``/generate`` whose shape does not match the prompts. SGLang indexes each prompt's
    entry of such a list without checking its length (a batch with a shorter ``sampling_params`` or
    ``return_logprob`` list: IndexError, 500) and takes a list sent with a single prompt as the value (a
    one-element ``top_logprobs_num`` list: the scheduler compares a list with 0 and the server dies). AROUND hook
    on ``GenerateReqInput.normalize_batch_and_arguments``. Before it runs, what it (or the sampling parameters'
-   own normalization) would fail on with a 500 is refused: an empty ``sampling_params`` list, ``n`` null or
-   below 1, a ``stop_regex`` that does not compile. After it, a single prompt's per-prompt fields must be single
-   values and a batch's lists must have an entry for each prompt.
+   own normalization) would fail on with a 500 is refused: empty ``input_embeds``, an empty ``sampling_params``
+   list, ``n`` null or below 1, a ``stop_regex`` that does not compile. After it, a single prompt's per-prompt
+   fields must be single values and a batch's lists must have an entry for each prompt.
 9. One prompt with several images, videos or audio clips and ``n`` > 1 (OpenAI chat ``n``). SGLang turns the
    prompt into a batch of one for parallel sampling but leaves its media lists flat, so they read as one item per
    prompt: a 400 that contradicts the request ("Prompt has 2 audio placeholders but 1 audio inputs were
@@ -80,6 +81,7 @@ HOOKED_SYMBOLS: list[str] = [
     _NORMALIZE,
     _PARALLEL,
     "sglang.srt.managers.io_struct.GenerateReqInput.__getitem__",   # indexes the per-prompt lists checked here
+    "sglang.srt.managers.embed_types.PositionalEmbeds",   # the only valid positional_embed_overrides
     "sglang.srt.utils.video_decoder.VideoDecoderWrapper",
     "sglang.srt.multimodal.processors.base_processor.MultimodalSpecialTokens",
     "sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor._is_preprocessed_input",
@@ -306,6 +308,13 @@ def token_fields_error(obj, input_ids, vocab_size: int) -> str | None:
     start = getattr(obj, "logprob_start_len", None)
     if isinstance(start, int) and start < -1:
         return f"logprob_start_len must be -1 (no prompt logprobs) or a prompt position >= 0, got {start}"
+    overrides = getattr(obj, "positional_embed_overrides", None)
+    if overrides is not None:
+        from sglang.srt.managers.embed_types import PositionalEmbeds  # noqa: PLC0415
+
+        if not isinstance(overrides, PositionalEmbeds):
+            return ("positional_embed_overrides takes tensors (SGLang's PositionalEmbeds, from the Python Engine "
+                    "API); it cannot be sent as JSON")
     return None
 
 
@@ -325,13 +334,17 @@ SCALAR_PER_PROMPT = ("return_logprob", "logprob_start_len", "top_logprobs_num", 
                      "sampling_logprobs_mode")
 LIST_PER_PROMPT = ("sampling_params", *SCALAR_PER_PROMPT, "token_ids_logprob", "image_data", "video_data",
                    "audio_data", "lora_path", "custom_logit_processor", "modalities", "bootstrap_host",
-                   "bootstrap_port", "bootstrap_room", "bootstrap_pair_key", "decode_tp_size")
+                   "bootstrap_port", "bootstrap_room", "bootstrap_pair_key", "decode_tp_size",
+                   "positional_embed_overrides")
 
 
 def sampling_params_error(obj) -> str | None:
-    """The error for ``sampling_params`` that SGLang fails on with a 500 before checking them (checked before
-    normalizing): an empty list or one holding a non-object (no sample count to read), an ``n`` that is not a
-    whole number >= 1 (null: TypeError), a ``stop_regex`` that does not compile (``re.error``)."""
+    """The error for inputs SGLang fails on with a 500 before checking them (checked before normalizing): empty
+    ``input_embeds``, a ``sampling_params`` list that is empty or holds a non-object (no sample count to read),
+    an ``n`` that is not a whole number >= 1 (null: TypeError), a ``stop_regex`` that does not compile."""
+    embeds = getattr(obj, "input_embeds", None)
+    if isinstance(embeds, list) and (not embeds or not isinstance(embeds[0], list) or not embeds[0]):
+        return "input_embeds is empty: send one embedding per prompt token (or a list of such prompts)"
     params = getattr(obj, "sampling_params", None)
     if isinstance(params, list) and (not params or not all(isinstance(p, dict) for p in params)):
         return "sampling_params must be an object, or a non-empty list of objects with one per prompt of a batch"

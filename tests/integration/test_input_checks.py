@@ -319,6 +319,7 @@ class _TMVocab:
     ({"top_logprobs_num": 101}, [1], "top_logprobs_num must be between 0 and the vocabulary size 100, got 101"),
     ({"top_logprobs_num": -1}, [1], "top_logprobs_num"),
     ({"logprob_start_len": -2}, [1], "logprob_start_len must be -1"),
+    ({"positional_embed_overrides": {"embeds": [1.0], "positions": [0]}}, [1], "it cannot be sent as JSON"),
 ])
 def test_token_fields_the_scheduler_would_die_on_are_refused(fields, ids, words):
     obj = _gen(**fields)
@@ -337,6 +338,8 @@ def test_token_fields_within_range_pass():
 
 @pytest.mark.parametrize("fields, words", [
     ({"sampling_params": []}, "non-empty list"),
+    ({"text": None, "input_embeds": []}, "input_embeds is empty"),
+    ({"text": None, "input_embeds": [[]]}, "input_embeds is empty"),
     ({"sampling_params": {"n": None}}, "n must be a whole number >= 1"),
     ({"sampling_params": {"n": 0}}, "n must be"),
     ({"sampling_params": {"stop_regex": ["ok", "(a"]}}, "stop_regex '(a' is not a valid regular expression"),

@@ -193,7 +193,8 @@ def test_prompt_longer_than_the_context_is_4xx(vl_server, audio_server):
 
 
 # Token-level and per-prompt fields of /generate and /v1/completions. Stock SGLang 0.5.23 (measured 2026-12-04)
-# lets the first seven reach the scheduler, which raises and takes the whole server down; the others are 500s.
+# lets the first seven and JSON positional_embed_overrides reach the scheduler, which raises and takes the whole
+# server down; the others are 500s.
 # sgl_slim.integration.input_checks answers each with a 400 naming the field.
 _PROMPT = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
 _SP = {"max_new_tokens": 2, "temperature": 0}
@@ -214,6 +215,9 @@ GENERATE = {  # case: (body, a word the 400 must contain)
     "n=null": ({"text": _PROMPT, "sampling_params": {**_SP, "n": None}}, "n must be"),
     "stop_regex that does not compile": ({"text": _PROMPT, "sampling_params": {**_SP, "stop_regex": "(a"}},
                                          "stop_regex"),
+    "positional_embed_overrides as JSON": ({"text": _PROMPT, "sampling_params": _SP,
+                                            "positional_embed_overrides": [1, 2]}, "positional_embed_overrides"),
+    "empty input_embeds": ({"input_embeds": [[]], "sampling_params": _SP}, "input_embeds"),
 }
 
 
