@@ -72,10 +72,30 @@ def _validate(q, k_pool, v_pool, tau, block_size, segment_size):
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k_pool.shape[1]})")
     if q.shape[2] != k_pool.shape[2]:
         raise ValueError(f"head dims differ: q {q.shape[2]}, k {k_pool.shape[2]}")
+    if not q.dtype.is_floating_point or (k_pool.dtype not in FP8_KV and (k_pool.dtype != q.dtype
+                                                                      or v_pool.dtype != q.dtype)):
+        raise ValueError(f"q, k and v must share one floating-point dtype (or K/V be one fp8 dtype); got q "
+                         f"{q.dtype}, k {k_pool.dtype}, v {v_pool.dtype}")
     if (k_pool.dtype in FP8_KV or v_pool.dtype in FP8_KV) and (
             v_pool.dtype != k_pool.dtype or q.dtype not in (torch.bfloat16, torch.float16)):
         raise ValueError(f"an fp8 K/V pool needs K and V in the same fp8 dtype and q in bf16 / fp16; got q "
                          f"{q.dtype}, k {k_pool.dtype}, v {v_pool.dtype}")
+
+
+def _check_offsets(qo: list[int], kvp: list[int], n_q: int, n_indices: int) -> None:
+    """The batch's host offsets against the tensors they index: one (q_len <= kv_len) pair per sequence, the
+    query rows exactly q's, the key entries within kv_indices."""
+    if len(qo) != len(kvp) or len(qo) < 1 or qo[0] != 0 or kvp[0] != 0:
+        raise ValueError(f"qo_indptr and kv_indptr must be [B + 1] offsets starting at 0; got {len(qo)} and "
+                         f"{len(kvp)} entries starting at {qo[:1]} and {kvp[:1]}")
+    for b in range(len(qo) - 1):
+        q_len, kv_len = qo[b + 1] - qo[b], kvp[b + 1] - kvp[b]
+        if q_len < 0 or kv_len < q_len:
+            raise ValueError(f"sequence {b}: {q_len} queries and {kv_len} keys (need 0 <= queries <= keys)")
+    if qo[-1] != n_q:
+        raise ValueError(f"qo_indptr covers {qo[-1]} query rows, q has {n_q}")
+    if kvp[-1] > n_indices:
+        raise ValueError(f"kv_indptr covers {kvp[-1]} keys, kv_indices has {n_indices}")
 
 
 def _density(counts_computed: torch.Tensor, counts_causal: torch.Tensor) -> float:
@@ -141,6 +161,10 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
     elif not (math.isfinite(k_scale) and math.isfinite(v_scale) and k_scale > 0 and v_scale > 0):
         raise ValueError(f"k_scale and v_scale must be finite and > 0, got {k_scale}, {v_scale}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    # host offsets: the plan's, else read here (a host read, as the kernel launch without a plan makes anyway)
+    qo, kvp = ((list(plan.qo), list(plan.kvp)) if plan is not None
+               else (torch.as_tensor(qo_indptr).tolist(), torch.as_tensor(kv_indptr).tolist()))
+    _check_offsets(qo, kvp, q.shape[0], kv_indices.numel())
     dense = float(torch.as_tensor(tau).max()) == 0
     if q.is_cuda:
         from . import s2o_triton  # noqa: PLC0415 (lazy: Triton only where a GPU runs it)
@@ -152,7 +176,6 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
     else:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        qo, kvp = (list(plan.qo), list(plan.kvp)) if plan is not None else (qo_indptr.tolist(), kv_indptr.tolist())
         computed = torch.zeros(len(qo) - 1, q.shape[1], dtype=torch.int64)
         causal = torch.zeros_like(computed)
         for b in range(len(qo) - 1):

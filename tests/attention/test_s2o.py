@@ -206,6 +206,26 @@ def test_api_rejects_bad_arguments_by_name():
         s2o_attention(q, k, k, tau=0.0)
     with pytest.raises(ValueError, match="tau"):
         s2o_attention(q, torch.randn(8, 2, 32), torch.randn(8, 2, 32), tau=-1.0)
+    k2 = torch.randn(8, 2, 32)
+    with pytest.raises(ValueError, match="one floating-point dtype"):      # the CPU path as the kernel's
+        s2o_attention(q.half(), k2, k2, tau=0.01)
+    with pytest.raises(ValueError, match="one floating-point dtype"):
+        s2o_attention(q.long(), k2.long(), k2.long(), tau=0.01)
+
+
+@pytest.mark.parametrize("qo, kvp, n_idx, match", [
+    ([0, 12], [0, 12], 12, "covers 12 query rows, q has 10"),      # offsets past q's rows
+    ([0, 4, 10], [0, 12], 12, "B \\+ 1"),                        # offset lists of different lengths
+    ([0, 10], [0, 8], 8, "10 queries and 8 keys"),
+    ([0, 10], [0, 14], 12, "kv_indices has 12"),
+    ([1, 10], [0, 12], 12, "starting at 0"),
+])
+def test_paged_api_checks_the_offsets_against_the_tensors(qo, kvp, n_idx, match):
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(10, 4, 32, generator=g), torch.randn(16, 2, 32, generator=g)
+    with pytest.raises(ValueError, match=match):
+        s2o_attention_paged(q, k, k, qo_indptr=torch.tensor(qo), kv_indptr=torch.tensor(kvp),
+                            kv_indices=torch.arange(n_idx, dtype=torch.int32), tau=0.01)
 
 
 # ---------------------------------------------------------------------- Triton kernel (interpreter)
