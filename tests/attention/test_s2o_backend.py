@@ -259,6 +259,18 @@ def test_launcher_passes_a_good_calibration_file_to_the_config(tmp_path):
     assert SlimConfig.from_json(cfg.to_json()).s2o.calibration == path
 
 
+def test_adjust_server_args_suggests_larger_prefill_chunks_on_gpu_and_keeps_sglangs_default(caplog):
+    with caplog.at_level(logging.INFO, logger="sgl_slim.s2o"):
+        a = _args(chunked_prefill_size=None)
+        sb.adjust_server_args(ON, a, cpu=False)
+        assert a.chunked_prefill_size is None
+        assert "--chunked-prefill-size" in caplog.text
+        caplog.clear()
+        sb.adjust_server_args(ON, _args(chunked_prefill_size=32768), cpu=False)   # the user chose: no hint
+        sb.adjust_server_args(ON, _args(chunked_prefill_size=None), cpu=True)
+    assert "--chunked-prefill-size" not in caplog.text
+
+
 def test_adjust_server_args_is_a_no_op_when_s2o_is_off():
     a = _args()
     sb.adjust_server_args(SlimConfig(), a, cpu=True)
