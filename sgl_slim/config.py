@@ -217,8 +217,9 @@ FEATURES: tuple[Feature, ...] = (
              "of each row's attention mass left out (H200, benchmarks/s2o.md, 32K-128K: 1e-2 -> rel-L2 0.9-1.5%% "
              "at density 0.32-0.68, 3e-3 -> 0.3-0.6%%, 1e-3 -> 0.2-0.3%%)"),
         Flag("--s2o-variant", "variant", str, "sparsity rule: v4 (default: v3, then every block it leaves out is "
-             "audited by its scores and visited if a key there holds > tau of some row's mass), v5 (v3, with v4's "
-             "audit for the prompt's last 128 positions only: cheaper, exact for the rows the next token reads), "
+             "audited by its scores and visited if a key there holds > tau of some row's mass; through SGLang on the "
+             "trained testbed model: dense's answers at 32K-128K), v5 (v3, with v4's audit for the prompt's last "
+             "--s2o-audit-last positions only: faster, but it lost 8 of 200 answers there), "
              "v3 (budget "
              "planned from 32 sampled rows per segment: tau = their expected dropped mass; loses retrieval on the "
              "testbed model), v2 (early stop on the predicted unvisited mass) or v1 (per-block mass, the "
