@@ -1,3 +1,5 @@
+import pytest
+
 from benchmarks.testbed_serve import server_args, server_specs
 
 
@@ -32,3 +34,27 @@ def test_gpu_servers_share_the_gpu_on_triton_attention_and_tau0_means_tau_0():
     assert _flag(args, "--dtype") == "bfloat16" and _flag(args, "--attention-backend") == "triton"
     assert 3 * float(_flag(args, "--mem-fraction-static")) <= 0.8
     assert _flag(args, "--s2o-tau") == "0" and "--s2o" in args
+
+
+def _write_run(path, length, latencies, lost):
+    import json
+    with open(path, "w") as f:
+        f.write(json.dumps({"env": {}}) + "\n")
+        for server, latency in latencies.items():
+            f.write(json.dumps({"bench": "testbed_serve", "server": server, "length": length, "samples": 10,
+                                "latency_s": latency, "lost_vs_dense": lost.get(server, 0),
+                                "gained_vs_dense": 0}) + "\n")
+
+
+def test_report_gives_each_server_its_runs_speedup_and_plots(tmp_path):
+    from benchmarks.testbed_serve_report import main, summaries
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _write_run(a, 32768, {"dense": 0.2, "s2o": 0.1}, {})
+    _write_run(b, 131072, {"dense": 1.8, "s2o": 0.6}, {"s2o": 1})
+    rows = {(r["length"], r["server"]): r["speedup"] for r in summaries([str(a), str(b)])}
+    assert rows == pytest.approx({(32768, "dense"): 1.0, (32768, "s2o"): 2.0, (131072, "dense"): 1.0,
+                                  (131072, "s2o"): 3.0})
+    main([str(a), str(b), "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="twice at length 32768"):
+        main([str(a), str(a), "--out", str(tmp_path / "q.png")])
