@@ -141,6 +141,24 @@ def test_run_s2o_layer_passes_per_head_taus_and_the_variant():
     assert torch.equal(dense_head1[:, :2], flat[:, :2]) and not torch.equal(dense_head1[:64, 2:], flat[:64, 2:])
 
 
+def test_a_request_tau_beyond_fp32_runs_as_the_largest_fp32_tau():
+    """A request may send any finite s2o_tau (1e300 passes its checks); the attention API takes fp32, where it
+    would be inf and refused, and the scheduler died on the error. It runs as fp32's largest tau instead."""
+    g = torch.Generator().manual_seed(5)
+    k_pool, v_pool = torch.randn(256, 2, 16, generator=g), torch.randn(256, 2, 16, generator=g)
+    r2t = torch.randperm(256, generator=g)[:200].view(2, 100).to(torch.int32)
+    q = torch.randn(84, 4, 16, generator=g)
+    kw = dict(block_size=16, segment_size=32, sm_scale=0.25, variant="v1")
+    out = {}
+    for own in (1e300, sb.FP32_MAX):
+        plan = sb.plan_batch(r2t, torch.tensor([1, 0]), [96, 20], [64, 20], taus=sb.LayerTaus(default=0.5),
+                             min_length=40, seq_taus=(own, None))
+        out[own] = sb.run_s2o_layer(plan, q, k_pool, v_pool, tau=0.5, **kw)
+    assert torch.equal(out[1e300][0], out[sb.FP32_MAX][0]) and torch.isfinite(out[1e300][0]).all()
+    assert torch.equal(out[1e300][1], out[sb.FP32_MAX][1])
+    assert sb.run_s2o_layer(plan, q, k_pool, v_pool, tau=1e300, **kw)[0].isfinite().all()    # --s2o-tau too
+
+
 # ---------------------------------------------------------------- the flag mapping (launcher side)
 
 def _args(**kw):

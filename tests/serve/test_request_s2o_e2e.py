@@ -66,3 +66,13 @@ def test_dense_and_the_servers_own_tau_change_nothing(s2o_server):
         assert numbers["s2o_sparse"] is False and numbers["s2o_density"] == 1.0, numbers
     dense = generate(s2o_server, long_text(5), {"s2o": False})
     assert how(s2o_server, dense) == ["dense (the request's sgl_slim settings)"]
+
+
+def test_a_tau_beyond_fp32_is_served_and_the_server_lives_on(s2o_server):
+    """Any finite s2o_tau passes the request's checks; one beyond fp32 (the attention API's dtype) made the
+    API refuse an inf tau inside the scheduler, and the server died. It runs as fp32's largest tau."""
+    huge = generate(s2o_server, long_text(6), {"s2o_tau": 1e300})
+    assert huge["meta_info"]["sgl_slim"]["s2o_sparse"] is True, huge["meta_info"]
+    largest = generate(s2o_server, long_text(6), {"s2o_tau": 3.4028234663852886e38})
+    assert huge["output_ids"] == largest["output_ids"]
+    assert generate(s2o_server, long_text(7))["output_ids"]
