@@ -41,7 +41,8 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
    on ``GenerateReqInput.normalize_batch_and_arguments``. Before it runs, what it (or the sampling parameters'
    own normalization) would fail on with a 500 is refused: empty ``input_embeds``, an empty ``sampling_params``
    list, ``n`` null or below 1, a ``stop_regex`` that does not compile. After it, a single prompt's per-prompt
-   fields must be single values and a batch's lists must have an entry for each prompt.
+   fields must be single values (its ``rid`` too: a list made the tokenizer manager's rid lookup a TypeError,
+   500) and a batch's lists must have an entry for each prompt.
 9. One prompt with several images, videos or audio clips and ``n`` > 1 (OpenAI chat ``n``). SGLang turns the
    prompt into a batch of one for parallel sampling but leaves its media lists flat, so they read as one item per
    prompt: a 400 that contradicts the request ("Prompt has 2 audio placeholders but 1 audio inputs were
@@ -370,6 +371,9 @@ def per_prompt_shape_error(obj) -> str | None:
         if not isinstance(obj.sampling_params, dict):
             return ("sampling_params must be one object for a single prompt (a list is for a batch: text or "
                     "input_ids as a list of prompts)")
+        if obj.rid is not None and not isinstance(obj.rid, str):
+            return ("rid must be a string for a single prompt (a list is for a batch: text or input_ids as a list "
+                    "of prompts)")
         for name in SCALAR_PER_PROMPT:
             if isinstance(getattr(obj, name, None), list):
                 return (f"{name} must be a single value for a single prompt (a list is for a batch: text or "

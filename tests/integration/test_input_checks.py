@@ -345,6 +345,7 @@ def test_token_fields_within_range_pass():
     ({"sampling_params": {"stop_regex": ["ok", "(a"]}}, "stop_regex '(a' is not a valid regular expression"),
     ({"sampling_params": [{}, {}]}, "sampling_params must be one object for a single prompt"),
     ({"top_logprobs_num": [5]}, "top_logprobs_num must be a single value for a single prompt"),
+    ({"rid": ["a"]}, "rid must be a string for a single prompt"),
     ({"text": ["a", "b"], "sampling_params": [{}]}, "sampling_params: a list needs one entry per prompt"),
     ({"text": ["a", "b"], "return_logprob": [True]}, "return_logprob: a list needs one entry per prompt"),
     ({"text": ["a", "b"], "audio_data": [None]}, "audio_data: a list needs one entry"),

@@ -208,6 +208,7 @@ GENERATE = {  # case: (body, a word the 400 must contain)
     "top_logprobs_num above the vocabulary": ({**_LOGPROBS, "top_logprobs_num": 10 ** 6}, "top_logprobs_num"),
     "logprob_start_len=-5": ({**_LOGPROBS, "logprob_start_len": -5}, "logprob_start_len"),
     "top_logprobs_num list for one prompt": ({**_LOGPROBS, "top_logprobs_num": [5]}, "top_logprobs_num"),
+    "rid list for one prompt": ({"text": _PROMPT, "sampling_params": _SP, "rid": ["a"]}, "rid"),
     "sampling_params list shorter than the batch": ({**_BATCH, "sampling_params": [_SP]}, "sampling_params"),
     "return_logprob list shorter than the batch": ({**_BATCH, "return_logprob": [True]}, "return_logprob"),
     "sampling_params list for one prompt": ({"text": _PROMPT, "sampling_params": [_SP, _SP]}, "sampling_params"),
