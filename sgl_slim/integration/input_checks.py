@@ -40,9 +40,10 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
    one-element ``top_logprobs_num`` list: the scheduler compares a list with 0 and the server dies). AROUND hook
    on ``GenerateReqInput.normalize_batch_and_arguments``. Before it runs, what it (or the sampling parameters'
    own normalization) would fail on with a 500 is refused: empty ``input_embeds``, an empty ``sampling_params``
-   list, ``n`` null or below 1, a ``stop_regex`` that does not compile. After it, a single prompt's per-prompt
-   fields must be single values (its ``rid`` too: a list made the tokenizer manager's rid lookup a TypeError,
-   500) and a batch's lists must have an entry for each prompt.
+   list, ``n`` null or below 1, a ``stop_regex`` that does not compile, a ``top_k`` beyond int32 (SGLang checks
+   only its lower bound; the scheduler's int32 tensor of top_ks overflowed and the server died). After it, a
+   single prompt's per-prompt fields must be single values (its ``rid`` too: a list made the tokenizer
+   manager's rid lookup a TypeError, 500) and a batch's lists must have an entry for each prompt.
 9. One prompt with several images, videos or audio clips and ``n`` > 1 (OpenAI chat ``n``). SGLang turns the
    prompt into a batch of one for parallel sampling but leaves its media lists flat, so they read as one item per
    prompt: a 400 that contradicts the request ("Prompt has 2 audio placeholders but 1 audio inputs were
@@ -339,6 +340,9 @@ LIST_PER_PROMPT = ("sampling_params", *SCALAR_PER_PROMPT, "token_ids_logprob", "
                    "positional_embed_overrides")
 
 
+INT32_MAX = 2 ** 31 - 1      # the scheduler packs each request's top_k into an int32 tensor
+
+
 def sampling_params_error(obj) -> str | None:
     """The error for inputs SGLang fails on with a 500 before checking them (checked before normalizing): empty
     ``input_embeds``, a ``sampling_params`` list that is empty or holds a non-object (no sample count to read),
@@ -355,6 +359,10 @@ def sampling_params_error(obj) -> str | None:
         n = sp.get("n", 1)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             return f"sampling_params.n must be a whole number >= 1 (samples per prompt), got {n!r}"
+        top_k = sp.get("top_k")
+        if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > INT32_MAX:
+            return (f"sampling_params.top_k must be -1 (every token) or a whole number from 1 to {INT32_MAX}, "
+                    f"got {top_k}")
         stop_regex = sp.get("stop_regex")
         for pattern in (stop_regex if isinstance(stop_regex, list) else [stop_regex]):
             if isinstance(pattern, str):

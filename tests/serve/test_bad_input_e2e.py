@@ -167,6 +167,7 @@ PARAMS = {
     "top_p=2": {"top_p": 2},
     "top_p=0": {"top_p": 0},
     "top_k=-5": {"top_k": -5, "temperature": 0.7},  # temperature 0 makes SGLang set top_k = 1 first
+    "top_k=10**12": {"top_k": 10 ** 12, "temperature": 0.7},   # stock: int32 overflow, the server dies
     "n=0": {"n": 0},
     "presence_penalty=5": {"presence_penalty": 5},
     "frequency_penalty=-3": {"frequency_penalty": -3},
