@@ -40,8 +40,9 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
    one-element ``top_logprobs_num`` list: the scheduler compares a list with 0 and the server dies). AROUND hook
    on ``GenerateReqInput.normalize_batch_and_arguments``. Before it runs, what it (or the sampling parameters'
    own normalization) would fail on with a 500 is refused: empty ``input_embeds``, an empty ``sampling_params``
-   list, ``n`` null or below 1, a ``stop_regex`` that does not compile, a ``top_k`` beyond int32 (SGLang checks
-   only its lower bound; the scheduler's int32 tensor of top_ks overflowed and the server died). After it, a
+   list, ``n`` null, below 1 or above 128 (each sample is queued as a request: 100,000 kept a worker busy for
+   minutes), a ``stop_regex`` that does not compile, a ``top_k`` beyond int32 (SGLang checks only its lower
+   bound; the scheduler's int32 tensor of top_ks overflowed and the server died). After it, a
    single prompt's per-prompt fields must be single values (its ``rid`` too: a list made the tokenizer
    manager's rid lookup a TypeError, 500) and a batch's lists must have an entry for each prompt.
 9. One prompt with several images, videos or audio clips and ``n`` > 1 (OpenAI chat ``n``). SGLang turns the
@@ -341,12 +342,16 @@ LIST_PER_PROMPT = ("sampling_params", *SCALAR_PER_PROMPT, "token_ids_logprob", "
 
 
 INT32_MAX = 2 ** 31 - 1      # the scheduler packs each request's top_k into an int32 tensor
+# samples per prompt (OpenAI's limit on n): SGLang queues one request per sample, and a client's n of 100,000 kept
+# a worker busy for minutes (its abort of them on the client's time-out scans the whole queue per sample)
+MAX_SAMPLES = 128
 
 
 def sampling_params_error(obj) -> str | None:
     """The error for inputs SGLang fails on with a 500 before checking them (checked before normalizing): empty
     ``input_embeds``, a ``sampling_params`` list that is empty or holds a non-object (no sample count to read),
-    an ``n`` that is not a whole number >= 1 (null: TypeError), a ``stop_regex`` that does not compile."""
+    an ``n`` that is not a whole number from 1 to MAX_SAMPLES (null: TypeError; a huge one: a busy worker), a
+    ``stop_regex`` that does not compile."""
     embeds = getattr(obj, "input_embeds", None)
     if isinstance(embeds, list) and (not embeds or not isinstance(embeds[0], list) or not embeds[0]):
         return "input_embeds is empty: send one embedding per prompt token (or a list of such prompts)"
@@ -357,8 +362,9 @@ def sampling_params_error(obj) -> str | None:
         if not isinstance(sp, dict):
             continue
         n = sp.get("n", 1)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            return f"sampling_params.n must be a whole number >= 1 (samples per prompt), got {n!r}"
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
+            return (f"sampling_params.n must be a whole number from 1 to {MAX_SAMPLES} (samples per prompt), "
+                    f"got {n!r}")
         top_k = sp.get("top_k")
         if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > INT32_MAX:
             return (f"sampling_params.top_k must be -1 (every token) or a whole number from 1 to {INT32_MAX}, "

@@ -340,8 +340,9 @@ def test_token_fields_within_range_pass():
     ({"sampling_params": []}, "non-empty list"),
     ({"text": None, "input_embeds": []}, "input_embeds is empty"),
     ({"text": None, "input_embeds": [[]]}, "input_embeds is empty"),
-    ({"sampling_params": {"n": None}}, "n must be a whole number >= 1"),
+    ({"sampling_params": {"n": None}}, "n must be a whole number from 1 to 128"),
     ({"sampling_params": {"n": 0}}, "n must be"),
+    ({"sampling_params": {"n": 129}}, "n must be a whole number from 1 to 128"),
     ({"sampling_params": {"stop_regex": ["ok", "(a"]}}, "stop_regex '(a' is not a valid regular expression"),
     ({"sampling_params": {"top_k": 10 ** 12}}, "top_k must be -1 (every token) or a whole number from 1"),
     ({"sampling_params": [{}, {}]}, "sampling_params must be one object for a single prompt"),
@@ -364,6 +365,7 @@ def test_per_prompt_fields_that_do_not_match_the_prompts_are_refused(fields, wor
     {"text": ["a", "b"], "modalities": []}, {"input_ids": [[1], [2]], "top_logprobs_num": 3},
     {"audio_data": ["a.wav", "b.wav"], "sampling_params": {"n": 2}},     # one prompt's two clips, two samples
     {"sampling_params": {"stop_regex": "a+b"}}, {"sampling_params": {"top_k": 2 ** 31 - 1}},
+    {"sampling_params": {"n": 128, "temperature": 1}},
 ])
 def test_well_formed_requests_normalize_as_before(fields):
     obj = _gen(**fields)

@@ -169,6 +169,7 @@ PARAMS = {
     "top_k=-5": {"top_k": -5, "temperature": 0.7},  # temperature 0 makes SGLang set top_k = 1 first
     "top_k=10**12": {"top_k": 10 ** 12, "temperature": 0.7},   # stock: int32 overflow, the server dies
     "n=0": {"n": 0},
+    "n=100000": {"n": 100000},          # stock: 100,000 queued samples keep a worker busy for minutes
     "presence_penalty=5": {"presence_penalty": 5},
     "frequency_penalty=-3": {"frequency_penalty": -3},
     "top_logprobs=-1": {"logprobs": True, "top_logprobs": -1},
