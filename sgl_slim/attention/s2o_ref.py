@@ -340,16 +340,21 @@ def value_means(v: torch.Tensor, seg_starts: torch.Tensor, chunk: int) -> torch.
     return means * (seg_starts > 0).float()[:, None, None]
 
 
+FP32_MAX = torch.finfo(torch.float32).max
+
+
 def tau_per_head(tau, n_kv_heads: int, device) -> torch.Tensor:
-    """tau as a float or a [Hkv] tensor -> fp32 [Hkv] tensor (validated: finite, >= 0)."""
-    t = torch.as_tensor(tau, dtype=torch.float32).flatten()
+    """tau as a float or a [Hkv] tensor -> fp32 [Hkv] tensor (validated: finite, >= 0).  A finite tau beyond
+    fp32's range becomes fp32's largest, not inf: it already exceeds any row's mass (tau is a share of it), so
+    the result is the same."""
+    t = torch.as_tensor(tau, dtype=torch.float64).flatten()
     if t.numel() == 1:
         t = t.expand(n_kv_heads)
     if t.numel() != n_kv_heads:
         raise ValueError(f"tau must be a float or one value per KV head ({n_kv_heads}), got {t.numel()} values")
     if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
         raise ValueError(f"tau must be finite and >= 0 (0 = dense), got {t.tolist()}")
-    return t.contiguous().to(device)
+    return t.clamp(max=FP32_MAX).to(torch.float32).contiguous().to(device)
 
 
 def rank_keys(q: torch.Tensor, k: torch.Tensor, *, segment_size: int, sm_scale: float,

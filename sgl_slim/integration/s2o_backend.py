@@ -445,16 +445,6 @@ def plan_batch(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_l
                         reasons=reasons, rids=rids, seq_taus=seq_taus)
 
 
-FP32_MAX = float(torch.finfo(torch.float32).max)
-
-
-def kernel_tau(tau: float | torch.Tensor) -> float | torch.Tensor:
-    """A float tau as the attention API takes it (fp32): a larger finite one (a request may send any finite
-    number, ``--s2o-tau`` too) would become inf there, which the API refuses and the scheduler dies on; fp32's
-    largest already exceeds any row's mass (tau is a share of it), so the result is the same."""
-    return min(tau, FP32_MAX) if isinstance(tau, float) else tau
-
-
 def run_s2o_layer(plan: S2OBatchPlan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *,
                   tau: float | torch.Tensor, block_size: int, segment_size: int, sm_scale: float,
                   variant: str | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
@@ -481,7 +471,7 @@ def run_s2o_layer(plan: S2OBatchPlan, q: torch.Tensor, k_pool: torch.Tensor, v_p
         q_g = q if g.q_rows is None else q.index_select(0, g.q_rows)
         o_g, (computed, causal) = s2o_attention_paged(
             q_g, k_pool, v_pool, qo_indptr=g.qo_indptr, kv_indptr=g.kv_indptr, kv_indices=g.kv_indices,
-            tau=kernel_tau(tau if g.tau is None else g.tau) if g.sparse else 0.0, block_size=block_size,
+            tau=(tau if g.tau is None else g.tau) if g.sparse else 0.0, block_size=block_size,
             segment_size=segment_size, sm_scale=sm_scale, plan=launch_plan, return_counts=True, k_scale=k_scale,
             v_scale=v_scale, **extra)
         if g.q_rows is None:
