@@ -72,14 +72,12 @@ def _validate(q, k_pool, v_pool, tau, block_size, segment_size):
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k_pool.shape[1]})")
     if q.shape[2] != k_pool.shape[2]:
         raise ValueError(f"head dims differ: q {q.shape[2]}, k {k_pool.shape[2]}")
-    if not q.dtype.is_floating_point or (k_pool.dtype not in FP8_KV and (k_pool.dtype != q.dtype
-                                                                      or v_pool.dtype != q.dtype)):
-        raise ValueError(f"q, k and v must share one floating-point dtype (or K/V be one fp8 dtype); got q "
-                         f"{q.dtype}, k {k_pool.dtype}, v {v_pool.dtype}")
-    if (k_pool.dtype in FP8_KV or v_pool.dtype in FP8_KV) and (
-            v_pool.dtype != k_pool.dtype or q.dtype not in (torch.bfloat16, torch.float16)):
-        raise ValueError(f"an fp8 K/V pool needs K and V in the same fp8 dtype and q in bf16 / fp16; got q "
-                         f"{q.dtype}, k {k_pool.dtype}, v {v_pool.dtype}")
+    dtypes = f"got q {q.dtype}, k {k_pool.dtype}, v {v_pool.dtype}"
+    if k_pool.dtype in FP8_KV or v_pool.dtype in FP8_KV:
+        if v_pool.dtype != k_pool.dtype or q.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"an fp8 K/V pool needs K and V in the same fp8 dtype and q in bf16 / fp16; {dtypes}")
+    elif not q.dtype.is_floating_point or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share one floating-point dtype (or K/V be one fp8 dtype); {dtypes}")
 
 
 def _check_offsets(qo: list[int], kvp: list[int], n_q: int, n_indices: int) -> None:
