@@ -102,10 +102,10 @@ def main(argv=None) -> int:
 
     from sgl_slim.testbed.data import Pieces, corpus_stream, eval_samples
 
+    work = Path("/tmp/sgl_slim_testbed_serve")        # the scaled checkpoint's links and the servers' logs
     if args.rope_scale:
         from sgl_slim.testbed.model import with_rope_scaling  # noqa: PLC0415
-        args.model = str(with_rope_scaling(args.model, Path("/tmp/sgl_slim_testbed_serve") / f"rope{args.rope_scale:g}",
-                                           args.rope_scale))
+        args.model = str(with_rope_scaling(args.model, work / f"rope{args.rope_scale:g}", args.rope_scale))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     stream = corpus_stream(tokenizer, "eval", args.length * 6 + 200_000)
     pieces = Pieces(tokenizer)
@@ -113,12 +113,11 @@ def main(argv=None) -> int:
     samples = [(task, s) for task in args.tasks.split(",")
                for s in eval_samples(stream, pieces, kind=task, length=args.length, depths=depths,
                                      per_depth=args.per_depth, seed=args.seed)]
-    logs = Path("/tmp/sgl_slim_testbed_serve")
-    logs.mkdir(exist_ok=True)
+    work.mkdir(exist_ok=True)
     specs = server_specs(args.s2o_flags, args.tau0, args.dense_flags)
     servers = {name: LaunchedServer(server_args(args.model, args.length, flags, args.min_length, args.gpu,
                                                 len(specs)),
-                                    port=args.port + i, log_path=logs / f"server{i}.log")
+                                    port=args.port + i, log_path=work / f"server{i}.log")
                for i, (name, flags) in enumerate(specs.items())}
     rows = []
     with running(servers):
