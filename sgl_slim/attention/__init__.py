@@ -80,9 +80,8 @@ def _validate(q, k_pool, v_pool, tau, block_size, segment_size):
         raise ValueError(f"q, k and v must share one floating-point dtype (or K/V be one fp8 dtype); {dtypes}")
 
 
-def _check_offsets(qo: list[int], kvp: list[int], n_q: int, n_indices: int) -> None:
-    """The batch's host offsets against the tensors they index: one (q_len <= kv_len) pair per sequence, the
-    query rows exactly q's, the key entries within kv_indices."""
+def _check_offsets(qo: list[int], kvp: list[int]) -> None:
+    """A batch's host offsets: [B + 1] each from 0, one (q_len <= kv_len) pair per sequence (once per plan)."""
     if len(qo) != len(kvp) or len(qo) < 1 or qo[0] != 0 or kvp[0] != 0:
         raise ValueError(f"qo_indptr and kv_indptr must be [B + 1] offsets starting at 0; got {len(qo)} and "
                          f"{len(kvp)} entries starting at {qo[:1]} and {kvp[:1]}")
@@ -90,6 +89,10 @@ def _check_offsets(qo: list[int], kvp: list[int], n_q: int, n_indices: int) -> N
         q_len, kv_len = qo[b + 1] - qo[b], kvp[b + 1] - kvp[b]
         if q_len < 0 or kv_len < q_len:
             raise ValueError(f"sequence {b}: {q_len} queries and {kv_len} keys (need 0 <= queries <= keys)")
+
+
+def _check_totals(qo: list[int], kvp: list[int], n_q: int, n_indices: int) -> None:
+    """The offsets against the tensors of one call: the query rows exactly q's, the keys within kv_indices."""
     if qo[-1] != n_q:
         raise ValueError(f"qo_indptr covers {qo[-1]} query rows, q has {n_q}")
     if kvp[-1] > n_indices:
@@ -143,6 +146,7 @@ def plan_paged(qo_indptr, kv_indptr, *, block_size: int = 128, segment_size: int
     CPU tensors, as ``s2o_attention_paged`` takes them on the device): build once per forward batch, pass as
     ``plan=`` to every layer's call.  On the CPU the plan only carries the host offsets."""
     from . import s2o_triton  # noqa: PLC0415 (lazy: Triton only where a GPU runs it)
+    _check_offsets([int(x) for x in qo_indptr], [int(x) for x in kv_indptr])
     return s2o_triton.plan_paged(qo_indptr, kv_indptr, block_size=block_size, segment_size=segment_size,
                                  q_tile=_q_tile(segment_size), device=device)
 
@@ -159,10 +163,14 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
     elif not (math.isfinite(k_scale) and math.isfinite(v_scale) and k_scale > 0 and v_scale > 0):
         raise ValueError(f"k_scale and v_scale must be finite and > 0, got {k_scale}, {v_scale}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[2])
-    # host offsets: the plan's, else read here (a host read, as the kernel launch without a plan makes anyway)
-    qo, kvp = ((list(plan.qo), list(plan.kvp)) if plan is not None
-               else (torch.as_tensor(qo_indptr).tolist(), torch.as_tensor(kv_indptr).tolist()))
-    _check_offsets(qo, kvp, q.shape[0], kv_indices.numel())
+    # host offsets: the plan's (checked when it was made), else read here (a host read, as the kernel launch
+    # without a plan makes anyway)
+    if plan is not None:
+        qo, kvp = list(plan.qo), list(plan.kvp)
+    else:
+        qo, kvp = torch.as_tensor(qo_indptr).tolist(), torch.as_tensor(kv_indptr).tolist()
+        _check_offsets(qo, kvp)
+    _check_totals(qo, kvp, q.shape[0], kv_indices.numel())
     dense = float(torch.as_tensor(tau).max()) == 0
     if q.is_cuda:
         from . import s2o_triton  # noqa: PLC0415 (lazy: Triton only where a GPU runs it)

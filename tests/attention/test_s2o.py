@@ -228,6 +228,15 @@ def test_paged_api_checks_the_offsets_against_the_tensors(qo, kvp, n_idx, match)
                             kv_indices=torch.arange(n_idx, dtype=torch.int32), tau=0.01)
 
 
+def test_a_plan_checks_its_offsets_once_when_it_is_made():
+    # with a plan, a layer's call checks only the totals; the offsets' structure is checked by plan_paged
+    from sgl_slim.attention import plan_paged
+    with pytest.raises(ValueError, match="10 queries and 8 keys"):
+        plan_paged([0, 10], [0, 8], device="cpu")
+    with pytest.raises(ValueError, match="starting at 0"):
+        plan_paged([1, 10], [0, 12], device="cpu")
+
+
 # ---------------------------------------------------------------------- Triton kernel (interpreter)
 triton = pytest.importorskip("triton")
 
