@@ -11,7 +11,8 @@ Paths timed (planted inputs, Llama-3.1-8B attention shape, bf16, block 128 / seg
   * ``v3``: the planned budget at ``--taus`` (index building included), for the time per visited block at
     lower density;
   * ``v4``: the same plus the audit of the blocks it leaves out (``--audit-stages``: its loop's depths to try;
-    ``--audit-fp8``: with the audit's fp8 pre-filter too);
+    ``--audit-fp8``: with the audit's fp8 pre-filter too; ``--audit-forms``: the audit inside the attention
+    kernel (``fused``) or as kernels of its own, ``split:HEADS:KEYS:WARPS:STAGES``);
   * ``v5``: v3 with v4's audit for the tiles of the last 128 rows only.
 ``--paths REGEX`` keeps the paths whose name matches; ``--breakdown`` times the planned index's parts alone.
 ``us_per_block`` = time / visited score blocks (128 x 128, summed over heads), ``vs_cudnn`` = cuDNN's time per
@@ -55,6 +56,8 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
         impls[f"audit_stages_{stages}"] = (s2o_triton, {"audit_stages": stages})
     if args.audit_fp8:                                   # the audit's fp8 pre-filter (v4 paths)
         impls["audit_fp8"] = (s2o_triton, {"audit_fp8": True})
+    for form in args.audit_forms:                        # the audit inside the attention kernel, or split
+        impls[f"audit_{form}"] = (s2o_triton, audit_form(form))
     for cfg in args.configs:                            # launch configurations of the current kernel
         warps, stages = cfg.split("x")
         impls[cfg] = (s2o_triton, {"num_warps": int(warps), "num_stages": int(stages)})
@@ -68,7 +71,7 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
     for name, tau, kw in (p for p in paths if re.search(args.paths, p[0])):
         outs = {}
         for impl, (mod, extra) in impls.items():
-            if ("audit_stages" in extra or "audit_fp8" in extra) and not kw.get("audit"):
+            if any(key.startswith("audit") for key in extra) and not kw.get("audit"):
                 continue
 
             def call(mod=mod, tau=tau, kw={**kw, **extra}):
@@ -96,6 +99,15 @@ def run_length(kind: str, L: int, args, rows_out: list, log) -> None:
         _index_breakdown(q, k, idx, args.taus, base, rows_out, log, iters)
     del q, k, v, ident
     torch.cuda.empty_cache()
+
+
+def audit_form(form: str) -> dict:
+    """``fused`` (the audit inside the attention kernel) or ``split:HEADS:KEYS:WARPS:STAGES`` (its own kernels:
+    q heads per program, keys per score product, warps, pipelining depth) -> s2o_paged's keywords."""
+    if form == "fused":
+        return {"audit_split": False}
+    heads, keys, warps, stages = (int(x) for x in form.split(":")[1:])
+    return {"audit_split": True, "audit_heads": heads, "audit_n": keys, "audit_warps": warps, "audit_stages": stages}
 
 
 def _index_breakdown(q, k, idx, taus, base, rows_out, log, iters) -> None:
@@ -140,6 +152,8 @@ def main():
     ap.add_argument("--audit-stages", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                     help="pipelining depths of the v4 audit loop to time too")
     ap.add_argument("--audit-fp8", action="store_true", help="time v4 with the audit's fp8 pre-filter too")
+    ap.add_argument("--audit-forms", type=lambda s: [f for f in s.split(",") if f], default=[],
+                    help="audit forms to time too: fused, split:HEADS:KEYS:WARPS:STAGES,...")
     ap.add_argument("--paths", default=".", help="regular expression: the paths to time")
     sweep(ap.parse_args(), run_length, "s2o_kernel_speed")
 

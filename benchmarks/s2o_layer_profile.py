@@ -15,13 +15,15 @@ Per layer and setting (one JSON line each):
   kernels          GPU time per kernel family of one call (torch.profiler): the attention kernel, the sampled
                    mass kernels, the ranking kernels, sorting, everything else; "count": kernels launched
   impl             "current", or "compare": the same call through MODULE's ``s2o_paged`` (e.g. a copy of a
-                   previous kernel module), side by side in the same run
+                   previous kernel module), side by side in the same run, or "audit_FORM" (``--audit-forms``: the
+                   audit inside the attention kernel or as kernels of its own)
   density          visited / causal score blocks of the call
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -34,8 +36,8 @@ import torch
 from benchmarks.harness import env_info, time_ms
 from sgl_slim.testbed import append_jsonl
 
-FAMILIES = (("_s2o_fwd", "attention"), ("_sampled", "sampled_mass"), ("_mass_", "ranking"), ("sort", "sort"),
-            ("Sort", "sort"))
+FAMILIES = (("_s2o_fwd", "attention"), ("_s2o_audit", "audit"), ("_s2o_hits", "hits"), ("_sampled", "sampled_mass"),
+            ("_mass_", "ranking"), ("sort", "sort"), ("Sort", "sort"))
 
 
 def host_ms(fn, iters: int = 20) -> float:
@@ -78,10 +80,13 @@ def main(argv=None):
     ap.add_argument("--variants", default="v4")
     ap.add_argument("--out", default=None)
     ap.add_argument("--compare", default="", help="module with s2o_paged to time beside the current one")
+    ap.add_argument("--audit-forms", default="", help="audit forms to time beside the current call (fused, "
+                    "split:HEADS:KEYS:WARPS:STAGES; benchmarks.s2o_kernel_speed.audit_form)")
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    from sgl_slim.attention import plan_paged, s2o_attention_paged  # noqa: PLC0415
+    from benchmarks.s2o_kernel_speed import audit_form  # noqa: PLC0415
+    from sgl_slim.attention import plan_paged, s2o_attention_paged, s2o_triton  # noqa: PLC0415
     from sgl_slim.attention.s2o_ref import VARIANTS  # noqa: PLC0415
     from sgl_slim.testbed.attn import _dense  # noqa: PLC0415
     from sgl_slim.testbed.dump import capture_qkv, long_prompt  # noqa: PLC0415
@@ -113,7 +118,15 @@ def main(argv=None):
                 segment_size=2048, q_tile=128, sm_scale=scale, plan=other_plan, **VARIANTS[variant])
             return out, (computed, causal)
 
+        def call_form(tau, variant="v4", form="fused"):
+            out, _, computed, causal = s2o_triton.s2o_paged(
+                q, k, v, qo_indptr=indptr, kv_indptr=indptr, kv_indices=idx, tau=tau, block_size=128,
+                segment_size=2048, q_tile=128, sm_scale=scale, plan=plan, **VARIANTS[variant], **audit_form(form))
+            return out, (computed, causal)
+
         impls = {"current": call, **({"compare": call_other} if args.compare else {})}
+        for form in (f for f in args.audit_forms.split(",") if f):
+            impls[f"audit_{form}"] = functools.partial(call_form, form=form)
         row = dict(base, sdpa_ms=time_ms(lambda: _dense(q, k, v, scale)), s2o_dense_ms=time_ms(lambda: call(0.0)))
         rows.append(row)
         print(json.dumps(row), flush=True)

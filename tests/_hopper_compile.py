@@ -61,13 +61,13 @@ def _s2o_launches() -> None:
     for contiguous in (True, False):
         idx = torch.arange(L, dtype=torch.int32) if contiguous else slots
         runs = [dict(tau=0.0)] + [dict(tau=0.01, **VARIANTS[name]) for name in sorted(VARIANTS)]
-        runs += [dict(tau=0.01, **VARIANTS["v4"], audit_fp8=True), dict(tau=0.01, stop="remaining", compensate=True,
-                                                                       tail_estimate="estimate")]
+        runs += [dict(tau=0.01, **VARIANTS["v4"], audit_fp8=True), dict(tau=0.01, **VARIANTS["v4"], audit_split=True),
+                 dict(tau=0.01, stop="remaining", compensate=True, tail_estimate="estimate")]
         for kw in runs:
             s2o_triton.s2o_paged(q, k, v, kv_indices=idx, kv_contiguous=contiguous, return_lse=True, **base, **kw)
-        for audit_fp8 in (False, True):
+        for audit in ({}, {"audit_fp8": True}, {"audit_split": True}):
             s2o_triton.s2o_paged(q, fp8_k, fp8_v, kv_indices=idx, kv_contiguous=contiguous, tau=0.01, k_scale=0.5,
-                                 v_scale=0.5, audit_fp8=audit_fp8, **base, **VARIANTS["v4"])
+                                 v_scale=0.5, **audit, **base, **VARIANTS["v4"])
 
 
 def _selection_launches() -> None:

@@ -22,6 +22,6 @@ def test_every_kernel_compiles_for_hopper():
     lines = out.stdout.splitlines()
     compiled = {line.split()[1] for line in lines if line.startswith("compiled ")}
     # the S2O kernel, its index kernels, and the IDPruner / Samp selection kernels
-    assert {"_s2o_fwd", "_sampled_lse", "_sampled_mass", "_mass_keys", "_mass_budget", "_mmr_greedy_kernel",
+    assert {"_s2o_fwd", "_s2o_audit", "_s2o_hits", "_sampled_lse", "_sampled_mass", "_mass_keys", "_mass_budget", "_mmr_greedy_kernel",
             "_mmr_fused_kernel", "_row_stats_kernel", "_dpp_greedy_kernel"} <= compiled, compiled
     assert lines[-1] == f"OK {sum(line.startswith('compiled ') for line in lines)}"

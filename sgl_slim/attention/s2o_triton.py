@@ -34,6 +34,9 @@ MODE_RANKED_ALL = 1     # tau = 0 with a rank array (baselines): every one of th
 MODE_DENSE = 2          # tau = 0 without a rank: earlier keys in position order (dense attention)
 STOP_BLOCK, STOP_REMAINING = 1, 2            # constexpr STOP: s2o_ref's "block" (v1) / "remaining" (v2) rules
 AUDIT_STAGES = 5        # the audit score loop's pipelining depth (K tiles only; H200: 5 beats 3 by 10%)
+AUDIT_HEADS = 2         # the split audit: q heads of one KV group per program (they share each gathered K tile)
+AUDIT_N = 64            # the split audit: keys per score product (a rank block is scored in BLOCK_N / AUDIT_N parts)
+AUDIT_WARPS = 8
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 # the fp8 audit's margin in standard deviations of its rounding error (``fp8_audit_operands``); the largest error
@@ -120,7 +123,7 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
              IEEE: tl.constexpr, KV_CONTIG: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
              STAGES: tl.constexpr, STOP: tl.constexpr, HAS_RATIO: tl.constexpr, COMPENSATE: tl.constexpr,
              AUDIT: tl.constexpr = False, AUDIT_STAGES: tl.constexpr = 5, AUDIT_FP8: tl.constexpr = False,
-             AUDIT_LAST: tl.constexpr = 0, Q_FP16: tl.constexpr = False):
+             AUDIT_LAST: tl.constexpr = 0, Q_FP16: tl.constexpr = False, LSE_LOG2: tl.constexpr = False):
     """MODE_EARLY_STOP: ranked pass with early stop (tau > 0), checked after every block, run in chunks of
     CHUNK blocks whose inner loop is software-pipelined (blocks after the stop inside a chunk are masked out,
     so the result and the visited count are exactly those of a check-and-break loop).  STOP picks the rule
@@ -325,9 +328,124 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
     if RETURN_LSE:
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        lse = m_i + tl.math.log2(l_i)
+        if not LSE_LOG2:
+            lse = lse * 0.6931471805599453
         tl.store(LSE + q_rows * stride_lt + h * stride_lh, lse, mask=row_ok)
     tl.store(VISITED + tile * n_heads + h, n_vis)
+
+
+@triton.jit
+def _s2o_audit(Q, K, LSE2, TAU, RANK, RANK_LEN, HITS, N_HIT, QO_INDPTR, KV_INDPTR, TILE_SEQ, TILE_START, TILE_ROW,
+               qk_scale, stride_hits, stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh, stride_rr,
+               stride_rh, stride_nr,
+               GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, AUDIT_N: tl.constexpr, SEGMENT: tl.constexpr, AUDIT_LAST: tl.constexpr,
+               STAGES: tl.constexpr, IEEE: tl.constexpr, Q_FP16: tl.constexpr):
+    """The split audit (v4): the same verdicts as ``_s2o_fwd``'s AUDIT pass, as a kernel of its own between the
+    planned pass (which wrote each row's log2 log-sum-exp to LSE2) and ``_s2o_hits``.  One program = one query
+    tile x HEADS query heads of one KV group: its HEADS x BLOCK_M rows share every gathered K tile, so the audit
+    gathers K once per HEADS heads, and without an accumulator or V tiles on chip it holds the rows and a deeper
+    pipeline.  Each BLOCK_N-key block of the rank is scored AUDIT_N keys at a time (a block is a hit iff one of
+    its parts is); the hits' block numbers go to HITS (one row per (tile, q head)), their count to N_HIT."""
+    pid = tl.program_id(0)
+    tile = tl.program_id(1)
+    n_heads = tl.num_programs(0) * HEADS
+    hk = pid // (GROUP // HEADS)
+    h0 = hk * GROUP + (pid % (GROUP // HEADS)) * HEADS
+    b = tl.load(TILE_SEQ + tile)
+    t0 = tl.load(TILE_START + tile)
+    row = tl.load(TILE_ROW + tile)
+    q_beg = tl.load(QO_INDPTR + b)
+    q_len = tl.load(QO_INDPTR + b + 1) - q_beg
+    kv_beg = tl.load(KV_INDPTR + b)
+    L = tl.load(KV_INDPTR + b + 1) - kv_beg
+    prefix = L - q_len
+    # rows r = (head h0 + r // BLOCK_M, position t0 + r % BLOCK_M)
+    offs_r = tl.arange(0, HEADS * BLOCK_M)
+    pos = t0 + offs_r % BLOCK_M
+    head = h0 + offs_r // BLOCK_M
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_a = tl.arange(0, AUDIT_N)
+    row_ok = (pos >= prefix) & (pos < L)
+    q_rows = q_beg + pos - prefix
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
+    if Q_FP16:
+        q, qk_scale = _to_fp16(q, qk_scale)
+    lse2 = tl.load(LSE2 + q_rows * stride_lt + head * stride_lh, mask=row_ok, other=0.0)
+    thr = tl.where(row_ok, lse2 + tl.math.log2(tl.load(TAU + hk)), float("inf"))
+    seg_start = (t0 // SEGMENT) * SEGMENT
+    last = tl.minimum(t0 + BLOCK_M, L)
+    n_blk = (tl.load(RANK_LEN + row * stride_nr + hk) + BLOCK_N - 1) // BLOCK_N
+    n_all = seg_start // BLOCK_N
+    if AUDIT_LAST > 0:
+        n_all = tl.where(last > L - AUDIT_LAST, n_all, n_blk)
+    idx_ptr = RANK + row.to(tl.int64) * stride_rr + hk * stride_rh
+    hits_ptr = HITS + (tile * n_heads + h0 + tl.arange(0, HEADS)).to(tl.int64) * stride_hits     # [HEADS]
+    n_hit = tl.zeros([HEADS], tl.int32)
+    for w0 in range(n_blk, n_all, 32):
+        bits = tl.zeros([HEADS * BLOCK_M], tl.int32)
+        for j in tl.range(w0, tl.minimum(w0 + 32, n_all), num_stages=STAGES):
+            for part in tl.static_range(BLOCK_N // AUDIT_N):
+                slot = tl.load(idx_ptr + j * BLOCK_N + part * AUDIT_N + offs_a).to(tl.int64)
+                k = tl.load(K + slot[:, None] * stride_kt + hk * stride_kh + offs_d[None, :])
+                hit = tl.max(_scores(q, tl.trans(k), IEEE), 1) * qk_scale > thr
+                bits = bits | (hit.to(tl.int32) << (j - w0))
+        words = tl.reduce(tl.reshape(bits, [HEADS, BLOCK_M]), 1, _bit_or)          # [HEADS]
+        for i in tl.static_range(32):
+            bit = (words >> i) & 1
+            tl.store(hits_ptr + n_hit, w0 + i, mask=bit == 1)
+            n_hit += bit
+    tl.store(N_HIT + tile * n_heads + h0 + tl.arange(0, HEADS), n_hit)
+
+
+@triton.jit
+def _s2o_hits(Q, K, V, O32, LSE2, O, LSE, RANK, HITS, N_HIT, QO_INDPTR, KV_INDPTR, TILE_SEQ, TILE_START, TILE_ROW,
+              qk_scale, v_scale, stride_hits, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+              stride_xt, stride_xh, stride_ot, stride_oh, stride_lt, stride_lh, stride_rr, stride_rh,
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              RETURN_LSE: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr, Q_FP16: tl.constexpr):
+    """The split audit's last step: a tile's normalised planned output O32 and its log2 log-sum-exp LSE2 are the
+    online-softmax state (m, l, acc) = (LSE2, 1, O32); the audit's hits join it as in ``_s2o_fwd`` and the output
+    (x v_scale) is written in O's dtype.  A tile without hits is O32 x v_scale, as ``_s2o_fwd`` computes it."""
+    h = tl.program_id(0)
+    tile = tl.program_id(1)
+    n_heads = tl.num_programs(0)
+    hk = h // GROUP
+    b = tl.load(TILE_SEQ + tile)
+    t0 = tl.load(TILE_START + tile)
+    row = tl.load(TILE_ROW + tile)
+    q_beg = tl.load(QO_INDPTR + b)
+    q_len = tl.load(QO_INDPTR + b + 1) - q_beg
+    L = tl.load(KV_INDPTR + b + 1) - tl.load(KV_INDPTR + b)
+    prefix = L - q_len
+    offs_m = t0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_b = tl.arange(0, BLOCK_N)
+    row_ok = (offs_m >= prefix) & (offs_m < L)
+    q_rows = q_beg + offs_m - prefix
+    acc = tl.load(O32 + q_rows[:, None] * stride_xt + h * stride_xh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.load(LSE2 + q_rows * stride_lt + h * stride_lh, mask=row_ok, other=0.0)
+    l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    n_hit = tl.load(N_HIT + tile * n_heads + h)
+    if n_hit > 0:
+        q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        if Q_FP16:
+            q, qk_scale = _to_fp16(q, qk_scale)
+        idx_ptr = RANK + row.to(tl.int64) * stride_rr + hk * stride_rh
+        hits_ptr = HITS + (tile * n_heads + h).to(tl.int64) * stride_hits
+        for t in tl.range(0, n_hit, num_stages=STAGES):
+            slot = tl.load(idx_ptr + tl.load(hits_ptr + t) * BLOCK_N + offs_b).to(tl.int64)
+            k, v = _kv_block(K, V, slot, None, hk, stride_kt, stride_kh, stride_vt, stride_vh, offs_d, False)
+            m_i, l_i, acc, _bm, _pm = _attend_block(q, k, v, m_i, l_i, acc, None, qk_scale, IEEE, False)
+    out = acc / l_i[:, None] * v_scale
+    tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    if RETURN_LSE:
+        tl.store(LSE + q_rows * stride_lt + h * stride_lh, (m_i + tl.math.log2(l_i)) * 0.6931471805599453,
+                 mask=row_ok)
 
 
 SAMPLE_ROWS = 128        # sampled (row, q head) pairs per program of the mass estimate (padded)
@@ -776,17 +894,67 @@ def default_config(dtype, head_dim: int, q_tile: int, block_size: int):
     return 4, 3, 8
 
 
+def _split_audit(q, k_pool, v_pool, o32, lse2, out, lse, taus, rank, rank_len, hits, plan, *, qk_scale, v_scale,
+                 return_lse, block_size, segment_size, q_tile, heads, audit_n, warps, stages, num_warps, num_stages,
+                 fp16):
+    """The audit after a planned pass that wrote o32 / lse2 (``s2o_paged``, split): ``_s2o_audit`` lists the hits,
+    ``_s2o_hits`` attends them and writes out (and lse).  Returns the hits per (tile, q head) [n_tiles, Hq] int32."""
+    Tq, Hq, D = q.shape
+    Hkv = k_pool.shape[1]
+    group = Hq // Hkv
+    heads = max(h for h in range(1, min(heads, group) + 1) if group % h == 0)
+    audit_n = min(audit_n, block_size)
+    n_hit = torch.empty(plan.n_tiles, Hq, dtype=torch.int32, device=q.device)
+    meta = plan.meta
+    ieee = q.dtype == torch.float32
+    common = dict(GROUP=group, HEAD_DIM=D, BLOCK_M=q_tile, BLOCK_N=block_size, IEEE=ieee, Q_FP16=fp16)
+    while True:
+        try:
+            _s2o_audit[(Hkv * (group // heads), plan.n_tiles)](
+                q, k_pool, lse2, taus, rank, rank_len, hits, n_hit, plan.qo_d, plan.kvp_d, meta[0], meta[1], meta[2],
+                qk_scale, hits.stride(0), q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
+                lse2.stride(0), lse2.stride(1), rank.stride(0), rank.stride(1), rank_len.stride(0),
+                HEADS=heads, AUDIT_N=audit_n, SEGMENT=segment_size, AUDIT_LAST=0, STAGES=stages, **common,
+                num_warps=warps, num_stages=stages)
+            break
+        except triton.runtime.errors.OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+    lse_out = lse if return_lse else lse2            # (not written without return_lse)
+    while True:
+        try:
+            _s2o_hits[(Hq, plan.n_tiles)](
+                q, k_pool, v_pool, o32, lse2, out, lse_out, rank, hits, n_hit, plan.qo_d, plan.kvp_d, meta[0],
+                meta[1], meta[2], qk_scale, v_scale, hits.stride(0), q.stride(0), q.stride(1), k_pool.stride(0),
+                k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), o32.stride(0), o32.stride(1), out.stride(0),
+                out.stride(1), lse2.stride(0), lse2.stride(1), rank.stride(0), rank.stride(1),
+                RETURN_LSE=return_lse, STAGES=num_stages, **common, num_warps=num_warps, num_stages=num_stages)
+            break
+        except triton.runtime.errors.OutOfResources:
+            if num_stages <= 1:
+                raise
+            num_stages -= 1
+    return n_hit
+
+
 def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, q_tile,
               sm_scale, return_lse=False, rank=None, rank_len=None, num_warps=None, num_stages=None,
               kv_contiguous=False, chunk=None, stop="block", local_window=0, compensate=False,
               tail_estimate="flat", plan: PagedPlan | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
               samples: int = SAMPLES, mass_reduce: str = "mean", audit: bool = False,
-              audit_stages: int = AUDIT_STAGES, audit_fp8: bool = False, audit_last: int = 0):
+              audit_stages: int = AUDIT_STAGES, audit_fp8: bool = False, audit_last: int = 0,
+              audit_split: bool = False, audit_heads: int = AUDIT_HEADS, audit_n: int = AUDIT_N,
+              audit_warps: int = AUDIT_WARPS):
     """Launch the kernel.  Returns out, lse (or None), computed [B, Hq], causal [B, Hq] block counts.
     tau: float or [Hkv] tensor.  stop / local_window / compensate / tail_estimate / audit: s2o_ref's semantics;
     audit_last: audit only the tiles of the last ``audit_last`` positions (v5; 0: every tile);
     audit_stages: the audit score loop's pipelining depth; audit_fp8: the audit's scores on fp8 tensor cores
-    first, the exact test on the blocks they list (``fp8_audit_operands``).
+    first, the exact test on the blocks they list (``fp8_audit_operands``);
+    audit_split: the audit as kernels of its own (``_s2o_audit``, ``_s2o_hits``: the same visited blocks, the
+    output within fp32 rounding) instead of inside the attention kernel (not the default until it is measured
+    faster on a GPU); audit_heads / audit_n / audit_warps: the split audit's q heads per program, keys per score
+    product and warps.
     rank / rank_len override the S2O ranking (baselines use this to run on the same kernel).
     kv_contiguous: the caller guarantees kv_indices == arange(total) (one sequence stored in order), so
     the kernel computes slots instead of loading them.  tau = 0 without a rank skips the ranking (dense
@@ -877,29 +1045,41 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
     hits = torch.empty(n_tiles * Hq if audit else 1, max(kvp[b + 1] - kvp[b] for b in range(B)) // block_size
                        if audit else 1, dtype=torch.int32, device=dev)
     audit_fp8 = audit and audit_fp8
+    if audit_split and audit_fp8:
+        raise ValueError("the fp8 audit runs inside the attention kernel: audit_split=True cannot take audit_fp8")
+    split = audit and audit_split
     if audit_fp8:
         q8, qs, k8, k8s, marg = fp8_audit_operands(q, k_pool)
     else:
         q8 = qs = marg = k8 = k8s = taus                  # not read
-    args = (q, k_pool, v_pool, out, lse, visited,
+    o_main, lse_main, vs_main = out, lse, v_scale
+    if split:
+        # the planned pass writes the normalised output in fp32 and the log2 log-sum-exp: the audit's thresholds
+        # and, with the hits, ``_s2o_hits``'s starting state
+        o_main = torch.empty(Tq, Hq, D, dtype=torch.float32, device=dev)
+        lse_main = torch.empty(Tq, Hq, dtype=torch.float32, device=dev)
+        vs_main = 1.0
+    ret_main = return_lse or split
+    args = (q, k_pool, v_pool, o_main, lse_main, visited,
             kv_indices, plan.qo_d, plan.kvp_d, meta[0], meta[1], meta[2], rank, rl,
-            taus, ratio, vbar, hits, q8, qs, marg, k8, k8s, sm_scale * LOG2E * k_scale, v_scale, forced,
+            taus, ratio, vbar, hits, q8, qs, marg, k8, k8s, sm_scale * LOG2E * k_scale, vs_main, forced,
             hits.stride(0), q8.stride(0) if audit_fp8 else 0, q8.stride(1) if audit_fp8 else 0,
             qs.stride(0) if audit_fp8 else 0, k8.stride(0) if audit_fp8 else 0, k8.stride(1) if audit_fp8 else 0,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+            o_main.stride(0), o_main.stride(1), lse_main.stride(0) if ret_main else 0,
+            lse_main.stride(1) if ret_main else 0,
             rank.stride(0), rank.stride(1), rl.stride(0), ratio.stride(0), ratio.stride(1), vbar.stride(0),
             vbar.stride(1))
     kw = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=q_tile, BLOCK_N=block_size, SEGMENT=segment_size,
-              HAS_RANK_LEN=rank_len is not None, RETURN_LSE=return_lse, IEEE=q.dtype == torch.float32,
+              HAS_RANK_LEN=rank_len is not None, RETURN_LSE=ret_main, IEEE=q.dtype == torch.float32,
               STOP=STOP_BLOCK if stop == "block" else STOP_REMAINING, HAS_RATIO=has_ratio, COMPENSATE=compensate)
     audit_stages = audit_stages if audit else 1
     while True:
         try:
             _s2o_fwd[(Hq, n_tiles)](*args, **kw, KV_CONTIG=kv_contiguous, MODE=mode, CHUNK=chunk, STAGES=num_stages,
-                                    AUDIT=audit, AUDIT_STAGES=audit_stages, AUDIT_FP8=audit_fp8,
+                                    AUDIT=audit and not split, AUDIT_STAGES=audit_stages, AUDIT_FP8=audit_fp8,
                                     AUDIT_LAST=audit_last if audit else 0,
-                                    Q_FP16=fp8 and q.dtype == torch.bfloat16,
+                                    Q_FP16=fp8 and q.dtype == torch.bfloat16, LSE_LOG2=split,
                                     num_warps=num_warps, num_stages=num_stages)
             break
         except triton.runtime.errors.OutOfResources:
@@ -910,6 +1090,13 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
                 audit_stages -= 1
             else:
                 num_stages = max(1, num_stages - 1)
+    if split:
+        n_hit = _split_audit(q, k_pool, v_pool, o_main, lse_main, out, lse, taus, rank, rank_len, hits, plan,
+                             qk_scale=sm_scale * LOG2E * k_scale, v_scale=v_scale, return_lse=return_lse,
+                             block_size=block_size, segment_size=segment_size, q_tile=q_tile,
+                             heads=audit_heads, audit_n=audit_n, warps=audit_warps, stages=audit_stages,
+                             num_warps=num_warps, num_stages=num_stages, fp16=fp8 and q.dtype == torch.bfloat16)
+        visited += n_hit
     # block counts on the (tile x block) grid, per sequence and head
     computed.index_add_(0, plan.tile_seq, visited.long() + plan.tile_intra[:, None])
     causal.index_add_(0, plan.tile_seq, (plan.tile_intra + plan.tile_earlier)[:, None].expand(-1, Hq))

@@ -725,6 +725,52 @@ def test_kernel_audit_matches_reference_chunked_gqa(block, fp8, last):
     assert (cnt["computed"] > c3["computed"]).any(), "the case must make the audit add blocks"
 
 
+@pytest.mark.parametrize("heads,audit_n,fp8", [(1, 64, False), (2, 32, False), (4, 16, False), (2, 64, True)])
+def test_split_audit_equals_the_fused_audit(heads, audit_n, fp8):
+    # the audit as kernels of its own (the q heads of a group per program, a block scored in parts) lists the
+    # fused audit's hits: the same visited blocks, the same output up to fp32 rounding, also in a paged batch
+    # (two sequences, one with a cached prefix, shuffled slots) and on an fp8 cache with its scales
+    from sgl_slim.attention import s2o_triton
+    Hq, Hkv, D, block, seg = 8, 2, 64, 64, 256
+    lens, qlens = [1100, 700], [500, 700]
+    g = torch.Generator().manual_seed(5)
+    qs, ks, vs = [], [], []
+    for i, L in enumerate(lens):
+        q, k, v = _planted_needles(L, Hq, Hkv, D, seed=40 + i)
+        qs.append(q[L - qlens[i]:])
+        ks.append(k)
+        vs.append(v)
+    slots = torch.randperm(sum(lens) + 30, generator=g)[:sum(lens)].to(torch.int32)
+    k_pool = torch.zeros(sum(lens) + 30, Hkv, D)
+    v_pool = torch.zeros_like(k_pool)
+    k_pool[slots.long()], v_pool[slots.long()] = torch.cat(ks), torch.cat(vs)
+    q = torch.cat(qs)
+    scales = {}
+    if fp8:
+        q = q.to(torch.bfloat16)
+        k_pool, v_pool, _, _ = _fp8_cache(k_pool, v_pool, 0.5, 2.0)
+        scales = {"k_scale": 0.5, "v_scale": 2.0}
+    kw = dict(qo_indptr=torch.tensor([0, qlens[0], sum(qlens)]), kv_indptr=torch.tensor([0, lens[0], sum(lens)]),
+              kv_indices=slots, tau=0.05, block_size=block, segment_size=seg, q_tile=64, sm_scale=D ** -0.5,
+              stop="planned", samples=4, local_window=block, audit=True, **scales)
+    fused, fused_lse, c_fused, _ = s2o_triton.s2o_paged(q, k_pool, v_pool, return_lse=True, audit_split=False, **kw)
+    split, split_lse, c_split, _ = s2o_triton.s2o_paged(q, k_pool, v_pool, return_lse=True, audit_split=True,
+                                                        audit_heads=heads, audit_n=audit_n, **kw)
+    plain, _, c_plan, _ = s2o_triton.s2o_paged(q, k_pool, v_pool, **{**kw, "audit": False})
+    assert (c_fused > c_plan).any(), "the case must make the audit add blocks"
+    assert torch.equal(c_split, c_fused), "the split audit visits other blocks than the fused one"
+    # fp32 products: the merged state differs from the fused one by fp32 rounding.  With an fp8 cache the products
+    # run in fp16: the hits' probabilities are rounded to fp16 (2^-11) at another scale in each form, which moves an
+    # output by at most 2^-11 of the largest |V|, and the bf16 output adds one unit in the last place (2^-7 of it)
+    diff = (split.float() - fused.float()).abs()
+    bound = 1e-5 if not fp8 else 2.0 ** -7 * fused.float().abs() + 2.0 ** -11 * (v_pool.float() * 2.0).abs().max()
+    assert (diff <= bound).all() and (split_lse - fused_lse).abs().max() < 1e-5
+    alone = s2o_triton.s2o_paged(q, k_pool, v_pool, audit_split=True, audit_heads=heads, audit_n=audit_n, **kw)[0]
+    assert torch.equal(alone, split), "return_lse must not change the output"
+    with pytest.raises(ValueError, match="audit_fp8"):
+        s2o_triton.s2o_paged(q, k_pool, v_pool, audit_split=True, audit_fp8=True, **kw)
+
+
 def test_kernel_v5_audits_each_sequences_last_rows_in_a_paged_batch():
     # two sequences in one launch (one with a cached prefix), K/V at shuffled pool slots: the kernel audits the
     # last tiles of EACH sequence, as the reference does per sequence, and only those

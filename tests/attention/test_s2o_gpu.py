@@ -116,6 +116,35 @@ def test_stop_rules_match_reference_at_real_shape(settings):
 
 
 @pytest.mark.parametrize("fp8_cache", [False, True])
+def test_split_audit_visits_the_fused_audits_blocks(fp8_cache):
+    """v4's audit as kernels of its own (the default) against the audit inside the attention kernel, at the
+    Llama-3.1-8B shape on a chunk with a cached prefix at shuffled slots: the same blocks visited, the output
+    equal up to the merge's rounding: the two fp32 results round to bf16 outputs at most one unit in the last place
+    apart (2^-8 of a value), so their rel-L2 is below 2^-8 even if every element moved."""
+    from sgl_slim.attention import VARIANTS, s2o_triton
+    L, Tq, Hq, Hkv, D = 8192, 3000, 32, 8, 128
+    q, k, v = make_qkv(L, Hq, Hkv, D, seed=6, dtype=torch.bfloat16, device="cuda")
+    q = q[L - Tq:].contiguous()
+    slots = torch.randperm(L + 100, device="cuda")[:L].int()
+    k_pool = torch.zeros(L + 100, Hkv, D, dtype=k.dtype, device="cuda")
+    v_pool = torch.zeros_like(k_pool)
+    k_pool[slots.long()], v_pool[slots.long()] = k, v
+    scales = {}
+    if fp8_cache:
+        k_pool, v_pool = (k_pool.float() / 0.5).to(torch.float8_e4m3fn), (v_pool.float() / 0.25).to(torch.float8_e4m3fn)
+        scales = {"k_scale": 0.5, "v_scale": 0.25}
+    kw = dict(qo_indptr=torch.tensor([0, Tq], device="cuda"), kv_indptr=torch.tensor([0, L], device="cuda"),
+              kv_indices=slots, block_size=128, segment_size=2048, q_tile=128, sm_scale=D ** -0.5, return_lse=True,
+              **VARIANTS["v4"], **scales)
+    for tau in (3e-2, 3e-3):
+        fused, f_lse, c_fused, _ = s2o_triton.s2o_paged(q, k_pool, v_pool, tau=tau, audit_split=False, **kw)
+        split, s_lse, c_split, _ = s2o_triton.s2o_paged(q, k_pool, v_pool, tau=tau, audit_split=True, **kw)
+        assert torch.equal(c_split, c_fused), f"tau {tau}: {(c_split - c_fused).abs().sum().item()} blocks differ"
+        err = ((split.float() - fused.float()).norm() / fused.float().norm()).item()
+        assert err < 2.0 ** -8 and (s_lse - f_lse).abs().max().item() < 1e-4, f"tau {tau}: split vs fused {err:.3g}"
+
+
+@pytest.mark.parametrize("fp8_cache", [False, True])
 def test_fp8_audit_visits_the_exact_audits_blocks(fp8_cache):
     """v4's audit with its fp8 pre-filter: the listed blocks are tested again exactly, so the kernel visits the
     exact audit's blocks (a miss would need an fp8 rounding error beyond the row's margin) and gives the same
