@@ -16,6 +16,9 @@ query rows, this study counts, over every (q head, 128-row tile, audited block):
     blocks it passes: q.k = q.mu + q_D.k'_D + q_R.k'_R <= q.mu + q_D.k'_D + |q_R| |k'_R| (k' = k - mu, mu the
     head's mean key; D = the d dimensions with the largest E[q_d^2] E[k'_d^2]), plus a rounding allowance of
     2^-7 |q| max|k'|.  It never misses a hit (asserted); the question is how many blocks it lets through;
+  * ``bound_norm`` / ``bound_centroid``: guaranteed bounds from whole keys, one number per block and row:
+    q.k <= |q| max|k| (Cauchy-Schwarz), and q.k <= q.c + |q| max|k - c| (c the block's mean key), each with the
+    same rounding allowance;
   * ``approx_d_cS``: an estimate instead of a bound: q.mu + q_D.k'_D + q_R.mean(k'_R) + S sigma, sigma^2 =
     sum_{d in R} q_d^2 var(k'_d).  Reported: blocks it flags and the share of the exact hits among them (recall).
   * ``fp8_cS``: the kernel's fp8 pre-filter (``s2o_triton.fp8_audit_operands``: q and K rounded to e4m3 with a
@@ -101,6 +104,16 @@ def study(q: torch.Tensor, k: torch.Tensor, tau: float, dims: list[int], sigmas:
                     key = f"fp8_c{c:g}"
                     out[key] = out.get(key, 0) + int(listed.sum())
                     out[key + "_hits"] = out.get(key + "_hits", 0) + int((listed & exact).sum())
+            kb = kh[idx].view(b1 - b0, BLOCK, D)
+            cen = kb.mean(1)                                                         # [blocks, D]
+            qn = qr.norm(dim=-1, keepdim=True)
+            slack = ROUNDING * qn * kc_max
+            whole = {"bound_norm": qn * kb.norm(dim=-1).amax(1) + slack,
+                     "bound_centroid": qr @ cen.T + qn * (kb - cen[:, None]).norm(dim=-1).amax(1) + slack}
+            for key, bound in whole.items():                                          # [G, R, blocks]
+                passed = _tile_any((bound * scale > thr).repeat_interleave(BLOCK, -1), b1 - b0)
+                assert bool((passed | ~exact).all()), f"{key} missed an exact hit"
+                out[key] = out.get(key, 0) + int(passed.sum())
             base = (qr @ mu)[..., None]
             for d in dims:
                 keep, rest = order[:d], order[d:]
