@@ -15,6 +15,8 @@ def test_audit_study_counts_are_consistent():
     assert r["audited"] > 0 and 0 < r["hits"] < r["audited"], r
     assert r["hits"] <= r["bound_64"] <= r["bound_32"] <= r["bound_8"] <= r["audited"], r
     assert r["bound_64"] - r["hits"] <= 0.05 * r["audited"], "all 64 dims: the bound is the exact audit + rounding"
+    assert r["hits"] <= min(r["bound_norm"], r["bound_centroid"]) and max(r["bound_norm"], r["bound_centroid"]) <= \
+        r["audited"], r
     for d in (8, 32, 64):
         for c in ("0", "2"):
             flagged, found = r[f"approx_{d}_c{c}"], r[f"approx_{d}_c{c}_hits"]
