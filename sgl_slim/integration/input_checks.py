@@ -51,6 +51,14 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
    provided", "The length of image_data should be equal to the batch size."). AROUND hook on
    ``GenerateReqInput._handle_parallel_sampling``: when it turned a single prompt into a batch, the prompt's media
    lists are wrapped as that one prompt's items, as its text is.
+10. Media without a placeholder in the prompt. SGLang's loader pairs each placeholder with the next item of its
+   modality and drops the items left over without a word: a /generate prompt that lacks the image placeholder
+   got an answer that never saw the image (200). AROUND hook on ``BaseMultimodalProcessor.load_mm_data``: when
+   fewer items of a modality were loaded than sent (none of them preprocessed), a 400 says how many placeholders
+   the prompt has and what a placeholder looks like. Chat requests get theirs from the chat template.
+11. A ``logit_bias`` value beyond fp32's range. The sampler adds the biases in fp32, where 1e308 is inf: with
+   temperature sampling the probabilities became NaN and the answer was token 0 (200). Refused in the same
+   check as (8), naming the token; OpenAI's own range is -100..100, which SGLang does not enforce either.
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ _FRAME_FACTOR = "sglang.srt.multimodal.processors.qwen_vl.FRAME_FACTOR"      # f
 _VALIDATE_ONE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 _NORMALIZE = "sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_arguments"
 _PARALLEL = "sglang.srt.managers.io_struct.GenerateReqInput._handle_parallel_sampling"
+_LOAD_MM = "sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor.load_mm_data"
 
 HOOKED_SYMBOLS: list[str] = [
     _LOAD,
@@ -83,6 +92,8 @@ HOOKED_SYMBOLS: list[str] = [
     _VALIDATE_ONE,
     _NORMALIZE,
     _PARALLEL,
+    _LOAD_MM,
+    "sglang.srt.multimodal.processors.base_processor.BaseMultiModalProcessorOutput",   # images / videos / audios
     "sglang.srt.managers.io_struct.GenerateReqInput.__getitem__",   # indexes the per-prompt lists checked here
     "sglang.srt.managers.embed_types.PositionalEmbeds",   # the only valid positional_embed_overrides
     "sglang.srt.utils.video_decoder.VideoDecoderWrapper",
@@ -116,6 +127,7 @@ def install(cfg: SlimConfig) -> None:
     HookRegistry.register(_VALIDATE_ONE, _validate_one_request_before, HookType.BEFORE)
     HookRegistry.register(_NORMALIZE, _normalize_around, HookType.AROUND)
     HookRegistry.register(_PARALLEL, _handle_parallel_sampling_around, HookType.AROUND)
+    HookRegistry.register(_LOAD_MM, _load_mm_data_around, HookType.AROUND)
     _REGISTERED = True
 
 
@@ -342,6 +354,7 @@ LIST_PER_PROMPT = ("sampling_params", *SCALAR_PER_PROMPT, "token_ids_logprob", "
 
 
 INT32_MAX = 2 ** 31 - 1      # the scheduler packs each request's top_k into an int32 tensor
+FP32_MAX = 3.4028234663852886e38   # the sampler's logits (and biases) are fp32
 # samples per prompt (OpenAI's limit on n): SGLang queues one request per sample, and a client's n of 100,000 kept
 # a worker busy for minutes (its abort of them on the client's time-out scans the whole queue per sample)
 MAX_SAMPLES = 128
@@ -365,6 +378,12 @@ def sampling_params_error(obj) -> str | None:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
             return (f"sampling_params.n must be a whole number from 1 to {MAX_SAMPLES} (samples per prompt), "
                     f"got {n!r}")
+        bias = sp.get("logit_bias")
+        if isinstance(bias, dict):
+            for token, value in bias.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and not abs(value) <= FP32_MAX:
+                    return (f"sampling_params.logit_bias[{token!r}] = {value!r} is beyond fp32's range, in which the "
+                            f"sampler adds it (OpenAI's range: -100 to 100)")
         top_k = sp.get("top_k")
         if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > INT32_MAX:
             return (f"sampling_params.top_k must be -1 (every token) or a whole number from 1 to {INT32_MAX}, "
@@ -424,4 +443,38 @@ def _handle_parallel_sampling_around(original, self, *args, **kwargs):
             items = getattr(self, f"{name}_data", None)
             if isinstance(items, list):
                 setattr(self, f"{name}_data", [items])
+    return result
+
+
+def dropped_media_error(sent: dict[str, int], loaded: dict[str, int], mm_tokens) -> str | None:
+    """The error for media items the loader dropped for want of a placeholder, or None.  sent / loaded: items
+    per modality in the request / in the loader's output."""
+    for m in MODALITIES:
+        n_sent, n_loaded = sent.get(m, 0), loaded.get(m, 0)
+        if n_loaded >= n_sent:
+            continue
+        token = getattr(mm_tokens, f"{m}_token", None)
+        how = (f"put {token} in the prompt once per {m} (chat requests get it from the chat template)"
+               if isinstance(token, str) else "chat requests get it from the chat template")
+        return (f"the request has {n_sent} {m} input{'s' if n_sent != 1 else ''} but its prompt has "
+                f"{n_loaded} {m} placeholder{'s' if n_loaded != 1 else ''}: each {m} needs its own; {how}")
+    return None
+
+
+_LOAD_MM_PARAMS = ("prompt", "multimodal_tokens", "image_data", "video_data", "audio_data")
+
+
+async def _load_mm_data_around(original, self, *args, **kwargs):
+    result = await original(self, *args, **kwargs)
+    given = {**dict(zip(_LOAD_MM_PARAMS, args)), **kwargs}
+    sent, loaded = {}, {}
+    for m in MODALITIES:
+        items = given.get(f"{m}_data") or []
+        # a preprocessed item (features, not media) may stand for several placeholders: not counted
+        if not isinstance(items, list) or any(self._is_preprocessed_input(x) for x in items):
+            continue
+        sent[m], loaded[m] = len(items), len(getattr(result, f"{m}s", None) or [])
+    message = dropped_media_error(sent, loaded, given.get("multimodal_tokens"))
+    if message is not None:
+        raise ValueError(message)
     return result

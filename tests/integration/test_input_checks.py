@@ -138,10 +138,11 @@ def test_hooks_apply_to_sglangs_classes(monkeypatch):
             GenerateReqInput(text="hi", top_logprobs_num=[5]).normalize_batch_and_arguments()
         with pytest.raises(ValueError, match="input_ids contains token id 100"):
             TokenizerManager._validate_one_request(_TMVocab(), GenerateReqInput(input_ids=[100]), [100])
+        assert BaseMultimodalProcessor.__dict__["load_mm_data"] is not saved[BaseMultimodalProcessor]["load_mm_data"]
     finally:
         for cls, attrs in saved.items():
             for name in ("_load_single_item", "_validate_mm_limits", "_validate_request", "_validate_one_request",
-                         "normalize_batch_and_arguments", "_handle_parallel_sampling"):
+                         "normalize_batch_and_arguments", "_handle_parallel_sampling", "load_mm_data"):
                 if name in attrs:
                     setattr(cls, name, attrs[name])
 
@@ -345,6 +346,8 @@ def test_token_fields_within_range_pass():
     ({"sampling_params": {"n": 129}}, "n must be a whole number from 1 to 128"),
     ({"sampling_params": {"stop_regex": ["ok", "(a"]}}, "stop_regex '(a' is not a valid regular expression"),
     ({"sampling_params": {"top_k": 10 ** 12}}, "top_k must be -1 (every token) or a whole number from 1"),
+    ({"sampling_params": {"logit_bias": {"5": 1e308}}}, "logit_bias['5'] = 1e+308 is beyond fp32's range"),
+    ({"sampling_params": {"logit_bias": {"5": 1.0, "7": -1e39}}}, "logit_bias['7'] = -1e+39 is beyond fp32's"),
     ({"sampling_params": [{}, {}]}, "sampling_params must be one object for a single prompt"),
     ({"top_logprobs_num": [5]}, "top_logprobs_num must be a single value for a single prompt"),
     ({"rid": ["a"]}, "rid must be a string for a single prompt"),
@@ -366,6 +369,7 @@ def test_per_prompt_fields_that_do_not_match_the_prompts_are_refused(fields, wor
     {"audio_data": ["a.wav", "b.wav"], "sampling_params": {"n": 2}},     # one prompt's two clips, two samples
     {"sampling_params": {"stop_regex": "a+b"}}, {"sampling_params": {"top_k": 2 ** 31 - 1}},
     {"sampling_params": {"n": 128, "temperature": 1}},
+    {"sampling_params": {"logit_bias": {"5": 100, "6": -3.4e38}}},
 ])
 def test_well_formed_requests_normalize_as_before(fields):
     obj = _gen(**fields)
@@ -391,3 +395,49 @@ def test_one_prompts_media_stay_together_when_n_makes_it_a_batch(modality):
     batch._determine_batch_size()
     ic._handle_parallel_sampling_around(GenerateReqInput._handle_parallel_sampling, batch)
     assert getattr(batch, f"{modality}_data") == ["a", "b"]            # a batch's list is one item per prompt
+
+
+# --- media without a placeholder: SGLang's loader drops the items left over -----------------------------------
+
+def _loader(n_images: int, n_audios: int = 0):
+    from sglang.srt.multimodal.processors.base_processor import BaseMultiModalProcessorOutput
+
+    async def original(self, prompt, multimodal_tokens, image_data=None, video_data=None, audio_data=None, **kw):
+        return BaseMultiModalProcessorOutput(input_text=prompt, images=["img"] * n_images, audios=["a"] * n_audios)
+    return original
+
+
+class _Proc:
+    @staticmethod
+    def _is_preprocessed_input(item):
+        return isinstance(item, dict)
+
+
+_QWEN_TOKENS = MultimodalSpecialTokens(image_token="<|vision_start|><|image_pad|><|vision_end|>")
+
+
+@pytest.mark.parametrize("sent,loaded,words", [
+    (1, 0, "the request has 1 image input but its prompt has 0 image placeholders"),
+    (3, 2, "the request has 3 image inputs but its prompt has 2 image placeholders"),
+])
+def test_media_the_loader_dropped_are_refused_naming_the_placeholder(sent, loaded, words):
+    import asyncio
+
+    with pytest.raises(ValueError, match=re.escape(words)) as err:
+        asyncio.run(ic._load_mm_data_around(_loader(loaded), _Proc(), "prompt", _QWEN_TOKENS,
+                                            image_data=["x"] * sent))
+    assert "put <|vision_start|><|image_pad|><|vision_end|> in the prompt once per image" in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs,n_images,n_audios", [
+    ({"image_data": ["x", "y"]}, 2, 0),                       # one placeholder each
+    ({"image_data": ["x"]}, 3, 0),                            # an item that loads as several images
+    ({"image_data": [{"format": "processor_output"}, "y"]}, 1, 0),   # a preprocessed item is not counted
+    ({"audio_data": ["a"], "image_data": None}, 0, 1),
+    ({}, 0, 0),
+])
+def test_media_with_their_placeholders_pass(kwargs, n_images, n_audios):
+    import asyncio
+
+    out = asyncio.run(ic._load_mm_data_around(_loader(n_images, n_audios), _Proc(), "p", _QWEN_TOKENS, **kwargs))
+    assert len(out.images) == n_images and len(out.audios) == n_audios

@@ -175,6 +175,7 @@ PARAMS = {
     "top_logprobs=-1": {"logprobs": True, "top_logprobs": -1},
     "min_tokens>max_tokens": {"min_tokens": 10, "max_tokens": 2},
     "max_tokens=string": {"max_tokens": "many"},
+    "logit_bias=1e308": {"logit_bias": {"5": 1e308}, "temperature": 0.7},
 }
 
 
@@ -199,6 +200,7 @@ def test_prompt_longer_than_the_context_is_4xx(vl_server, audio_server):
 # server down; the others are 500s.
 # sgl_slim.integration.input_checks answers each with a 400 naming the field.
 _PROMPT = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
+_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"   # the demo model's image placeholder
 _SP = {"max_new_tokens": 2, "temperature": 0}
 _LOGPROBS = {"text": _PROMPT, "sampling_params": _SP, "return_logprob": True}
 _BATCH = {"text": [_PROMPT, _PROMPT], "sampling_params": _SP}
@@ -221,6 +223,14 @@ GENERATE = {  # case: (body, a word the 400 must contain)
     "positional_embed_overrides as JSON": ({"text": _PROMPT, "sampling_params": _SP,
                                             "positional_embed_overrides": [1, 2]}, "positional_embed_overrides"),
     "empty input_embeds": ({"input_embeds": [[]], "sampling_params": _SP}, "input_embeds"),
+    # stock: 200, the image dropped without a word (the answer never saw it)
+    "image without a placeholder": ({"text": _PROMPT, "image_data": png_data_url(), "sampling_params": _SP},
+                                    "placeholder"),
+    "more images than placeholders": ({"text": _PROMPT.replace("Say", _IMAGE + "Say"), "sampling_params": _SP,
+                                       "image_data": [png_data_url(), png_data_url(seed=1)]}, "placeholder"),
+    # stock: 200; with temperature the fp32 bias is inf, the probabilities NaN and the answer token 0
+    "logit_bias beyond fp32": ({"text": _PROMPT, "sampling_params": {**_SP, "temperature": 0.7,
+                                                                     "logit_bias": {"5": 1e308}}}, "logit_bias"),
 }
 
 
@@ -230,6 +240,14 @@ def test_bad_generate_fields_are_400_and_server_keeps_serving(vl_server, case):
     r = requests.post(f"{vl_server.base_url}/generate", json=body, timeout=TIMEOUT_S)
     assert r.status_code == 400 and word in r.text, f"{r.status_code}: {r.text[:500]}"
     _assert_4xx_then_serves(vl_server, r.status_code, r.text[:500], _text_body())
+
+
+def test_audio_without_a_placeholder_is_400(audio_server):
+    """Stock: 200, the clip dropped without a word."""
+    r = requests.post(f"{audio_server.base_url}/generate", timeout=TIMEOUT_S,
+                      json={"text": _PROMPT, "audio_data": WAV_URL, "sampling_params": _SP})
+    assert r.status_code == 400 and "1 audio input but its prompt has 0 audio placeholders" in r.text, r.text[:500]
+    _assert_4xx_then_serves(audio_server, r.status_code, r.text[:500], _text_body())
 
 
 def test_completions_logprobs_above_the_vocabulary_is_400(vl_server):
