@@ -59,6 +59,12 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
 11. A ``logit_bias`` value beyond fp32's range. The sampler adds the biases in fp32, where 1e308 is inf: with
    temperature sampling the probabilities became NaN and the answer was token 0 (200). Refused in the same
    check as (8), naming the token; OpenAI's own range is -100..100, which SGLang does not enforce either.
+12. A streaming ``/generate`` whose request fails a check. SGLang has already answered 200 and sends the error as
+   the stream's first event; its own frontend client (``RuntimeEndpoint``, ``stream=True``) then reads a chunk
+   without text and fails with ``KeyError: 'text'``, hiding the message. AROUND hook on
+   ``http_server.serve_generate_request``: a streaming response is held until its first event; an error there
+   becomes the HTTP 400 a non-streaming request gets (the client raises it with the message), anything else
+   streams on unchanged. The headers leave with the first token instead of before it.
 """
 
 from __future__ import annotations
@@ -82,6 +88,8 @@ _VALIDATE_ONE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validat
 _NORMALIZE = "sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_arguments"
 _PARALLEL = "sglang.srt.managers.io_struct.GenerateReqInput._handle_parallel_sampling"
 _LOAD_MM = "sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor.load_mm_data"
+_SERVE_GENERATE = "sglang.srt.entrypoints.http_server.serve_generate_request"
+_ERROR_RESPONSE = "sglang.srt.entrypoints.http_server._create_error_response"
 
 HOOKED_SYMBOLS: list[str] = [
     _LOAD,
@@ -93,6 +101,8 @@ HOOKED_SYMBOLS: list[str] = [
     _NORMALIZE,
     _PARALLEL,
     _LOAD_MM,
+    _SERVE_GENERATE,
+    _ERROR_RESPONSE,
     "sglang.srt.multimodal.processors.base_processor.BaseMultiModalProcessorOutput",   # images / videos / audios
     "sglang.srt.managers.io_struct.GenerateReqInput.__getitem__",   # indexes the per-prompt lists checked here
     "sglang.srt.managers.embed_types.PositionalEmbeds",   # the only valid positional_embed_overrides
@@ -128,6 +138,7 @@ def install(cfg: SlimConfig) -> None:
     HookRegistry.register(_NORMALIZE, _normalize_around, HookType.AROUND)
     HookRegistry.register(_PARALLEL, _handle_parallel_sampling_around, HookType.AROUND)
     HookRegistry.register(_LOAD_MM, _load_mm_data_around, HookType.AROUND)
+    HookRegistry.register(_SERVE_GENERATE, _serve_generate_around, HookType.AROUND)
     _REGISTERED = True
 
 
@@ -478,3 +489,56 @@ async def _load_mm_data_around(original, self, *args, **kwargs):
     if message is not None:
         raise ValueError(message)
     return result
+
+
+def stream_error(event: bytes) -> dict | None:
+    """The error object of a ``/generate`` stream event (``data: {"error": {...}}``), or None for an output."""
+    import json  # noqa: PLC0415
+
+    if not event.startswith(b'data: {"error"'):
+        return None
+    try:
+        error = json.loads(event[len(b"data: "):])["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return error if isinstance(error, dict) else None
+
+
+async def first_event_or_error(response, error_response, keep_background: bool = True):
+    """A streaming response held until its first event: an error event becomes ``error_response(ValueError)`` (its
+    status the event's code; it runs the stream's background task, the request's abort, after it is sent, unless
+    ``keep_background`` is false), anything else streams on from that event."""
+    body = response.body_iterator
+    try:
+        first = await body.__anext__()
+    except StopAsyncIteration:
+        first = None
+    error = stream_error(first) if first is not None else None
+    if error is not None:
+        await body.aclose()
+        exc = ValueError(error.get("message", "invalid request"))
+        exc.status_code = int(error.get("code") or 400)
+        refused = error_response(exc)
+        if keep_background:
+            refused.background = response.background
+        return refused
+
+    async def resumed():
+        if first is not None:
+            yield first
+        async for event in body:
+            yield event
+    response.body_iterator = resumed()
+    return response
+
+
+async def _serve_generate_around(original, obj, request, *args, **kwargs):
+    response = await original(obj, request, *args, **kwargs)
+    if not getattr(obj, "stream", False) or not hasattr(response, "body_iterator"):
+        return response
+    from sglang.srt.entrypoints import http_server  # noqa: PLC0415
+
+    # a request refused before SGLang normalized it was never registered: its abort task has nothing to abort
+    # (and would fail on the missing batch fields)
+    return await first_event_or_error(response, http_server._create_error_response,
+                                      keep_background=hasattr(obj, "is_single"))

@@ -441,3 +441,47 @@ def test_media_with_their_placeholders_pass(kwargs, n_images, n_audios):
 
     out = asyncio.run(ic._load_mm_data_around(_loader(n_images, n_audios), _Proc(), "p", _QWEN_TOKENS, **kwargs))
     assert len(out.images) == n_images and len(out.audios) == n_audios
+
+
+# --- a streaming /generate refused before its stream: the 400 a non-streaming request gets ----------------------
+
+def _stream(events):
+    from starlette.background import BackgroundTask
+    from starlette.responses import StreamingResponse
+
+    async def body():
+        for e in events:
+            yield e
+    return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(lambda: None))
+
+
+def _refuse(exc):
+    from starlette.responses import JSONResponse
+    return JSONResponse({"error": {"message": str(exc)}}, status_code=exc.status_code)
+
+
+def test_a_streams_first_error_event_becomes_the_http_error():
+    import asyncio
+    import json
+
+    events = [b'data: {"error":{"message":"input_ids contains token id 9","code":400}}\n\n', b"data: [DONE]\n\n"]
+    out = asyncio.run(ic.first_event_or_error(_stream(events), _refuse))
+    assert out.status_code == 400 and json.loads(out.body)["error"]["message"] == "input_ids contains token id 9"
+    assert out.background is not None, "the request's abort task still runs"
+    dropped = asyncio.run(ic.first_event_or_error(_stream(events), _refuse, keep_background=False))
+    assert dropped.status_code == 400 and dropped.background is None
+
+
+@pytest.mark.parametrize("events", [
+    [b'data: {"text":"a","meta_info":{}}\n\n', b'data: {"text":"ab","meta_info":{}}\n\n', b"data: [DONE]\n\n"],
+    [b'data: {"text":"","meta_info":{"error":"x"}}\n\n', b"data: [DONE]\n\n"],     # "error" deeper: an output
+    [],
+])
+def test_a_stream_that_starts_with_an_output_streams_on_unchanged(events):
+    import asyncio
+
+    async def run():
+        response = await ic.first_event_or_error(_stream(events), _refuse)
+        return response, [e async for e in response.body_iterator]
+    response, seen = asyncio.run(run())
+    assert response.status_code == 200 and seen == events

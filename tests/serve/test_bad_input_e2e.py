@@ -242,6 +242,21 @@ def test_bad_generate_fields_are_400_and_server_keeps_serving(vl_server, case):
     _assert_4xx_then_serves(vl_server, r.status_code, r.text[:500], _text_body())
 
 
+@pytest.mark.parametrize("case", ["input id outside the vocabulary", "image without a placeholder",
+                                  "n=null", "logit_bias beyond fp32"])
+def test_a_bad_streaming_generate_is_the_same_400(vl_server, case):
+    """Stock: 200 and the error as the stream's first event (SGLang's frontend client then fails on it with
+    KeyError: 'text'); now the 400 a non-streaming request gets, and a good stream is unchanged."""
+    body, word = GENERATE[case]
+    r = requests.post(f"{vl_server.base_url}/generate", json={**body, "stream": True}, timeout=TIMEOUT_S)
+    assert r.status_code == 400 and word in r.json()["error"]["message"], f"{r.status_code}: {r.text[:500]}"
+    good = requests.post(f"{vl_server.base_url}/generate", stream=True, timeout=TIMEOUT_S,
+                         json={"text": _PROMPT, "sampling_params": _SP, "stream": True})
+    events = [line for line in good.iter_lines() if line]
+    assert good.status_code == 200 and events[-1] == b"data: [DONE]" and len(events) >= 2, events
+    assert all(b'"text"' in e for e in events[:-1]), events
+
+
 def test_audio_without_a_placeholder_is_400(audio_server):
     """Stock: 200, the clip dropped without a word."""
     r = requests.post(f"{audio_server.base_url}/generate", timeout=TIMEOUT_S,

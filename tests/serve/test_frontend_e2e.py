@@ -75,3 +75,19 @@ def test_audio_program(sgl, audio_server, tmp_path):
     text_only = _text_only(sgl, "What is in this clip?").get_meta_info("answer")["prompt_tokens"]
     extra = with_clip - text_only
     assert 2 < extra < 50 + 2 + 8, (with_clip, text_only)
+
+
+def test_a_streaming_program_with_a_bad_image_reports_the_servers_message(sgl, vl_server, tmp_path):
+    """The server answers a bad streaming request with a 400 before the stream, so SGLang's client raises its
+    message (stock: the error arrived as a stream event and the client failed with KeyError: 'text')."""
+    ex = _load("frontend_image")
+    ex.connect(vl_server.base_url)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image" * 10)
+    state = ex.describe_image.run(image_path=str(bad), question="Describe the image.", stream=True)
+    for _ in state.text_iter():          # waits for the program to end
+        pass
+    assert "Could not decode image" in str(state.error()), state.error()
+    good = ex.describe_image.run(image_path=_write(tmp_path, png_data_url(seed=3), "ok.png"),
+                                 question="Describe the image.", stream=True)
+    assert "".join(good.text_iter("answer")) and good.error() is None
