@@ -112,6 +112,19 @@ def _kv_block(K, V, slot, ok, hk, stride_kt, stride_kh, stride_vt, stride_vh, of
 
 
 @triton.jit
+def _tile_of(TILE_SEQ, TILE_START, TILE_ROW, QO_INDPTR, KV_INDPTR, tile):
+    # a program's query tile (the plan's tables): its first position t0 and rank row, and its sequence's first q
+    # row, kv offset, kv length L and prefix (the cached keys before its queries)
+    b = tl.load(TILE_SEQ + tile)
+    t0 = tl.load(TILE_START + tile)   # absolute position of the tile's first row
+    row = tl.load(TILE_ROW + tile)    # (sequence, segment) row of the rank array
+    q_beg = tl.load(QO_INDPTR + b)
+    kv_beg = tl.load(KV_INDPTR + b)
+    L = tl.load(KV_INDPTR + b + 1) - kv_beg
+    return t0, row, q_beg, kv_beg, L, L - (tl.load(QO_INDPTR + b + 1) - q_beg)
+
+
+@triton.jit
 def _s2o_fwd(Q, K, V, O, LSE, VISITED,
              KV_IDX, QO_INDPTR, KV_INDPTR, TILE_SEQ, TILE_START, TILE_ROW, RANK, RANK_LEN, TAU, RATIO, VBAR, HITS,
              Q8, QS, MARG, K8, K8S, qk_scale, v_scale, forced, stride_hits, stride_q8t, stride_q8h, stride_qst,
@@ -146,14 +159,7 @@ def _s2o_fwd(Q, K, V, O, LSE, VISITED,
     tile = tl.program_id(1)
     n_heads = tl.num_programs(0)
     hk = h // GROUP
-    b = tl.load(TILE_SEQ + tile)
-    t0 = tl.load(TILE_START + tile)   # absolute position of the tile's first row
-    row = tl.load(TILE_ROW + tile)    # (sequence, segment) row of the rank array
-    q_beg = tl.load(QO_INDPTR + b)
-    q_len = tl.load(QO_INDPTR + b + 1) - q_beg
-    kv_beg = tl.load(KV_INDPTR + b)
-    L = tl.load(KV_INDPTR + b + 1) - kv_beg
-    prefix = L - q_len
+    t0, row, q_beg, kv_beg, L, prefix = _tile_of(TILE_SEQ, TILE_START, TILE_ROW, QO_INDPTR, KV_INDPTR, tile)
 
     offs_m = t0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -353,14 +359,7 @@ def _s2o_audit(Q, K, LSE2, TAU, RANK, RANK_LEN, HITS, N_HIT, QO_INDPTR, KV_INDPT
     n_heads = tl.num_programs(0) * HEADS
     hk = pid // (GROUP // HEADS)
     h0 = hk * GROUP + (pid % (GROUP // HEADS)) * HEADS
-    b = tl.load(TILE_SEQ + tile)
-    t0 = tl.load(TILE_START + tile)
-    row = tl.load(TILE_ROW + tile)
-    q_beg = tl.load(QO_INDPTR + b)
-    q_len = tl.load(QO_INDPTR + b + 1) - q_beg
-    kv_beg = tl.load(KV_INDPTR + b)
-    L = tl.load(KV_INDPTR + b + 1) - kv_beg
-    prefix = L - q_len
+    t0, row, q_beg, _kv_beg, L, prefix = _tile_of(TILE_SEQ, TILE_START, TILE_ROW, QO_INDPTR, KV_INDPTR, tile)
     # rows r = (head h0 + r // BLOCK_M, position t0 + r % BLOCK_M)
     offs_r = tl.arange(0, HEADS * BLOCK_M)
     pos = t0 + offs_r % BLOCK_M
@@ -413,13 +412,7 @@ def _s2o_hits(Q, K, V, O32, LSE2, O, LSE, RANK, HITS, N_HIT, QO_INDPTR, KV_INDPT
     tile = tl.program_id(1)
     n_heads = tl.num_programs(0)
     hk = h // GROUP
-    b = tl.load(TILE_SEQ + tile)
-    t0 = tl.load(TILE_START + tile)
-    row = tl.load(TILE_ROW + tile)
-    q_beg = tl.load(QO_INDPTR + b)
-    q_len = tl.load(QO_INDPTR + b + 1) - q_beg
-    L = tl.load(KV_INDPTR + b + 1) - tl.load(KV_INDPTR + b)
-    prefix = L - q_len
+    t0, row, q_beg, _kv_beg, L, prefix = _tile_of(TILE_SEQ, TILE_START, TILE_ROW, QO_INDPTR, KV_INDPTR, tile)
     offs_m = t0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_b = tl.arange(0, BLOCK_N)

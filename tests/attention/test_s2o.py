@@ -725,6 +725,24 @@ def test_kernel_audit_matches_reference_chunked_gqa(block, fp8, last):
     assert (cnt["computed"] > c3["computed"]).any(), "the case must make the audit add blocks"
 
 
+def _paged_needles(lens, qlens, Hq, Hkv, D, *, seed, g, spare, last_row_needle=False):
+    """Planted-needle sequences of lengths ``lens`` in one shuffled slot pool (``spare`` slots unused): each
+    sequence's last ``qlens`` queries, its K/V, the pools and the slots in position order."""
+    qs, ks, vs = [], [], []
+    for i, L in enumerate(lens):
+        q, k, v = _planted_needles(L, Hq, Hkv, D, seed=seed + i)
+        if last_row_needle:
+            _last_row_needle(q, k, v, 40, g)
+        qs.append(q[L - qlens[i]:])
+        ks.append(k)
+        vs.append(v)
+    slots = torch.randperm(sum(lens) + spare, generator=g)[:sum(lens)].to(torch.int32)
+    k_pool = torch.zeros(sum(lens) + spare, Hkv, D)
+    v_pool = torch.zeros_like(k_pool)
+    k_pool[slots.long()], v_pool[slots.long()] = torch.cat(ks), torch.cat(vs)
+    return qs, ks, vs, k_pool, v_pool, slots
+
+
 @pytest.mark.parametrize("heads,audit_n,fp8", [(1, 64, False), (2, 32, False), (4, 16, False), (2, 64, True)])
 def test_split_audit_equals_the_fused_audit(heads, audit_n, fp8):
     # the audit as kernels of its own (the q heads of a group per program, a block scored in parts) lists the
@@ -733,17 +751,8 @@ def test_split_audit_equals_the_fused_audit(heads, audit_n, fp8):
     from sgl_slim.attention import s2o_triton
     Hq, Hkv, D, block, seg = 8, 2, 64, 64, 256
     lens, qlens = [1100, 700], [500, 700]
-    g = torch.Generator().manual_seed(5)
-    qs, ks, vs = [], [], []
-    for i, L in enumerate(lens):
-        q, k, v = _planted_needles(L, Hq, Hkv, D, seed=40 + i)
-        qs.append(q[L - qlens[i]:])
-        ks.append(k)
-        vs.append(v)
-    slots = torch.randperm(sum(lens) + 30, generator=g)[:sum(lens)].to(torch.int32)
-    k_pool = torch.zeros(sum(lens) + 30, Hkv, D)
-    v_pool = torch.zeros_like(k_pool)
-    k_pool[slots.long()], v_pool[slots.long()] = torch.cat(ks), torch.cat(vs)
+    qs, _, _, k_pool, v_pool, slots = _paged_needles(lens, qlens, Hq, Hkv, D, seed=40, spare=30,
+                                                     g=torch.Generator().manual_seed(5))
     q = torch.cat(qs)
     scales = {}
     if fp8:
@@ -777,18 +786,9 @@ def test_kernel_v5_audits_each_sequences_last_rows_in_a_paged_batch():
     from sgl_slim.attention import VARIANTS, s2o_triton
     Hq, Hkv, D, block, seg = 8, 2, 64, 16, 64
     lens, qlens = [700, 520], [420, 520]
-    qs, ks, vs = [], [], []
-    g = torch.Generator().manual_seed(8)
-    for i, L in enumerate(lens):
-        q, k, v = _planted_needles(L, Hq, Hkv, D, seed=30 + i)
-        _last_row_needle(q, k, v, 40, g)
-        qs.append(q[L - qlens[i]:])
-        ks.append(k)
-        vs.append(v)
-    slots = torch.randperm(sum(lens) + 50, generator=g)[:sum(lens)].to(torch.int32)
-    k_pool = torch.zeros(sum(lens) + 50, Hkv, D)
-    v_pool = torch.zeros_like(k_pool)
-    k_pool[slots.long()], v_pool[slots.long()] = torch.cat(ks), torch.cat(vs)
+    qs, ks, vs, k_pool, v_pool, slots = _paged_needles(lens, qlens, Hq, Hkv, D, seed=30,
+                                                       g=torch.Generator().manual_seed(8), last_row_needle=True,
+                                                       spare=50)
     qo, kvp = [0, qlens[0], sum(qlens)], [0, lens[0], sum(lens)]
     counts = {}
     for name in ("v3", "v4", "v5"):
