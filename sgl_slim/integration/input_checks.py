@@ -64,7 +64,8 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
    without text and fails with ``KeyError: 'text'``, hiding the message. AROUND hook on
    ``http_server.serve_generate_request``: a streaming response is held until its first event; an error there
    becomes the HTTP 400 a non-streaming request gets (the client raises it with the message), anything else
-   streams on unchanged. The headers leave with the first token instead of before it.
+   streams on unchanged: what SGLang's own chat endpoint does for its streams (``_handle_streaming_request``
+   kick-starts the generator). The headers leave with the first token instead of before it.
 """
 
 from __future__ import annotations
