@@ -36,7 +36,7 @@ STOP_BLOCK, STOP_REMAINING = 1, 2            # constexpr STOP: s2o_ref's "block"
 AUDIT_STAGES = 5        # the audit score loop's pipelining depth (K tiles only; H200: 5 beats 3 by 10%)
 AUDIT_HEADS = 2         # the split audit: q heads of one KV group per program (they share each gathered K tile)
 AUDIT_N = 64            # the split audit: keys per score product (a rank block is scored in BLOCK_N / AUDIT_N parts)
-AUDIT_WARPS = 8
+AUDIT_WARPS = 8         # the split audit: warps per program (its rows are HEADS x BLOCK_M)
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 # the fp8 audit's margin in standard deviations of its rounding error (``fp8_audit_operands``); the largest error
@@ -889,14 +889,16 @@ def default_config(dtype, head_dim: int, q_tile: int, block_size: int):
 
 def _split_audit(q, k_pool, v_pool, o32, lse2, out, lse, taus, rank, rank_len, hits, plan, *, qk_scale, v_scale,
                  return_lse, block_size, segment_size, q_tile, heads, audit_n, warps, stages, num_warps, num_stages,
-                 fp16):
+                 fp16, audit_last):
     """The audit after a planned pass that wrote o32 / lse2 (``s2o_paged``, split): ``_s2o_audit`` lists the hits,
     ``_s2o_hits`` attends them and writes out (and lse).  Returns the hits per (tile, q head) [n_tiles, Hq] int32."""
     Tq, Hq, D = q.shape
     Hkv = k_pool.shape[1]
     group = Hq // Hkv
-    heads = max(h for h in range(1, min(heads, group) + 1) if group % h == 0)
+    heads = next(h for h in range(min(max(heads, 1), group), 0, -1) if group % h == 0)   # divides the group
     audit_n = min(audit_n, block_size)
+    if audit_n < 16 or audit_n & (audit_n - 1):
+        raise ValueError(f"audit_n must be a power of two >= 16 (keys per score product), got {audit_n}")
     n_hit = torch.empty(plan.n_tiles, Hq, dtype=torch.int32, device=q.device)
     meta = plan.meta
     ieee = q.dtype == torch.float32
@@ -907,7 +909,7 @@ def _split_audit(q, k_pool, v_pool, o32, lse2, out, lse, taus, rank, rank_len, h
                 q, k_pool, lse2, taus, rank, rank_len, hits, n_hit, plan.qo_d, plan.kvp_d, meta[0], meta[1], meta[2],
                 qk_scale, hits.stride(0), q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
                 lse2.stride(0), lse2.stride(1), rank.stride(0), rank.stride(1), rank_len.stride(0),
-                HEADS=heads, AUDIT_N=audit_n, SEGMENT=segment_size, AUDIT_LAST=0, STAGES=stages, **common,
+                HEADS=heads, AUDIT_N=audit_n, SEGMENT=segment_size, AUDIT_LAST=audit_last, STAGES=stages, **common,
                 num_warps=warps, num_stages=stages)
             break
         except triton.runtime.errors.OutOfResources:
@@ -1088,7 +1090,8 @@ def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block
                              qk_scale=sm_scale * LOG2E * k_scale, v_scale=v_scale, return_lse=return_lse,
                              block_size=block_size, segment_size=segment_size, q_tile=q_tile,
                              heads=audit_heads, audit_n=audit_n, warps=audit_warps, stages=audit_stages,
-                             num_warps=num_warps, num_stages=num_stages, fp16=fp8 and q.dtype == torch.bfloat16)
+                             num_warps=num_warps, num_stages=num_stages, fp16=fp8 and q.dtype == torch.bfloat16,
+                             audit_last=audit_last)
         visited += n_hit
     # block counts on the (tile x block) grid, per sequence and head
     computed.index_add_(0, plan.tile_seq, visited.long() + plan.tile_intra[:, None])

@@ -743,11 +743,13 @@ def _paged_needles(lens, qlens, Hq, Hkv, D, *, seed, g, spare, last_row_needle=F
     return qs, ks, vs, k_pool, v_pool, slots
 
 
-@pytest.mark.parametrize("heads,audit_n,fp8", [(1, 64, False), (2, 32, False), (4, 16, False), (2, 64, True)])
-def test_split_audit_equals_the_fused_audit(heads, audit_n, fp8):
+@pytest.mark.parametrize("heads,audit_n,fp8,last", [(1, 64, False, 0), (2, 32, False, 100), (4, 16, False, 0),
+                                                   (2, 64, True, 0)])
+def test_split_audit_equals_the_fused_audit(heads, audit_n, fp8, last):
     # the audit as kernels of its own (the q heads of a group per program, a block scored in parts) lists the
     # fused audit's hits: the same visited blocks, the same output up to fp32 rounding, also in a paged batch
-    # (two sequences, one with a cached prefix, shuffled slots) and on an fp8 cache with its scales
+    # (two sequences, one with a cached prefix, shuffled slots), on an fp8 cache with its scales, and for v5
+    # (the last rows' tiles only)
     from sgl_slim.attention import s2o_triton
     Hq, Hkv, D, block, seg = 8, 2, 64, 64, 256
     lens, qlens = [1100, 700], [500, 700]
@@ -761,11 +763,11 @@ def test_split_audit_equals_the_fused_audit(heads, audit_n, fp8):
         scales = {"k_scale": 0.5, "v_scale": 2.0}
     kw = dict(qo_indptr=torch.tensor([0, qlens[0], sum(qlens)]), kv_indptr=torch.tensor([0, lens[0], sum(lens)]),
               kv_indices=slots, tau=0.05, block_size=block, segment_size=seg, q_tile=64, sm_scale=D ** -0.5,
-              stop="planned", samples=4, local_window=block, audit=True, **scales)
+              stop="planned", samples=4, local_window=block, audit=True, audit_last=last, **scales)
     fused, fused_lse, c_fused, _ = s2o_triton.s2o_paged(q, k_pool, v_pool, return_lse=True, audit_split=False, **kw)
     split, split_lse, c_split, _ = s2o_triton.s2o_paged(q, k_pool, v_pool, return_lse=True, audit_split=True,
                                                         audit_heads=heads, audit_n=audit_n, **kw)
-    plain, _, c_plan, _ = s2o_triton.s2o_paged(q, k_pool, v_pool, **{**kw, "audit": False})
+    plain, _, c_plan, _ = s2o_triton.s2o_paged(q, k_pool, v_pool, **{**kw, "audit": False, "audit_last": 0})
     assert (c_fused > c_plan).any(), "the case must make the audit add blocks"
     assert torch.equal(c_split, c_fused), "the split audit visits other blocks than the fused one"
     # fp32 products: the merged state differs from the fused one by fp32 rounding.  With an fp8 cache the products
@@ -778,6 +780,8 @@ def test_split_audit_equals_the_fused_audit(heads, audit_n, fp8):
     assert torch.equal(alone, split), "return_lse must not change the output"
     with pytest.raises(ValueError, match="audit_fp8"):
         s2o_triton.s2o_paged(q, k_pool, v_pool, audit_split=True, audit_fp8=True, **kw)
+    with pytest.raises(ValueError, match="audit_n must be a power of two"):
+        s2o_triton.s2o_paged(q, k_pool, v_pool, audit_split=True, audit_n=48, **kw)
 
 
 def test_kernel_v5_audits_each_sequences_last_rows_in_a_paged_batch():
