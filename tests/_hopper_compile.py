@@ -64,6 +64,7 @@ def _s2o_launches() -> None:
         runs += [dict(tau=0.01, **VARIANTS["v4"], audit_fp8=True), dict(tau=0.01, **VARIANTS["v4"], audit_split=True),
                  dict(tau=0.01, **VARIANTS["v4"], audit_split=True, audit_heads=4, audit_n=32),
                  dict(tau=0.01, **VARIANTS["v4"], audit_split=True, audit_heads=1, audit_n=128),
+                 dict(tau=0.01, **VARIANTS["v5"], audit_split=True),
                  dict(tau=0.01, stop="remaining", compensate=True, tail_estimate="estimate")]
         for kw in runs:
             s2o_triton.s2o_paged(q, k, v, kv_indices=idx, kv_contiguous=contiguous, return_lse=True, **base, **kw)
