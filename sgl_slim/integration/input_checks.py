@@ -518,7 +518,8 @@ async def first_event_or_error(response, error_response, keep_background: bool =
     if error is not None:
         await body.aclose()
         exc = ValueError(error.get("message", "invalid request"))
-        exc.status_code = int(error.get("code") or 400)
+        code = error.get("code")
+        exc.status_code = code if isinstance(code, int) and 400 <= code < 600 else 400
         refused = error_response(exc)
         if keep_background:
             refused.background = response.background

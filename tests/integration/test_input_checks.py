@@ -470,6 +470,9 @@ def test_a_streams_first_error_event_becomes_the_http_error():
     assert out.background is not None, "the request's abort task still runs"
     dropped = asyncio.run(ic.first_event_or_error(_stream(events), _refuse, keep_background=False))
     assert dropped.status_code == 400 and dropped.background is None
+    for code, status in ((413, 413), ("bad", 400), (None, 400), (200, 400)):
+        event = b'data: {"error":{"message":"m","code":' + json.dumps(code).encode() + b"}}\n\n"
+        assert asyncio.run(ic.first_event_or_error(_stream([event]), _refuse)).status_code == status, code
 
 
 @pytest.mark.parametrize("events", [
