@@ -42,10 +42,14 @@ def test_idpruner_bench_script_tiny_on_cpu(tmp_path):
             assert r["vision_tokens_total"] == 4 * 64, r            # 4 images of 224x224: 64 tokens each
             want = 4 * 64 if r["setting"] == "unpruned" else 4 * 16
             assert r["vision_tokens_kept"] == want, r
+            # where the time went: each phase measured, together within the request's time to its first token
+            assert all(r[name] >= 0 for name in ("preprocess_s", "to_forward_s", "prefill_s")), r
+            assert r["preprocess_s"] + r["to_forward_s"] + r["prefill_s"] <= r["ttft_s"] + 0.05, r
     s = rows[-1]
     u, p = s["unpruned"], s["pruned"]
     assert u["prompt_tokens"] - p["prompt_tokens"] == 4 * 64 - 4 * 16, s
     assert u["requests_per_s"] > 0 and p["requests_per_s"] > 0 and s["ttft_speedup"] > 0, s
+    assert u["prefill_s_median"] > 0 and p["preprocess_s_median"] > 0, s
     assert isinstance(s["goal_ttft_2.5x"], bool) and isinstance(s["goal_rps_2x"], bool), s
     assert (out / "idp_server.log").is_file()
 
