@@ -107,6 +107,20 @@ def markdown_table(rows: list[dict], columns: list[str], *, floatfmt: str = ".4g
     return head + "".join("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
 
 
+# (name, from, to): a request's meta_info timestamps (wall clock, seconds) from SGLang's request time stats, which a
+# server started with --enable-metrics returns: received -> handed to the scheduler (decoding, processors, hooks),
+# -> its forward pass starts (transfer, queueing), -> its prefill ends (every chunk's forward)
+REQUEST_PHASES = (("preprocess_s", "request_received_ts", "api_server_dispatch_finish_ts"),
+                  ("to_forward_s", "api_server_dispatch_finish_ts", "forward_entry_time"),
+                  ("prefill_s", "forward_entry_time", "prefill_finished_time"))
+
+
+def request_phases(meta: dict) -> dict:
+    """A request's ``REQUEST_PHASES`` in seconds, where its meta_info has both timestamps."""
+    return {name: round(meta[b] - meta[a], 4) for name, a, b in REQUEST_PHASES
+            if isinstance(meta.get(a), (int, float)) and isinstance(meta.get(b), (int, float))}
+
+
 def stream_generate(base_url: str, body: dict, timeout_s: float = 600.0) -> tuple[float | None, float, dict | None]:
     """One streaming ``/generate`` request (``body`` with ``"stream": True``): (time to the first streamed chunk,
     total latency, the last chunk) in seconds; ttft / chunk None when nothing was streamed.  HTTP and network

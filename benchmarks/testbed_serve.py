@@ -17,7 +17,10 @@ up at once and each prompt goes to each (the order alternating), radix cache off
 Per request: correct, latency (prefill plus the answer's few greedy tokens), the generated ids and the S2O
 density the server reports (``meta_info["sgl_slim"]``); per server, the share of requests whose ids equal the
 dense server's, and the prompts it answers wrongly where dense is right (lost) and rightly where dense is wrong
-(gained): a paired count, which resolves a difference between methods better than two accuracies.
+(gained): a paired count, which resolves a difference between methods better than two accuracies. The servers
+run with ``--enable-metrics``, so each request also carries where its latency went
+(``benchmarks.harness.REQUEST_PHASES``: ``preprocess_s``, ``to_forward_s``, ``prefill_s``, every prefill chunk's
+forward included), with their medians per server.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.harness import env_info, markdown_table, record, write_results
+from benchmarks.harness import REQUEST_PHASES, env_info, markdown_table, record, request_phases, write_results
 from sgl_slim.bench.runner import LaunchedServer, running
 
 
@@ -57,7 +60,7 @@ def server_args(model: str, length: int, flags: list[str], min_length: int, gpu:
     needs no compiled library) sharing the GPU with the other servers; ``flags``: its own flags (an S2O server
     also gets ``--s2o-min-length``)."""
     args = ["--model-path", model, "--disable-radix-cache", "--context-length", str(2 * length),
-            "--max-total-tokens", str(3 * length), "--skip-server-warmup"]
+            "--max-total-tokens", str(3 * length), "--skip-server-warmup", "--enable-metrics"]
     args += (["--dtype", "bfloat16", "--attention-backend", "triton", "--mem-fraction-static",
               f"{int(80 / servers) / 100:.2f}"] if gpu else ["--dtype", "float32"])
     return args + list(flags) + (["--s2o-min-length", str(min_length)] if "--s2o" in flags else [])
@@ -72,7 +75,8 @@ def ask(base_url: str, ids: list[int], answer: list[int]) -> dict:
         out = json.loads(r.read())
     numbers = out["meta_info"].get("sgl_slim", {})
     return {"correct": out["output_ids"] == answer, "latency_s": time.perf_counter() - t0,
-            "density": numbers.get("s2o_density"), "output_ids": out["output_ids"]}
+            "density": numbers.get("s2o_density"), "output_ids": out["output_ids"],
+            **request_phases(out["meta_info"])}
 
 
 def main(argv=None) -> int:
@@ -141,6 +145,9 @@ def main(argv=None) -> int:
         mine = [r for r in rows if r["server"] == name]
         row = record("testbed_serve", server=name, length=args.length, samples=len(mine),
                      latency_s=statistics.median(r["latency_s"] for r in mine))
+        for name_, _, _ in REQUEST_PHASES:           # where the latency goes (the servers run --enable-metrics)
+            values = [r[name_] for r in mine if name_ in r]
+            row[f"{name_}_median"] = statistics.median(values) if values else None
         for task in args.tasks.split(","):
             hits = [r["correct"] for r in mine if r["task"] == task]
             row[f"{task}_accuracy"] = sum(hits) / len(hits)
@@ -154,7 +161,7 @@ def main(argv=None) -> int:
     write_results(args.out, rows + summary, env=env_info())
     print(markdown_table(summary, ["server", "length", "samples", *[f"{t}_accuracy" for t in args.tasks.split(",")],
                                    "s2o_density", "equal_to_dense", "lost_vs_dense", "gained_vs_dense",
-                                   "latency_s"]))
+                                   "latency_s", "prefill_s_median"]))
     return 0
 
 

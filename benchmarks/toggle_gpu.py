@@ -16,11 +16,10 @@ Phases (each JSON line is written as it is measured; a run cut short keeps what 
    media token counts (``meta_info``), and the workload's goals where it has them.
 
 Where TTFT goes: the server runs with ``--enable-metrics``, whose ``meta_info`` timestamps split each request
-(``PHASES``): ``preprocess_s`` (received -> handed to the scheduler: media decoding, the HF processor, the
-tokenizer-side hooks), ``to_forward_s`` (-> its forward pass starts: transfer and queueing) and ``prefill_s``
-(the forward that ends its prefill: the encoder, the pruning and the language model's prefill).
-
-Every prompt's media are distinct and sent once per setting, so the embedding cache never skips an encoder.
+(``benchmarks.harness.REQUEST_PHASES``): ``preprocess_s`` (received -> handed to the scheduler: media decoding,
+the HF processor, the tokenizer-side hooks), ``to_forward_s`` (-> its forward pass starts: transfer and
+queueing) and ``prefill_s`` (the forward that ends its prefill: the encoder, the pruning and the language
+model's prefill).
 """
 
 from __future__ import annotations
@@ -37,14 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.harness import env_info, stream_generate
+from benchmarks.harness import REQUEST_PHASES, env_info, request_phases, stream_generate
 from sgl_slim.bench.runner import LaunchedServer
 
 UNPRUNED, PRUNED = "unpruned", "pruned"
-# (name, from, to): meta_info timestamps (wall clock, seconds) of SGLang's request time stats (--enable-metrics)
-PHASES = (("preprocess_s", "request_received_ts", "api_server_dispatch_finish_ts"),
-          ("to_forward_s", "api_server_dispatch_finish_ts", "forward_entry_time"),
-          ("prefill_s", "forward_entry_time", "prefill_finished_time"))
 
 
 @dataclass(frozen=True)
@@ -92,14 +87,9 @@ def measure_request(base_url: str, body: dict, timeout_s: float, media: str) -> 
            f"{media}_tokens_kept": slim.get(f"{media}_tokens_kept"),
            f"{media}_tokens_total": slim.get(f"{media}_tokens_total")}
     row.update({k: v for k, v in slim.items() if k.endswith("_keep_ratio")})
-    row.update(phases(meta))
+    row.update(request_phases(meta))
     return row
 
-
-def phases(meta: dict) -> dict:
-    """The request's ``PHASES`` in seconds, where its meta_info has both timestamps."""
-    return {name: round(meta[b] - meta[a], 4) for name, a, b in PHASES
-            if isinstance(meta.get(a), (int, float)) and isinstance(meta.get(b), (int, float))}
 
 
 def _median(rows: list[dict], key: str):
@@ -116,7 +106,7 @@ def summarize(ttft_rows: dict, rps_rows: dict, media: str, goals: dict) -> dict:
             "prompt_tokens": _median(rows, "prompt_tokens"),
             f"{media}_tokens_kept": _median(rows, f"{media}_tokens_kept"),
             f"{media}_tokens_total": _median(rows, f"{media}_tokens_total"),
-            **{f"{name}_median": _median(rows, name) for name, _, _ in PHASES},
+            **{f"{name}_median": _median(rows, name) for name, _, _ in REQUEST_PHASES},
             "ttft_requests_ok": sum(r.get("ok", False) for r in rows),
             "requests_per_s": rps_rows.get(setting, {}).get("requests_per_s")}
     u, p = out[UNPRUNED], out[PRUNED]

@@ -51,3 +51,14 @@ def test_an_http_error_is_raised():
     import urllib.error
     with pytest.raises(urllib.error.URLError):
         stream_generate("http://127.0.0.1:9", {"stream": True}, timeout_s=5)
+
+
+def test_request_phases_come_from_the_meta_infos_timestamps():
+    from benchmarks.harness import request_phases
+
+    meta = {"request_received_ts": 100.0, "api_server_dispatch_finish_ts": 100.25, "forward_entry_time": 100.5,
+            "prefill_finished_time": 101.75}
+    assert request_phases(meta) == {"preprocess_s": 0.25, "to_forward_s": 0.25, "prefill_s": 1.25}
+    # a server without --enable-metrics sends none of them; a missing one drops only its phases
+    assert request_phases({}) == {}
+    assert request_phases({**meta, "forward_entry_time": None}) == {"preprocess_s": 0.25}

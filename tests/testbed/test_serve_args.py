@@ -15,6 +15,7 @@ def test_cpu_servers_run_float32_and_only_the_s2o_ones_carry_s2o_flags():
     assert _flag(dense, "--dtype") == "float32" and "--s2o" not in dense and "--attention-backend" not in dense
     assert s2o[s2o.index("--s2o"):] == ["--s2o", "--s2o-min-length", "1024"]
     assert _flag(s2o, "--context-length") == "16384" and _flag(s2o, "--max-total-tokens") == "24576"
+    assert "--enable-metrics" in dense and "--enable-metrics" in s2o     # the request phases in meta_info
 
 
 def test_one_s2o_server_per_flag_set_beside_one_dense():
