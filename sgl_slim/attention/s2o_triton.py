@@ -903,34 +903,32 @@ def _split_audit(q, k_pool, v_pool, o32, lse2, out, lse, taus, rank, rank_len, h
     meta = plan.meta
     ieee = q.dtype == torch.float32
     common = dict(GROUP=group, HEAD_DIM=D, BLOCK_M=q_tile, BLOCK_N=block_size, IEEE=ieee, Q_FP16=fp16)
+    _with_fewer_stages(lambda st: _s2o_audit[(Hkv * (group // heads), plan.n_tiles)](
+        q, k_pool, lse2, taus, rank, rank_len, hits, n_hit, plan.qo_d, plan.kvp_d, meta[0], meta[1], meta[2],
+        qk_scale, hits.stride(0), q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
+        lse2.stride(0), lse2.stride(1), rank.stride(0), rank.stride(1), rank_len.stride(0),
+        HEADS=heads, AUDIT_N=audit_n, SEGMENT=segment_size, AUDIT_LAST=audit_last, STAGES=st, **common,
+        num_warps=warps, num_stages=st), stages)
+    # (lse is written with return_lse only; its strides are lse2's, the same [Tq, Hq] layout)
+    _with_fewer_stages(lambda st: _s2o_hits[(Hq, plan.n_tiles)](
+        q, k_pool, v_pool, o32, lse2, out, lse, rank, hits, n_hit, plan.qo_d, plan.kvp_d, meta[0],
+        meta[1], meta[2], qk_scale, v_scale, hits.stride(0), q.stride(0), q.stride(1), k_pool.stride(0),
+        k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), o32.stride(0), o32.stride(1), out.stride(0),
+        out.stride(1), lse2.stride(0), lse2.stride(1), rank.stride(0), rank.stride(1),
+        RETURN_LSE=return_lse, STAGES=st, **common, num_warps=num_warps, num_stages=st), num_stages)
+    return n_hit
+
+
+def _with_fewer_stages(launch, stages: int) -> None:
+    """``launch(stages)``, one pipeline stage fewer each time the kernel does not fit in shared memory."""
     while True:
         try:
-            _s2o_audit[(Hkv * (group // heads), plan.n_tiles)](
-                q, k_pool, lse2, taus, rank, rank_len, hits, n_hit, plan.qo_d, plan.kvp_d, meta[0], meta[1], meta[2],
-                qk_scale, hits.stride(0), q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
-                lse2.stride(0), lse2.stride(1), rank.stride(0), rank.stride(1), rank_len.stride(0),
-                HEADS=heads, AUDIT_N=audit_n, SEGMENT=segment_size, AUDIT_LAST=audit_last, STAGES=stages, **common,
-                num_warps=warps, num_stages=stages)
-            break
+            launch(stages)
+            return
         except triton.runtime.errors.OutOfResources:
             if stages <= 1:
                 raise
             stages -= 1
-    lse_out = lse if return_lse else lse2            # (not written without return_lse)
-    while True:
-        try:
-            _s2o_hits[(Hq, plan.n_tiles)](
-                q, k_pool, v_pool, o32, lse2, out, lse_out, rank, hits, n_hit, plan.qo_d, plan.kvp_d, meta[0],
-                meta[1], meta[2], qk_scale, v_scale, hits.stride(0), q.stride(0), q.stride(1), k_pool.stride(0),
-                k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), o32.stride(0), o32.stride(1), out.stride(0),
-                out.stride(1), lse2.stride(0), lse2.stride(1), rank.stride(0), rank.stride(1),
-                RETURN_LSE=return_lse, STAGES=num_stages, **common, num_warps=num_warps, num_stages=num_stages)
-            break
-        except triton.runtime.errors.OutOfResources:
-            if num_stages <= 1:
-                raise
-            num_stages -= 1
-    return n_hit
 
 
 def s2o_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, q_tile,
