@@ -70,12 +70,14 @@ error string that SGLang already maps to HTTP 400; nothing else changes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import threading
 from urllib.parse import quote, unquote, urlparse
 
+from sgl_slim.attention.s2o_ref import FP32_MAX       # fp32's largest finite value (the sampler's logits are fp32)
 from sgl_slim.config import SlimConfig
 
 logger = logging.getLogger("sgl_slim")
@@ -366,7 +368,6 @@ LIST_PER_PROMPT = ("sampling_params", *SCALAR_PER_PROMPT, "token_ids_logprob", "
 
 
 INT32_MAX = 2 ** 31 - 1      # the scheduler packs each request's top_k into an int32 tensor
-FP32_MAX = 3.4028234663852886e38   # the sampler's logits (and biases) are fp32
 # samples per prompt (OpenAI's limit on n): SGLang queues one request per sample, and a client's n of 100,000 kept
 # a worker busy for minutes (its abort of them on the client's time-out scans the whole queue per sample)
 MAX_SAMPLES = 128
@@ -494,8 +495,6 @@ async def _load_mm_data_around(original, self, *args, **kwargs):
 
 def stream_error(event: bytes) -> dict | None:
     """The error object of a ``/generate`` stream event (``data: {"error": {...}}``), or None for an output."""
-    import json  # noqa: PLC0415
-
     if not event.startswith(b'data: {"error"'):
         return None
     try:
