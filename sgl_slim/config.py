@@ -47,6 +47,7 @@ class S2OConfig:
     segment_size: int = 2048     # queries that share one ranking
     min_length: int = 4096       # shorter prefills run dense attention
     audit_last: int | None = None  # v5: the audit covers the sequence's last this many positions (None: 128)
+    audit_form: str | None = None  # v4/v5 on the GPU: the audit inside the attention kernel or split (None: default)
     calibration: str | None = None  # JSON file of per-layer, per-KV-head taus (sgl_slim.attention.calibration)
 
     def validate(self) -> None:
@@ -70,6 +71,14 @@ class S2OConfig:
             if variant != "v5":
                 raise ConfigError("--s2o-audit-last", f"applies to S2O variant v5 only; this server runs "
                                   f"{variant}" + ("" if cal is None else f" (the variant of {self.calibration})"))
+        if self.audit_form is not None:
+            if self.audit_form not in ("fused", "split"):
+                raise ConfigError("--s2o-audit-form", f"must be fused or split, got {self.audit_form!r}")
+            variant = self.variant if cal is None else cal.variant
+            if variant not in ("v4", "v5"):
+                raise ConfigError("--s2o-audit-form", f"applies to the S2O variants that audit (v4, v5); this "
+                                  f"server runs {variant}" +
+                                  ("" if cal is None else f" (the variant of {self.calibration})"))
 
     def load_calibration(self):
         """The ``--s2o-calibration`` file, read and checked against the block / segment size flags (they must
@@ -231,6 +240,9 @@ FEATURES: tuple[Feature, ...] = (
         Flag("--s2o-audit-last", "audit_last", int,
              "v5: audit the tiles of each prompt's last N positions (default 128: the rows the next token reads; "
              "widen it when more rows' outputs are read, e.g. prompt logprobs), >= 1"),
+        Flag("--s2o-audit-form", "audit_form", str,
+             "v4/v5 on the GPU: run the audit inside the attention kernel (fused) or as kernels of their own "
+             "(split: several q heads share each key tile); the same visited blocks either way"),
         Flag("--s2o-calibration", "calibration", str,
              "JSON file of per-layer, per-KV-head taus (replaces --s2o-tau; block/segment size must match the file)"),
     )),

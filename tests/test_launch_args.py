@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
     (["--s2o-variant", "v9"], "--s2o-variant"),
     (["--s2o", "--s2o-audit-last", "256"], "--s2o-audit-last"),          # the default variant, v4, audits all
     (["--s2o", "--s2o-variant", "v5", "--s2o-audit-last", "0"], "--s2o-audit-last"),
+    (["--s2o", "--s2o-audit-form", "sideways"], "--s2o-audit-form"),
+    (["--s2o", "--s2o-variant", "v3", "--s2o-audit-form", "split"], "--s2o-audit-form"),   # v3 does not audit
 ])
 def test_invalid_values_exit_2_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -135,3 +137,9 @@ def test_audit_last_reaches_the_config():
     cfg, _, _ = parse_slim_args(["--s2o", "--s2o-variant", "v5", "--s2o-audit-last", "2048"])
     assert cfg.s2o.audit_last == 2048 and cfg.s2o.variant == "v5"
     assert parse_slim_args(["--s2o", "--s2o-variant", "v5"])[0].s2o.audit_last is None
+
+
+def test_audit_form_reaches_the_config():
+    assert parse_slim_args(["--s2o", "--s2o-audit-form", "split"])[0].s2o.audit_form == "split"
+    assert parse_slim_args(["--s2o", "--s2o-variant", "v5", "--s2o-audit-form", "fused"])[0].s2o.audit_form == "fused"
+    assert parse_slim_args(["--s2o"])[0].s2o.audit_form is None

@@ -2,10 +2,10 @@
 
 Public API:
     s2o_attention(q, k, v, *, tau, block_size=128, segment_size=2048, sm_scale=None, return_stats=False,
-                  variant="v4", audit_last=None)
+                  variant="v4", audit_last=None, audit_form=None)
     s2o_attention_paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size=128,
                         segment_size=2048, sm_scale=None, return_lse=False, return_stats=False, variant="v4",
-                        audit_last=None)
+                        audit_last=None, audit_form=None)
 
 ``tau`` is a float or a tensor [Hkv] (one threshold per KV head).  ``variant`` names a setting of the early
 stop (``s2o_ref.VARIANTS``): "v2" stops when the predicted unvisited mass falls below tau times the mass so far
@@ -14,7 +14,8 @@ before the scan: the fewest ranked blocks whose mass, estimated from the exact s
 leaves out at most tau; "v4" (default) is v3 followed by an audit of every block the budget leaves out (its
 scores only): a block joins the softmax if one of its keys holds more than tau of some row's mass so far; "v5"
 runs that audit only for the tiles of the sequence's last 128 positions (the rows the next token is read from;
-``audit_last=N`` widens it to the last N), at about v3's cost.  v4 is
+``audit_last=N`` widens it to the last N), at about v3's cost.  ``audit_form`` picks how the GPU kernel runs
+that audit (``AUDIT_FORMS``; the same visited blocks either way).  v4 is
 the default because its error follows tau on every input measured (H200, benchmarks/s2o.md, "Defaults": tau
 1e-2 -> rel-L2 0.9-1.5%, 3e-3 -> 0.3-0.6% at 32K-128K) where v2's error falls slowly with tau (mixed 128K: 3.5%
 at 3e-3, 2.8% at 1e-3), and it keeps the trained testbed model's retrieval at a third of the blocks.
@@ -32,9 +33,14 @@ import torch
 from .s2o_ref import FP8_KV, VARIANTS, dense_attention_ref, rank_keys, s2o_attention_ref, tau_per_head
 
 __all__ = ["s2o_attention", "s2o_attention_paged", "s2o_attention_ref", "dense_attention_ref", "rank_keys",
-           "plan_paged", "VARIANTS", "DEFAULT_VARIANT"]
+           "plan_paged", "VARIANTS", "DEFAULT_VARIANT", "AUDIT_FORMS", "DEFAULT_AUDIT_FORM"]
 
 DEFAULT_VARIANT = "v4"
+# How the kernel runs v4/v5's audit: "fused" inside the attention kernel, after the planned blocks; "split" as
+# kernels of their own (several q heads of a KV group share each gathered K tile), then the hits.  Same visited
+# blocks, the output within fp32 rounding; the CPU reference has one form.
+AUDIT_FORMS = ("fused", "split")
+DEFAULT_AUDIT_FORM = "fused"
 
 Q_TILE = 128  # query rows per early-stop decision (the kernel's BLOCK_M)
 
@@ -56,6 +62,14 @@ def _settings(variant: str, audit_last: int | None) -> dict:
             raise ValueError(f"audit_last must be an int >= 1, got {audit_last!r}")
         settings["audit_last"] = audit_last
     return settings
+
+
+def _audit_split(audit_form: str | None) -> bool:
+    """The kernel's ``audit_split`` for an ``audit_form`` (None: ``DEFAULT_AUDIT_FORM``)."""
+    form = DEFAULT_AUDIT_FORM if audit_form is None else audit_form
+    if form not in AUDIT_FORMS:
+        raise ValueError(f"audit_form must be one of {AUDIT_FORMS}, got {audit_form!r}")
+    return form == "split"
 
 
 def _validate(q, k_pool, v_pool, tau, block_size, segment_size):
@@ -109,7 +123,8 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
                         tau, block_size: int = 128, segment_size: int = 2048,
                         sm_scale: float | None = None, return_lse: bool = False, return_stats: bool = False,
                         variant: str = DEFAULT_VARIANT, plan=None, return_counts: bool = False,
-                        k_scale: float = 1.0, v_scale: float = 1.0, audit_last: int | None = None):
+                        k_scale: float = 1.0, v_scale: float = 1.0, audit_last: int | None = None,
+                        audit_form: str | None = None):
     """S2O prefill for a batch of sequences whose K/V live in a token-slot pool (page size 1).
 
     q:          [Tq, Hq, D]   queries of all sequences, packed (sequence b owns rows
@@ -123,6 +138,7 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     tau:        early-stop threshold (0 = dense): a float or a HOST tensor [Hkv] (one per KV head).
     variant:    a key of ``VARIANTS`` (default "v4"), see the module doc.
     audit_last: v5 only: audit the tiles of the sequence's last ``audit_last`` positions (None: 128).
+    audit_form: v4 / v5 on the GPU: how the kernel runs the audit, one of ``AUDIT_FORMS`` (None: the default).
     plan:       this batch's ``plan_paged(...)`` (built once, reused by every layer): then the call reads
                 nothing back from the GPU (no host synchronisation).  Without it the offsets are read here.
     k_scale,
@@ -138,7 +154,8 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     return _paged(q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
                   block_size=block_size, segment_size=segment_size, sm_scale=sm_scale, return_lse=return_lse,
                   return_stats=return_stats, kv_contiguous=False, variant=variant, plan=plan,
-                  return_counts=return_counts, k_scale=k_scale, v_scale=v_scale, audit_last=audit_last)
+                  return_counts=return_counts, k_scale=k_scale, v_scale=v_scale, audit_last=audit_last,
+                  audit_form=audit_form)
 
 
 def plan_paged(qo_indptr, kv_indptr, *, block_size: int = 128, segment_size: int = 2048, device="cuda"):
@@ -153,9 +170,10 @@ def plan_paged(qo_indptr, kv_indptr, *, block_size: int = 128, segment_size: int
 
 def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_size, segment_size, sm_scale,
            return_lse, return_stats, kv_contiguous, variant, plan=None, return_counts=False, k_scale=1.0,
-           v_scale=1.0, audit_last=None):
+           v_scale=1.0, audit_last=None, audit_form=None):
     # kv_contiguous: kv_indices == arange (one sequence stored in order): the kernel computes the slots
     settings = _settings(variant, audit_last)
+    audit_split = _audit_split(audit_form)
     _validate(q, k_pool, v_pool, tau, block_size, segment_size)
     fp8 = k_pool.dtype in FP8_KV
     if not fp8:
@@ -178,7 +196,7 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
             q, k_pool, v_pool, qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, tau=tau,
             block_size=block_size, segment_size=segment_size, q_tile=_q_tile(segment_size), sm_scale=scale,
             return_lse=return_lse, kv_contiguous=kv_contiguous, plan=plan, k_scale=k_scale, v_scale=v_scale,
-            **settings)
+            audit_split=audit_split, **settings)
     else:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
@@ -247,7 +265,7 @@ def _dense_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 def s2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau, block_size: int = 128,
                   segment_size: int = 2048, sm_scale: float | None = None, return_stats: bool = False,
-                  variant: str = DEFAULT_VARIANT, audit_last: int | None = None):
+                  variant: str = DEFAULT_VARIANT, audit_last: int | None = None, audit_form: str | None = None):
     """S2O causal attention of ONE sequence.  q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D].
 
     With return_stats, also a dict: density (computed score blocks / causal score blocks),
@@ -262,7 +280,8 @@ def s2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau, blo
     res = _paged(q, k, v, qo_indptr=indptr, kv_indptr=indptr,
                  kv_indices=torch.arange(T, dtype=torch.int32, device=dev), tau=tau,
                  block_size=block_size, segment_size=segment_size, sm_scale=sm_scale, return_lse=False,
-                 return_stats=return_stats, kv_contiguous=True, variant=variant, audit_last=audit_last)
+                 return_stats=return_stats, kv_contiguous=True, variant=variant, audit_last=audit_last,
+                 audit_form=audit_form)
     if not return_stats:
         return res
     out, stats = res

@@ -58,7 +58,8 @@ class S2OAttnBackend(AttentionBackend):
         self._checked_layers: set[int] = set()
         logger.info("S2O prefill backend: variant=%s%s %s block_size=%d segment_size=%d min_length=%d (%s); "
                     "dense batches on %s", taus.variant or "default",
-                    "" if cfg.audit_last is None else f" audit_last={cfg.audit_last}", taus.describe(),
+                    ("" if cfg.audit_last is None else f" audit_last={cfg.audit_last}") +
+                    ("" if cfg.audit_form is None else f" audit_form={cfg.audit_form}"), taus.describe(),
                     cfg.block_size, cfg.segment_size, cfg.min_length,
                     "fp32 reference on CPU" if self.cpu else "Triton kernel", type(stock).__name__)
 
@@ -131,7 +132,7 @@ class S2OAttnBackend(AttentionBackend):
             self.token_to_kv_pool.get_value_buffer(layer.layer_id), tau=tau, block_size=self.cfg.block_size,
             segment_size=self.cfg.segment_size, sm_scale=layer.scaling, variant=self.taus.variant,
             k_scale=layer.k_scale_float or 1.0, v_scale=layer.v_scale_float or 1.0,
-            audit_last=self.cfg.audit_last)
+            audit_last=self.cfg.audit_last, audit_form=self.cfg.audit_form)
         self._count_layer(densities)
         return out.reshape(q.shape[0], hq * layer.v_head_dim)
 

@@ -448,14 +448,14 @@ def plan_batch(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_l
 def run_s2o_layer(plan: S2OBatchPlan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *,
                   tau: float | torch.Tensor, block_size: int, segment_size: int, sm_scale: float,
                   variant: str | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-                  audit_last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  audit_last: int | None = None, audit_form: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer of a Route.S2O batch: one ``s2o_attention_paged`` launch per group, with the group's launch
     plan (built at the first layer), so a layer reads nothing back from the device.
 
     q: [T, Hq, D] the batch's queries; k_pool, v_pool: [slots, Hkv, D] (the new tokens already written).
     tau: a float, or [Hkv] one per KV head (host tensor), for groups without their own tau (``g.tau``: a
     request's, used instead); variant: None for the API's default; k_scale / v_scale: an fp8 cache's scales;
-    audit_last: v5's audited last positions (None: the API's default).
+    audit_last: v5's audited last positions, audit_form: how the kernel audits (None: the API's defaults).
     Returns out [T, Hq, D] and the density of each sequence of the batch, fp64 [B] on q's device (1.0 for the
     dense group): the caller reads the layers' sum once per batch.
     """
@@ -466,6 +466,8 @@ def run_s2o_layer(plan: S2OBatchPlan, q: torch.Tensor, k_pool: torch.Tensor, v_p
     extra = {} if variant is None else {"variant": variant}
     if audit_last is not None:
         extra["audit_last"] = audit_last
+    if audit_form is not None:
+        extra["audit_form"] = audit_form
     for g in plan.groups:
         launch_plan, seq_ids = g.launch_plan(block_size, segment_size, q.device)
         q_g = q if g.q_rows is None else q.index_select(0, g.q_rows)

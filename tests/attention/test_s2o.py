@@ -703,6 +703,17 @@ def test_v5_audit_last_sets_the_audited_rows_through_the_api():
             s2o_attention(q, k, v, variant=variant, audit_last=last, **kw)
 
 
+def test_audit_form_is_checked_and_is_the_kernels_business():
+    # how the GPU kernel runs the audit (fused / split) changes no semantics: the reference answers the same for
+    # both forms (the kernel's forms are compared in test_s2o_kernel_interp / test_s2o_gpu), and refuses others
+    from sgl_slim.attention import s2o_attention
+    q, k, v = _planted_needles(1024, 4, 1, 64, seed=29)
+    kw = dict(tau=0.05, block_size=64, segment_size=256, variant="v4")
+    assert torch.equal(s2o_attention(q, k, v, audit_form="split", **kw), s2o_attention(q, k, v, **kw))
+    with pytest.raises(ValueError, match="audit_form must be one of"):
+        s2o_attention(q, k, v, audit_form="sideways", **kw)
+
+
 @pytest.mark.parametrize("block,fp8,last", [(64, False, 0), (16, False, 0), (64, True, 0), (16, True, 0),
                                             (64, False, 100), (16, True, 100)])
 def test_kernel_audit_matches_reference_chunked_gqa(block, fp8, last):

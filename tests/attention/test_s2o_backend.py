@@ -495,13 +495,14 @@ def test_calibrated_taus_per_layer_and_dense_layers_on_the_stock_backend(backend
 
 
 def test_audit_last_reaches_the_attention_call(backend_cls, monkeypatch):
-    cfg = S2OConfig(enabled=True, tau=0.5, variant="v5", audit_last=64, block_size=16, segment_size=32, min_length=0)
+    cfg = S2OConfig(enabled=True, tau=0.5, variant="v5", audit_last=64, audit_form="split", block_size=16,
+                    segment_size=32, min_length=0)
     backend, fb, pool, r2t, q, k, v = _batch_and_backend(backend_cls, monkeypatch, cfg, [96], [96])
     calls = []
     monkeypatch.setattr(sb, "run_s2o_layer", lambda plan, *a, **kw: calls.append(kw) or
                         (torch.zeros(q.shape[0], 4, 16), torch.tensor([0.5], dtype=torch.float64)))
     backend.forward_extend(q, k, v, _layer(), fb)
-    assert calls[0]["variant"] == "v5" and calls[0]["audit_last"] == 64
+    assert calls[0]["variant"] == "v5" and calls[0]["audit_last"] == 64 and calls[0]["audit_form"] == "split"
 
 
 def test_a_calibration_for_another_model_fails_at_startup(backend_cls, monkeypatch, tmp_path):
@@ -596,7 +597,8 @@ def test_an_fp8_kv_cache_is_read_for_bf16_and_fp16_models_only():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_layer_forward_does_not_sync_with_the_host():
+@pytest.mark.parametrize("audit_form", ["fused", "split"])
+def test_a_layer_forward_does_not_sync_with_the_host(audit_form):
     g = torch.Generator(device="cuda").manual_seed(0)
     hq, hkv, d, slots = 8, 2, 64, 4096
     k_pool = torch.randn(slots, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -606,7 +608,7 @@ def test_a_layer_forward_does_not_sync_with_the_host():
     plan = sb.plan_batch(r2t, torch.tensor([1, 0], device="cuda"), seq_lens, ext, taus=sb.LayerTaus(default=1e-3),
                          min_length=800)                     # one sparse, one dense group
     q = torch.randn(sum(ext), hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
-    kw = dict(tau=1e-3, block_size=64, segment_size=256, sm_scale=d ** -0.5)
+    kw = dict(tau=1e-3, block_size=64, segment_size=256, sm_scale=d ** -0.5, audit_form=audit_form)
     sb.run_s2o_layer(plan, q, k_pool, v_pool, **kw)         # warm-up: Triton compiles outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
