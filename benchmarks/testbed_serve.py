@@ -79,6 +79,30 @@ def ask(base_url: str, ids: list[int], answer: list[int]) -> dict:
             **request_phases(out["meta_info"])}
 
 
+def summarise(rows: list[dict], servers: list[str], tasks: list[str], length: int) -> list[dict]:
+    """Per server: median latency and phases, accuracy per task, and the paired count against the dense server
+    (``rows``: every server's answer to each prompt, in prompt order per server)."""
+    summary = []
+    dense = [r for r in rows if r["server"] == "dense"]
+    for name in servers:
+        mine = [r for r in rows if r["server"] == name]
+        row = record("testbed_serve", server=name, length=length, samples=len(mine),
+                     latency_s=statistics.median(r["latency_s"] for r in mine))
+        for name_, _, _ in REQUEST_PHASES:           # where the latency goes (the servers run --enable-metrics)
+            values = [r[name_] for r in mine if name_ in r]
+            row[f"{name_}_median"] = statistics.median(values) if values else None
+        for task in tasks:
+            hits = [r["correct"] for r in mine if r["task"] == task]
+            row[f"{task}_accuracy"] = sum(hits) / len(hits) if hits else None
+        row["equal_to_dense"] = sum(a["output_ids"] == b["output_ids"] for a, b in zip(mine, dense)) / len(mine)
+        row["lost_vs_dense"] = sum(b["correct"] and not a["correct"] for a, b in zip(mine, dense))
+        row["gained_vs_dense"] = sum(a["correct"] and not b["correct"] for a, b in zip(mine, dense))
+        densities = [r["density"] for r in mine if r["density"] is not None]
+        row["s2o_density"] = statistics.mean(densities) if densities else None
+        summary.append(row)
+    return summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="the testbed checkpoint (sgl_slim.testbed.pipeline)")
@@ -124,44 +148,33 @@ def main(argv=None) -> int:
                                     port=args.port + i, log_path=work / f"server{i}.log")
                for i, (name, flags) in enumerate(specs.items())}
     rows = []
-    with running(servers):
-        (start, end), = samples[0][1].answers
-        for name, server in servers.items():       # warm-up: kernels compile on first use, out of the timing
-            got = ask(server.base_url, samples[0][1].ids[:start], samples[0][1].ids[start:end])
-            if name != TAU0 and (got["density"] is None) != name.startswith("dense"):
-                # (once a server left over from an earlier run answered on a port: the comparison would be void)
-                raise RuntimeError(f"the {name} server at {server.base_url} answered "
-                                   f"{'with' if got['density'] is not None else 'without'} S2O")
-        for i, (task, sample) in enumerate(samples):
-            (start, end), = sample.answers
-            order = list(servers) if i % 2 == 0 else list(reversed(servers))
-            for name in order:
-                result = ask(servers[name].base_url, sample.ids[:start], sample.ids[start:end])
-                rows.append(record("testbed_serve_request", server=name, task=task, depth=sample.depth,
-                                   prompt_tokens=start, **result))
-                print(rows[-1], flush=True)
-    summary = []
-    for name in servers:
-        mine = [r for r in rows if r["server"] == name]
-        row = record("testbed_serve", server=name, length=args.length, samples=len(mine),
-                     latency_s=statistics.median(r["latency_s"] for r in mine))
-        for name_, _, _ in REQUEST_PHASES:           # where the latency goes (the servers run --enable-metrics)
-            values = [r[name_] for r in mine if name_ in r]
-            row[f"{name_}_median"] = statistics.median(values) if values else None
-        for task in args.tasks.split(","):
-            hits = [r["correct"] for r in mine if r["task"] == task]
-            row[f"{task}_accuracy"] = sum(hits) / len(hits)
-        dense = [r for r in rows if r["server"] == "dense"]
-        row["equal_to_dense"] = sum(a["output_ids"] == b["output_ids"] for a, b in zip(mine, dense)) / len(mine)
-        row["lost_vs_dense"] = sum(b["correct"] and not a["correct"] for a, b in zip(mine, dense))
-        row["gained_vs_dense"] = sum(a["correct"] and not b["correct"] for a, b in zip(mine, dense))
-        densities = [r["density"] for r in mine if r["density"] is not None]
-        row["s2o_density"] = statistics.mean(densities) if densities else None
-        summary.append(row)
-    write_results(args.out, rows + summary, env=env_info())
-    print(markdown_table(summary, ["server", "length", "samples", *[f"{t}_accuracy" for t in args.tasks.split(",")],
-                                   "s2o_density", "equal_to_dense", "lost_vs_dense", "gained_vs_dense",
-                                   "latency_s", "prefill_s_median"]))
+    try:
+        with running(servers):
+            (start, end), = samples[0][1].answers
+            for name, server in servers.items():       # warm-up: kernels compile on first use, out of the timing
+                got = ask(server.base_url, samples[0][1].ids[:start], samples[0][1].ids[start:end])
+                if name != TAU0 and (got["density"] is None) != name.startswith("dense"):
+                    # (once a server left over from an earlier run answered on a port: the comparison would be void)
+                    raise RuntimeError(f"the {name} server at {server.base_url} answered "
+                                       f"{'with' if got['density'] is not None else 'without'} S2O")
+            for i, (task, sample) in enumerate(samples):
+                (start, end), = sample.answers
+                order = list(servers) if i % 2 == 0 else list(reversed(servers))
+                for name in order:
+                    result = ask(servers[name].base_url, sample.ids[:start], sample.ids[start:end])
+                    rows.append(record("testbed_serve_request", server=name, task=task, depth=sample.depth,
+                                       prompt_tokens=start, **result))
+                    print(rows[-1], flush=True)
+    finally:
+        # also when stopped early (a deadline's SIGTERM): the prompts every server answered, summarised
+        rows = rows[:len(rows) - len(rows) % len(servers)]
+        if rows:
+            summary = summarise(rows, list(servers), args.tasks.split(","), args.length)
+            write_results(args.out, rows + summary, env=env_info())
+            print(markdown_table(summary, ["server", "length", "samples",
+                                           *[f"{t}_accuracy" for t in args.tasks.split(",")], "s2o_density",
+                                           "equal_to_dense", "lost_vs_dense", "gained_vs_dense", "latency_s",
+                                           "prefill_s_median"]))
     return 0
 
 

@@ -59,3 +59,18 @@ def test_report_gives_each_server_its_runs_speedup_and_plots(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="twice at length 32768"):
         main([str(a), str(a), "--out", str(tmp_path / "q.png")])
+
+
+def test_summary_pairs_each_server_with_dense_prompt_by_prompt():
+    from benchmarks.testbed_serve import summarise
+
+    def row(server, task, correct, out, density=None, latency=1.0):
+        return {"server": server, "task": task, "correct": correct, "output_ids": out, "density": density,
+                "latency_s": latency}
+    rows = [row("dense", "kv", True, [1]), row("s2o", "kv", False, [2], 0.2, 0.5),       # lost
+            row("s2o", "kv", True, [3], 0.4, 0.3), row("dense", "kv", False, [4]),       # gained (order: reversed)
+            row("dense", "passkey", True, [5]), row("s2o", "passkey", True, [5], 0.3, 0.4)]
+    dense, s2o = summarise(rows, ["dense", "s2o"], ["passkey", "kv"], 4096)
+    assert (s2o["lost_vs_dense"], s2o["gained_vs_dense"], s2o["equal_to_dense"]) == (1, 1, 1 / 3)
+    assert s2o["kv_accuracy"] == 0.5 and s2o["passkey_accuracy"] == 1.0 and s2o["latency_s"] == 0.4
+    assert abs(s2o["s2o_density"] - 0.3) < 1e-12 and dense["s2o_density"] is None and dense["equal_to_dense"] == 1.0
