@@ -117,7 +117,7 @@ def test_stop_rules_match_reference_at_real_shape(settings):
 
 @pytest.mark.parametrize("fp8_cache", [False, True])
 def test_split_audit_visits_the_fused_audits_blocks(fp8_cache):
-    """v4's audit as kernels of its own (the default) against the audit inside the attention kernel, at the
+    """v4's audit as kernels of its own against the audit inside the attention kernel, at the
     Llama-3.1-8B shape on a chunk with a cached prefix at shuffled slots: the same blocks visited, the output
     equal up to the merge's rounding: the two fp32 results round to bf16 outputs at most one unit in the last place
     apart (2^-8 of a value), so their rel-L2 is below 2^-8 even if every element moved."""
