@@ -47,7 +47,7 @@ class S2OConfig:
     segment_size: int = 2048     # queries that share one ranking
     min_length: int = 4096       # shorter prefills run dense attention
     audit_last: int | None = None  # v5: the audit covers the sequence's last this many positions (None: 128)
-    audit_form: str | None = None  # v4/v5 on the GPU: the audit inside the attention kernel or split (None: default)
+    audit_form: str | None = None  # v4/v5 on the GPU: fused or split audit (None: the variant's default)
     calibration: str | None = None  # JSON file of per-layer, per-KV-head taus (sgl_slim.attention.calibration)
 
     def validate(self) -> None:
@@ -242,7 +242,8 @@ FEATURES: tuple[Feature, ...] = (
              "widen it when more rows' outputs are read, e.g. prompt logprobs), >= 1"),
         Flag("--s2o-audit-form", "audit_form", str,
              "v4/v5 on the GPU: run the audit inside the attention kernel (fused) or as kernels of their own "
-             "(split: several q heads share each key tile); the same visited blocks either way"),
+             "(split: several q heads share each key tile); the same visited blocks either way (default: split for "
+             "v4, fused for v5, the faster of each on the H200)"),
         Flag("--s2o-calibration", "calibration", str,
              "JSON file of per-layer, per-KV-head taus (replaces --s2o-tau; block/segment size must match the file)"),
     )),

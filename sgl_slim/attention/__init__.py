@@ -38,9 +38,11 @@ __all__ = ["s2o_attention", "s2o_attention_paged", "s2o_attention_ref", "dense_a
 DEFAULT_VARIANT = "v4"
 # How the kernel runs v4/v5's audit: "fused" inside the attention kernel, after the planned blocks; "split" as
 # kernels of their own (several q heads of a KV group share each gathered K tile), then the hits.  Same visited
-# blocks, the output within fp32 rounding; the CPU reference has one form.
+# blocks, the output within fp32 rounding; the CPU reference has one form.  Defaults measured on the H200
+# (benchmarks/s2o.md, "v4's audit as kernels of its own"): split for v4 (the testbed's attention 6% faster at 32K,
+# 128K served 9% faster), fused for v5 (its audit covers the last rows only: split costs it 33% at 32K).
 AUDIT_FORMS = ("fused", "split")
-DEFAULT_AUDIT_FORM = "fused"
+DEFAULT_AUDIT_FORM = {"v4": "split", "v5": "fused"}
 
 Q_TILE = 128  # query rows per early-stop decision (the kernel's BLOCK_M)
 
@@ -64,9 +66,9 @@ def _settings(variant: str, audit_last: int | None) -> dict:
     return settings
 
 
-def _audit_split(audit_form: str | None) -> bool:
-    """The kernel's ``audit_split`` for an ``audit_form`` (None: ``DEFAULT_AUDIT_FORM``)."""
-    form = DEFAULT_AUDIT_FORM if audit_form is None else audit_form
+def _audit_split(audit_form: str | None, variant: str) -> bool:
+    """The kernel's ``audit_split`` for an ``audit_form`` (None: the variant's ``DEFAULT_AUDIT_FORM``)."""
+    form = DEFAULT_AUDIT_FORM.get(variant, "fused") if audit_form is None else audit_form
     if form not in AUDIT_FORMS:
         raise ValueError(f"audit_form must be one of {AUDIT_FORMS}, got {audit_form!r}")
     return form == "split"
@@ -138,7 +140,8 @@ def s2o_attention_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     tau:        early-stop threshold (0 = dense): a float or a HOST tensor [Hkv] (one per KV head).
     variant:    a key of ``VARIANTS`` (default "v4"), see the module doc.
     audit_last: v5 only: audit the tiles of the sequence's last ``audit_last`` positions (None: 128).
-    audit_form: v4 / v5 on the GPU: how the kernel runs the audit, one of ``AUDIT_FORMS`` (None: the default).
+    audit_form: v4 / v5 on the GPU: how the kernel runs the audit, one of ``AUDIT_FORMS`` (None: the variant's
+                ``DEFAULT_AUDIT_FORM``).
     plan:       this batch's ``plan_paged(...)`` (built once, reused by every layer): then the call reads
                 nothing back from the GPU (no host synchronisation).  Without it the offsets are read here.
     k_scale,
@@ -173,7 +176,7 @@ def _paged(q, k_pool, v_pool, *, qo_indptr, kv_indptr, kv_indices, tau, block_si
            v_scale=1.0, audit_last=None, audit_form=None):
     # kv_contiguous: kv_indices == arange (one sequence stored in order): the kernel computes the slots
     settings = _settings(variant, audit_last)
-    audit_split = _audit_split(audit_form)
+    audit_split = _audit_split(audit_form, variant)
     _validate(q, k_pool, v_pool, tau, block_size, segment_size)
     fp8 = k_pool.dtype in FP8_KV
     if not fp8:

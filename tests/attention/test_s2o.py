@@ -714,6 +714,13 @@ def test_audit_form_is_checked_and_is_the_kernels_business():
         s2o_attention(q, k, v, audit_form="sideways", **kw)
 
 
+def test_each_audited_variant_defaults_to_its_faster_audit_form():
+    # measured on the H200 (benchmarks/s2o.md): split for v4 (every tile audits), fused for v5 (the last rows only)
+    from sgl_slim.attention import _audit_split
+    assert _audit_split(None, "v4") and not _audit_split(None, "v5") and not _audit_split(None, "v3")
+    assert not _audit_split("fused", "v4") and _audit_split("split", "v5")
+
+
 @pytest.mark.parametrize("block,fp8,last", [(64, False, 0), (16, False, 0), (64, True, 0), (16, True, 0),
                                             (64, False, 100), (16, True, 100)])
 def test_kernel_audit_matches_reference_chunked_gqa(block, fp8, last):
