@@ -64,21 +64,19 @@ class S2OConfig:
         if self.min_length < 0:
             raise ConfigError("--s2o-min-length", f"must be >= 0, got {self.min_length}")
         cal = self.load_calibration()
+        # the variant this server runs (a calibration file's own), named in the audit flags' messages
+        variant = self.variant if cal is None else cal.variant
+        runs = f"this server runs {variant}" + ("" if cal is None else f" (the variant of {self.calibration})")
         if self.audit_last is not None:
             if self.audit_last < 1:
                 raise ConfigError("--s2o-audit-last", f"must be >= 1, got {self.audit_last}")
-            variant = self.variant if cal is None else cal.variant
             if variant != "v5":
-                raise ConfigError("--s2o-audit-last", f"applies to S2O variant v5 only; this server runs "
-                                  f"{variant}" + ("" if cal is None else f" (the variant of {self.calibration})"))
+                raise ConfigError("--s2o-audit-last", f"applies to S2O variant v5 only; {runs}")
         if self.audit_form is not None:
             if self.audit_form not in ("fused", "split"):
                 raise ConfigError("--s2o-audit-form", f"must be fused or split, got {self.audit_form!r}")
-            variant = self.variant if cal is None else cal.variant
             if variant not in ("v4", "v5"):
-                raise ConfigError("--s2o-audit-form", f"applies to the S2O variants that audit (v4, v5); this "
-                                  f"server runs {variant}" +
-                                  ("" if cal is None else f" (the variant of {self.calibration})"))
+                raise ConfigError("--s2o-audit-form", f"applies to the S2O variants that audit (v4, v5); {runs}")
 
     def load_calibration(self):
         """The ``--s2o-calibration`` file, read and checked against the block / segment size flags (they must

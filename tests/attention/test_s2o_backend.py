@@ -252,6 +252,19 @@ def test_calibration_flag_checks_the_file_and_the_block_sizes(tmp_path):
     assert exc.value.flag == "--s2o-calibration"
 
 
+def test_audit_flags_check_the_variant_a_calibration_file_runs(tmp_path):
+    # the file's variant (v1 here) is what the server runs, whatever --s2o-variant says
+    path = _write_calibration(tmp_path / "c.json")
+    for field, value, flag in (("audit_form", "split", "--s2o-audit-form"), ("audit_last", 256, "--s2o-audit-last")):
+        with pytest.raises(ConfigError, match=r"this server runs v1 \(the variant of .*c.json\)") as exc:
+            S2OConfig(enabled=True, variant="v5", block_size=16, segment_size=32, calibration=path,
+                      **{field: value}).validate()
+        assert exc.value.flag == flag
+    v5 = _write_calibration(tmp_path / "v5.json", variant="v5")
+    S2OConfig(enabled=True, block_size=16, segment_size=32, calibration=v5, audit_form="fused",
+              audit_last=256).validate()
+
+
 @pytest.mark.parametrize("content, match", [
     (None, "not a readable JSON file"),                        # no such file
     ("[]", "must be a JSON object"),
