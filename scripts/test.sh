@@ -5,4 +5,4 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 python="$(bash "$root/scripts/install.sh")"
 cd "$root"
-exec "$python" -m pytest -ra "$@" tests
+exec "$python" -m pytest -ra --durations=25 "$@" tests
