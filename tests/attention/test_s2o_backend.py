@@ -139,6 +139,9 @@ def test_run_s2o_layer_passes_per_head_taus_and_the_variant():
     dense_head1, _ = sb.run_s2o_layer(plan, q, k_pool, v_pool, tau=torch.tensor([1.0, 0.0]), **kw)
     # query heads 2, 3 read KV head 1 (GQA 4:2): tau 0 there is dense, so those heads change, heads 0, 1 do not
     assert torch.equal(dense_head1[:, :2], flat[:, :2]) and not torch.equal(dense_head1[:64, 2:], flat[:64, 2:])
+    # the audit settings reach the attention API too (it refuses an unknown form, naming it)
+    with pytest.raises(ValueError, match="audit_form must be one of"):
+        sb.run_s2o_layer(plan, q, k_pool, v_pool, tau=1.0, audit_form="sideways", **kw)
 
 
 def test_a_request_tau_beyond_fp32_runs_as_the_largest_fp32_tau():
