@@ -91,7 +91,6 @@ def measure_request(base_url: str, body: dict, timeout_s: float, media: str) -> 
     return row
 
 
-
 def _median(rows: list[dict], key: str):
     vals = [r[key] for r in rows if r.get("ok") and r.get(key) is not None]
     return round(statistics.median(vals), 4) if vals else None
